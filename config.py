@@ -1,0 +1,398 @@
+"""The config schema: every key, its type, default and allowed values, in one place.
+
+A config is JSON with one object per section (``model``, ``discriminator``, ``perceptual``, ``data``,
+``preprocessing``, ``augmentation``, ``train``). Every script reads it through :func:`load_config`, which
+
+* starts from the defaults below,
+* applies the file's values, then ``--set section.key=value`` overrides,
+* rejects unknown keys, wrong types and out-of-range values with an error that lists what is allowed.
+
+The effective config (``Config.to_dict()``) is saved into the run folder and into every checkpoint, so a
+checkpoint alone is enough to rebuild the model and reproduce the preprocessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "AugmentationConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DiscriminatorConfig",
+    "ModelConfig",
+    "PerceptualConfig",
+    "PreprocessingConfig",
+    "TrainConfig",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """MAISI-style KL-VAE (see ``model/maisi_vae.py``). Defaults = the seed model."""
+
+    spatial_dims: int = 3
+    in_channels: int = 1
+    out_channels: int = 1
+    channels: tuple[int, ...] = (32, 64, 128)
+    latent_channels: int = 4
+    num_res_blocks: tuple[int, ...] = (1, 1, 1)
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    with_encoder_nonlocal_attn: bool = False
+    with_decoder_nonlocal_attn: bool = False
+    upsample_mode: Literal["trilinear", "transposed"] = "trilinear"
+
+    def validate(self) -> None:
+        _check(self.spatial_dims == 3, "model.spatial_dims: only 3 is supported")
+        _check(len(self.channels) >= 1, "model.channels: give at least one level")
+        for name in ("num_res_blocks", "attention_levels"):
+            _check(
+                len(getattr(self, name)) == len(self.channels),
+                f"model.{name} must have one entry per level ({len(self.channels)}, like model.channels)",
+            )
+        for c in self.channels:
+            _check(
+                c > 0 and c % self.norm_num_groups == 0,
+                f"model.channels: every entry must be a positive multiple of model.norm_num_groups "
+                f"({self.norm_num_groups}); got {list(self.channels)}",
+            )
+        _check(self.latent_channels >= 1, "model.latent_channels must be >= 1")
+        _check(all(n >= 1 for n in self.num_res_blocks), "model.num_res_blocks: every entry must be >= 1")
+        _check(self.norm_eps > 0, "model.norm_eps must be > 0")
+
+
+@dataclass
+class DiscriminatorConfig:
+    """3D PatchGAN discriminator (``model/discriminator.py``), used from ``train.gan_start_epoch``."""
+
+    channels: int = 32
+    num_layers: int = 3
+    norm: Literal["instance", "batch"] = "instance"
+    learning_rate: float = 1e-4
+    loss: Literal["least_squares", "hinge"] = "least_squares"
+
+    def validate(self) -> None:
+        _check(self.channels >= 1, "discriminator.channels must be >= 1")
+        _check(1 <= self.num_layers <= 6, "discriminator.num_layers must be in [1, 6]")
+        _check(self.learning_rate > 0, "discriminator.learning_rate must be > 0")
+
+
+@dataclass
+class PerceptualConfig:
+    """3D LPIPS (``model/lpips3D.py``). ``random`` is an untrained network: reported as NOT pretrained."""
+
+    backbone: Literal["deepbet", "medicalnet_resnet10", "medicalnet_resnet50", "random"] = "deepbet"
+    weights_path: str | None = None
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class PreprocessingConfig:
+    """The one preprocessing pipeline (``dataset.preprocess_volume``); saved into every checkpoint."""
+
+    orientation: str = "RAS"
+    target_spacing: tuple[float, float, float] | None = (2.0, 2.0, 2.0)
+    target_shape: tuple[int, int, int] = (91, 109, 91)
+    intensity: Literal["percentile", "minmax"] = "percentile"
+    lower_percentile: float = 0.0
+    upper_percentile: float = 99.5
+    apply_mask: bool = False
+
+    def validate(self) -> None:
+        _check(
+            len(self.orientation) == 3 and set(self.orientation.upper()) <= set("RLAPSI"),
+            f"preprocessing.orientation must be a 3-letter axis code like 'RAS'; got {self.orientation!r}",
+        )
+        if self.target_spacing is not None:
+            _check(
+                len(self.target_spacing) == 3 and all(s > 0 for s in self.target_spacing),
+                "preprocessing.target_spacing must be null or three positive numbers (mm)",
+            )
+        _check(
+            len(self.target_shape) == 3 and all(s >= 1 for s in self.target_shape),
+            "preprocessing.target_shape must be three positive integers",
+        )
+        _check(
+            0.0 <= self.lower_percentile < self.upper_percentile <= 100.0,
+            "preprocessing: need 0 <= lower_percentile < upper_percentile <= 100",
+        )
+
+
+@dataclass
+class AugmentationConfig:
+    """Training-only augmentations (never applied in validation, inference or latent saving)."""
+
+    enabled: bool = True
+    affine_prob: float = 0.3
+    rotate_degrees: float = 5.0
+    scale_fraction: float = 0.05
+    translate_voxels: float = 3.0
+    bias_field_prob: float = 0.3
+    gamma_prob: float = 0.3
+    gamma_range: tuple[float, float] = (0.8, 1.25)
+    noise_prob: float = 0.2
+    noise_std: float = 0.01
+    flip_left_right_prob: float = 0.0
+
+    def validate(self) -> None:
+        for name in ("affine_prob", "bias_field_prob", "gamma_prob", "noise_prob", "flip_left_right_prob"):
+            value = getattr(self, name)
+            _check(0.0 <= value <= 1.0, f"augmentation.{name} must be a probability in [0, 1]; got {value}")
+        _check(
+            0 < self.gamma_range[0] <= self.gamma_range[1],
+            "augmentation.gamma_range must be [low, high] with 0 < low <= high",
+        )
+        _check(self.noise_std >= 0, "augmentation.noise_std must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Split CSVs (or folders / single files). Relative paths are relative to the working directory.
+
+    ``train_csv`` / ``val_csv`` default to the built-in demo cohort, which ``dataset.py`` synthesises on
+    first use when ``demo_dir`` does not hold it yet.
+    """
+
+    train_csv: str = "data/demo/train.csv"
+    val_csv: str = "data/demo/val.csv"
+    demo_dir: str | None = "data/demo"
+    cache: Literal["memory", "disk", "none"] = "memory"
+    cache_dir: str = "data/cache"
+    num_workers: int = 2
+    skip_bad_files: bool = False
+
+    def validate(self) -> None:
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, stages, AMP, checkpointing and validation."""
+
+    run_name: str = "vae_default"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = 2
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-5
+    num_epochs: int = 100
+    max_steps_per_epoch: int | None = None
+    recon_loss: Literal["mse", "l1"] = "mse"
+    beta: float = 1e-6
+    perceptual_weight: float = 0.3
+    adversarial_weight: float = 0.1
+    adaptive_adversarial_weight: bool = False
+    gan_start_epoch: int = 50
+    grad_clip: float | None = 1.0
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    val_every: int = 1
+    checkpoint_every_steps: int | None = None
+    best_metric: str = "val/psnr_brain"
+    best_metric_mode: Literal["max", "min"] = "max"
+    max_consecutive_nonfinite: int = 5
+    log_every_steps: int = 10
+    runs_dir: str = "runs"
+    best_runs_dir: str = "best_runs"
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "train.batch_size must be >= 1")
+        _check(self.learning_rate > 0, "train.learning_rate must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _check(self.num_epochs >= 1, "train.num_epochs must be >= 1")
+        _check(
+            self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+            "train.max_steps_per_epoch must be null or >= 1",
+        )
+        for name in ("beta", "perceptual_weight", "adversarial_weight"):
+            _check(getattr(self, name) >= 0, f"train.{name} must be >= 0")
+        _check(self.gan_start_epoch >= 0, "train.gan_start_epoch must be >= 0 (an epoch index)")
+        _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip must be null or > 0")
+        _check(self.val_every >= 1, "train.val_every must be >= 1")
+        _check(
+            self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
+            "train.checkpoint_every_steps must be null or >= 1",
+        )
+        _check(self.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be >= 1")
+        _check(self.log_every_steps >= 1, "train.log_every_steps must be >= 1")
+        _check(
+            self.run_name and "/" not in self.run_name and self.run_name not in (".", ".."),
+            f"train.run_name must be a plain folder name; got {self.run_name!r}",
+        )
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "discriminator": DiscriminatorConfig,
+    "perceptual": PerceptualConfig,
+    "data": DataConfig,
+    "preprocessing": PreprocessingConfig,
+    "augmentation": AugmentationConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass
+class Config:
+    """The whole effective config: one dataclass per section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """JSON-able dict of every section (tuples become lists)."""
+        return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        """Build and validate a config from a (possibly partial) dict; missing keys take defaults."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a config must be a JSON object with sections {sorted(SECTIONS)}")
+        unknown = sorted(set(raw) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {unknown}; allowed sections: {sorted(SECTIONS)}")
+        sections = {
+            name: _section_from_dict(name, section_type, raw.get(name, {}))
+            for name, section_type in SECTIONS.items()
+        }
+        config = cls(**sections)
+        for name in SECTIONS:
+            getattr(config, name).validate()
+        return config
+
+
+def _section_to_dict(section: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _describe_type(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe_type(args[0])}"
+        return f"a list of {len(args)} values ({', '.join(_describe_type(a) for a in args)})"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form (lists -> tuples)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value in args:
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+    elif origin is tuple:
+        if isinstance(value, list | tuple):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(v, args[0], where) for v in value)
+            if len(value) == len(args):
+                return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: {value!r} is not allowed; expected {_describe_type(tp)}")
+
+
+def _section_from_dict(name: str, section_type: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{name}' must be an object")
+    hints = typing.get_type_hints(section_type)
+    allowed = [f.name for f in dataclasses.fields(section_type)]
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in section '{name}'; allowed keys: {allowed}")
+    values = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in raw.items()}
+    return section_type(**values)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings; ``value`` is parsed as JSON, else taken as a plain string."""
+    raw = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.num_epochs=2)")
+        dotted, text = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; allowed: {sorted(SECTIONS)}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        raw.setdefault(section, {})[key] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a JSON config file (or only defaults when ``path`` is None) and apply ``--set`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: not valid JSON ({error})") from error
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Config.from_dict(raw)
+    except ConfigError as error:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{error}") from None

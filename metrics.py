@@ -1,0 +1,189 @@
+"""Every number the project reports about a reconstruction or a latent space, computed in one place.
+
+Used by training validation, ``infer.py``, ``save_latent.py``, the notebook and ``bench/``.
+
+* Image metrics (inputs in [0, 1], data range 1): MSE, PSNR, SSIM (Gaussian window 11, sigma 1.5),
+  MS-SSIM (Gaussian window 7, sigma 1.5, up to 4 scales — 5 scales do not fit 91×109×91) and LPIPS3D,
+  over the whole volume and inside the brain mask (``*_brain``).
+  In-brain definitions: MSE/PSNR over mask voxels; SSIM = mean of the SSIM map over mask voxels;
+  MS-SSIM and LPIPS3D on both volumes multiplied by the mask, cropped to the mask's bounding box.
+* KL divergence of N(mu, sigma²) from N(0, 1): :func:`kl_divergence`, summed over latent elements.
+* Latent statistics, streamed (never holding all latents): :class:`LatentStatistics`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
+
+if TYPE_CHECKING:
+    from model.lpips3D import LPIPS3D
+
+__all__ = ["LatentStatistics", "image_metrics", "kl_divergence", "ms_ssim_scales"]
+
+SSIM_KERNEL = 11
+MS_SSIM_KERNEL = 7
+KERNEL_SIGMA = 1.5
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363)
+
+
+def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma²) || N(0, 1)) per sample, summed over all latent elements.
+
+    Args:
+        mu, sigma: (B, C, *spatial).
+    Returns:
+        (B,) float32.
+    """
+    mu, sigma = mu.float(), sigma.float()
+    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - 2.0 * torch.log(sigma) - 1.0)
+    return kl.flatten(1).sum(1)
+
+
+def ms_ssim_scales(spatial_shape: tuple[int, ...]) -> int:
+    """How many MS-SSIM scales (at most 4) fit a volume, by MONAI's size rule."""
+    for scales in range(len(MS_SSIM_WEIGHTS), 0, -1):
+        divisor = max(1, scales - 1) ** 2
+        if all(size // divisor > MS_SSIM_KERNEL - 1 for size in spatial_shape):
+            return scales
+    raise ValueError(f"volume {tuple(spatial_shape)} is too small for MS-SSIM (need > {MS_SSIM_KERNEL - 1})")
+
+
+def _ms_ssim(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    scales = ms_ssim_scales(tuple(target.shape[2:]))
+    weights = torch.tensor(MS_SSIM_WEIGHTS[:scales])
+    weights = (weights / weights.sum()).tolist()
+    value = compute_ms_ssim(
+        recon,
+        target,
+        spatial_dims=3,
+        data_range=1.0,
+        kernel_size=MS_SSIM_KERNEL,
+        kernel_sigma=KERNEL_SIGMA,
+        weights=weights,
+    )
+    return value.flatten(1).mean(1)
+
+
+def _bounding_box(mask: torch.Tensor, min_size: int) -> tuple[slice, ...]:
+    """Slices of the mask's bounding box, grown (within the volume) to at least ``min_size`` per axis."""
+    slices = []
+    for axis, size in enumerate(mask.shape):
+        other_axes = tuple(a for a in range(mask.ndim) if a != axis)
+        present = torch.nonzero(mask.any(dim=other_axes)).flatten()
+        low, high = (int(present.min()), int(present.max()) + 1) if len(present) else (0, size)
+        missing = max(0, min(min_size, size) - (high - low))
+        low = max(0, low - (missing + 1) // 2)
+        high = min(size, max(high + missing // 2, low + min(min_size, size)))
+        slices.append(slice(low, high))
+    return tuple(slices)
+
+
+@torch.no_grad()
+def image_metrics(
+    recon: torch.Tensor,
+    target: torch.Tensor,
+    brain_mask: torch.Tensor | None = None,
+    lpips: LPIPS3D | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sample reconstruction metrics, whole volume and in-brain.
+
+    Args:
+        recon, target: (B, 1, D, H, W), intensities in [0, 1] (``recon`` is clipped to [0, 1] first).
+        brain_mask: (B, 1, D, H, W) bool/0-1; None → the nonzero foreground of ``target``.
+        lpips: a 3D LPIPS module; its metrics are left out when None.
+    Returns:
+        name → (B,) float32 tensor on the CPU: mse, psnr, ssim, ms_ssim, [lpips], and the same + ``_brain``.
+    """
+    recon = recon.float().clamp(0.0, 1.0)
+    target = target.float()
+    mask = (target > 0) if brain_mask is None else (brain_mask > 0.5)
+    mask = mask.float()
+    out: dict[str, torch.Tensor] = {}
+
+    squared_error = (recon - target).pow(2)
+    out["mse"] = squared_error.flatten(1).mean(1)
+    out["mse_brain"] = (squared_error * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
+    for name in ("mse", "mse_brain"):
+        out[name.replace("mse", "psnr")] = -10.0 * torch.log10(out[name].clamp_min(1e-10))
+
+    ssim_map, _ = compute_ssim_and_cs(
+        recon,
+        target,
+        spatial_dims=3,
+        kernel_size=[SSIM_KERNEL] * 3,
+        kernel_sigma=[KERNEL_SIGMA] * 3,
+        data_range=1.0,
+    )
+    out["ssim"] = ssim_map.flatten(1).mean(1)
+    border = SSIM_KERNEL // 2
+    inner_mask = mask[..., border:-border, border:-border, border:-border]
+    out["ssim_brain"] = (ssim_map * inner_mask).flatten(1).sum(1) / inner_mask.flatten(1).sum(1).clamp_min(
+        1.0
+    )
+
+    out["ms_ssim"] = _ms_ssim(recon, target)
+    if lpips is not None:
+        out["lpips"] = lpips(recon, target).float()
+
+    brain_ms_ssim, brain_lpips = [], []
+    for i in range(recon.shape[0]):
+        box = (slice(i, i + 1), slice(None), *_bounding_box(mask[i, 0] > 0, min_size=4 * MS_SSIM_KERNEL))
+        masked_recon, masked_target = (recon * mask)[box], (target * mask)[box]
+        brain_ms_ssim.append(_ms_ssim(masked_recon, masked_target))
+        if lpips is not None:
+            brain_lpips.append(lpips(masked_recon, masked_target).float())
+    out["ms_ssim_brain"] = torch.cat(brain_ms_ssim)
+    if lpips is not None:
+        out["lpips_brain"] = torch.cat(brain_lpips)
+    return {name: value.detach().float().cpu() for name, value in out.items()}
+
+
+class LatentStatistics:
+    """Streaming per-channel mean/std of latents (float64 sums), mergeable across DDP ranks.
+
+    ``scale_factor`` = 1 / global std: multiply latents by it to give the diffusion model unit variance.
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.count = torch.zeros(channels, dtype=torch.float64)
+        self.sum = torch.zeros(channels, dtype=torch.float64)
+        self.sum_squares = torch.zeros(channels, dtype=torch.float64)
+
+    def update(self, latents: torch.Tensor) -> None:
+        """Add a batch of latents (B, C, *spatial)."""
+        values = latents.detach().to(torch.float64).cpu().transpose(0, 1).flatten(1)
+        self.count += values.shape[1]
+        self.sum += values.sum(1)
+        self.sum_squares += values.pow(2).sum(1)
+
+    def all_reduce(self) -> None:
+        """Sum the statistics of every DDP rank (no-op when not distributed)."""
+        if dist.is_available() and dist.is_initialized():
+            for tensor in (self.count, self.sum, self.sum_squares):
+                dist.all_reduce(tensor)
+
+    def summary(self) -> dict[str, float | list[float]]:
+        """JSON-able: per-channel mean/std, global mean/std, scale_factor, number of latent elements."""
+        if float(self.count.sum()) == 0:
+            raise ValueError("no latents were added")
+        mean = self.sum / self.count
+        variance = (self.sum_squares / self.count - mean.pow(2)).clamp_min(0.0)
+        total = self.count.sum()
+        global_mean = self.sum.sum() / total
+        global_variance = max(float(self.sum_squares.sum() / total - global_mean.pow(2)), 0.0)
+        global_std = math.sqrt(global_variance)
+        if global_std == 0:
+            raise ValueError("every latent value is the same (std 0): no scale factor can be derived")
+        return {
+            "channel_mean": mean.tolist(),
+            "channel_std": variance.sqrt().tolist(),
+            "mean": float(global_mean),
+            "std": global_std,
+            "scale_factor": 1.0 / global_std,
+            "num_elements": int(total),
+        }

@@ -1,0 +1,64 @@
+"""Orthogonal-slice figures of volumes (training previews, notebook, benchmarks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+__all__ = ["orthogonal_slices_figure"]
+
+
+def _as_volume(volume: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = volume.detach().float().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    array = np.squeeze(array)
+    if array.ndim != 3:
+        raise ValueError(f"expected a 3D volume (optionally with singleton axes), got shape {array.shape}")
+    return array.astype(np.float32)
+
+
+def orthogonal_slices_figure(
+    volumes: dict[str, torch.Tensor | np.ndarray],
+    path: str | Path | None = None,
+    difference_of: tuple[str, str] | None = None,
+    title: str | None = None,
+) -> plt.Figure:
+    """One row per volume, columns = sagittal, coronal, axial slices through the centre (RAS volumes).
+
+    Args:
+        volumes: name → (D, H, W) or (1, D, H, W) volume; image rows share one colour scale [0, max].
+        difference_of: (a, b) adds a row |a − b| with its own colour scale.
+        path: where to save the PNG (parent folders are created); None → only return the figure.
+    """
+    arrays = {name: _as_volume(v) for name, v in volumes.items()}
+    if difference_of is not None:
+        first, second = difference_of
+        arrays[f"|{first} − {second}|"] = np.abs(arrays[first] - arrays[second])
+    image_max = max(float(np.max(arrays[name])) for name in volumes) or 1.0
+    difference_max = None
+    if difference_of is not None:
+        difference_max = float(np.max(arrays[f"|{difference_of[0]} − {difference_of[1]}|"])) or 1.0
+    figure, axes = plt.subplots(len(arrays), 3, figsize=(9, 3 * len(arrays)), squeeze=False)
+    for row, (name, array) in enumerate(arrays.items()):
+        is_difference = name not in volumes
+        cx, cy, cz = (s // 2 for s in array.shape)
+        slices = (array[cx, :, :].T, array[:, cy, :].T, array[:, :, cz].T)
+        vmax = difference_max if is_difference else image_max
+        cmap = "magma" if is_difference else "gray"
+        for column, (view, label) in enumerate(zip(slices, ("sagittal", "coronal", "axial"), strict=True)):
+            axis = axes[row, column]
+            shown = axis.imshow(view, cmap=cmap, vmin=0.0, vmax=vmax, origin="lower")
+            axis.set_axis_off()
+            axis.set_title(f"{name} — {label}", fontsize=8)
+        figure.colorbar(shown, ax=axes[row, :].tolist(), fraction=0.02)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=90)
+    return figure

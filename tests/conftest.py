@@ -1,0 +1,23 @@
+"""Shared test fixtures: keep torch to the two CI cores and locate the optional shared IXI data."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+IXI_DIR = REPO_ROOT.parent / "shared" / "data" / "ixi"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def ixi_dir() -> Path:
+    """The shared real-data folder; the test is skipped when it is absent (e.g. outside this workplace)."""
+    if not (IXI_DIR / "train.csv").is_file():
+        pytest.skip(f"shared IXI data not found at {IXI_DIR}")
+    return IXI_DIR

@@ -1,0 +1,87 @@
+"""The config schema: defaults, overrides and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from config import Config, ConfigError, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_seed_model():
+    config = load_config(None)
+    assert config.model.channels == (32, 64, 128)
+    assert config.model.latent_channels == 4
+    assert config.model.num_res_blocks == (1, 1, 1)
+    assert config.train.batch_size == 2 and config.train.learning_rate == 1e-4
+
+
+@pytest.mark.parametrize(
+    "path", sorted(REPO_ROOT.glob("config*.json")) + sorted(REPO_ROOT.glob("configs/*.json"))
+)
+def test_shipped_configs_are_valid(path):
+    config = load_config(path)
+    assert Config.from_dict(config.to_dict()) == config
+
+
+def test_overrides_parse_json_values():
+    config = load_config(
+        None, ["train.num_epochs=3", "preprocessing.target_spacing=null", "train.run_name=abc"]
+    )
+    assert config.train.num_epochs == 3
+    assert config.preprocessing.target_spacing is None
+    assert config.train.run_name == "abc"
+
+
+def test_round_trip_through_json(tmp_path):
+    config = load_config(
+        None,
+        [
+            "model.channels=[16,32]",
+            "model.num_res_blocks=[1,2]",
+            "model.attention_levels=[false,false]",
+            "model.norm_num_groups=16",
+        ],
+    )
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config.to_dict()))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.num_epochs=two"], "train.num_epochs: 'two' is not allowed; expected int"),
+        (["train.nope=1"], "unknown key(s) ['nope'] in section 'train'; allowed keys:"),
+        (["nope.key=1"], "unknown section 'nope'"),
+        (["train.amp=fp8"], "expected one of 'auto', 'bf16', 'fp16', 'none'"),
+        (["model.channels=[30,64,128]"], "multiple of model.norm_num_groups"),
+        (["model.num_res_blocks=[1,1]"], "one entry per level"),
+        (["train.beta=-1"], "train.beta must be >= 0"),
+        (["augmentation.noise_prob=1.5"], "probability in [0, 1]"),
+        (["train.num_epochs"], "must look like section.key=value"),
+        (["train.batch_size=true"], "expected int"),
+    ],
+)
+def test_bad_values_are_clear_errors(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert expected in str(error.value)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    missing = tmp_path / "missing.json"
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(missing)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ConfigError, match="broken.json: not valid JSON"):
+        load_config(broken)
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"training": {}}))
+    with pytest.raises(ConfigError, match=r"unknown.json: unknown config section\(s\) \['training'\]"):
+        load_config(unknown)

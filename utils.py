@@ -1,0 +1,229 @@
+"""Run-time plumbing shared by every script: device, AMP, seeding, RNG state, DDP, checkpoint I/O.
+
+Checkpoints are written atomically (temporary file in the same folder, fsync, ``os.replace``) and read only
+with ``torch.load(weights_only=True)``: a file that needs code execution to load is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import random
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "CheckpointError",
+    "DistributedContext",
+    "autocast",
+    "cleanup_distributed",
+    "get_rng_state",
+    "load_checkpoint",
+    "resolve_amp_dtype",
+    "resolve_device",
+    "save_checkpoint",
+    "seed_everything",
+    "set_rng_state",
+    "setup_distributed",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or safely read."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error, not a silent fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` in {auto, bf16, fp16, none}; None means full fp32.
+
+    ``auto``: bf16 on a GPU that supports it, else fp16 on GPU; fp32 on CPU (CPU bf16 is opt-in: it is
+    supported but not faster for 3D convolutions on every CPU).
+    """
+    if amp == "none":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' or 'none' on CPU")
+        return torch.float16
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    raise ValueError(f"amp must be one of auto, bf16, fp16, none; got {amp!r}")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``dtype``, or a no-op context for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors / plain Python values, so that ``weights_only=True`` can load it."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    random.setstate(_as_tuples(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    """``random.setstate`` needs tuples all the way down; a checkpoint round trip may give lists."""
+    if isinstance(value, list | tuple):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
+@dataclass
+class DistributedContext:
+    """Where this process sits in a (possibly single-process) run."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device_name: str = "auto") -> DistributedContext:
+    """Initialise DDP when launched by ``torchrun`` (NCCL on GPU, gloo on CPU); a no-op otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistributedContext(rank=0, world_size=1, local_rank=0, device=resolve_device(device_name))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl")
+    else:
+        dist.init_process_group(backend="gloo")
+    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """Write ``payload`` atomically: a kill or a full disk at any moment leaves the old file intact.
+
+    Raises CheckpointError (naming the path and the cause) when the write fails; the partial temporary
+    file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        if isinstance(error, OSError):
+            raise CheckpointError(
+                f"could not write checkpoint {path}: {error.strerror or error}; the previous file (if any) "
+                "is unchanged"
+            ) from error
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; refuse anything that needs code execution."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains pickled Python objects that would need code execution "
+            f"to load (torch.load(weights_only=True) failed: {str(error).splitlines()[0]}). Only checkpoints "
+            "of plain tensors and JSON-like metadata are accepted."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"could not read checkpoint {path}: {error}") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary")
+    return payload
+
+
+@contextlib.contextmanager
+def main_process_first(context: DistributedContext) -> Iterator[None]:
+    """Let rank 0 do a step (e.g. build the demo data) before the other ranks run it."""
+    if context.is_distributed and not context.is_main:
+        dist.barrier()
+    yield
+    if context.is_distributed and context.is_main:
+        dist.barrier()
