@@ -1,0 +1,200 @@
+"""3D PatchGAN discriminator, adversarial losses and the VQGAN adaptive adversarial weight.
+
+The discriminator is the pix2pix / taming-transformers ``NLayerDiscriminator`` in 3D: every output logit
+judges one overlapping receptive-field patch of the input volume (realness of local texture), which is what
+a VAE's adversarial term should sharpen. The adaptive weight follows Esser et al., "Taming Transformers"
+(VQGAN, ``calculate_adaptive_weight``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "PatchDiscriminator3D",
+    "generator_adversarial_loss",
+    "discriminator_adversarial_loss",
+    "adaptive_adversarial_weight",
+]
+
+AdversarialKind = Literal["least_squares", "hinge"]
+_KINDS = ("least_squares", "hinge")
+
+
+class PatchDiscriminator3D(nn.Module):
+    """3D PatchGAN discriminator.
+
+    Layout (``num_layers`` = n): conv(stride 2) + LeakyReLU(0.2); n - 1 blocks conv(stride 2) + norm +
+    LeakyReLU(0.2) doubling the channels (capped at 8 x ``channels``); one conv(stride 1) + norm + LeakyReLU
+    block; a final stride-1 conv to one channel of logits (no activation). Convolutions followed by a norm
+    have no bias; weights are initialised N(0, 0.02) as in pix2pix.
+
+    Args:
+        in_channels: channels of the input volume.
+        channels: channels of the first layer.
+        num_layers: number of stride-2 convolutions (>= 1); the output is ~input / 2**num_layers.
+        norm: ``"instance"`` (affine InstanceNorm3d, batch-size independent) or ``"batch"``.
+        kernel_size: cubic kernel size (>= 2); padding is ``(kernel_size - 1) // 2``.
+
+    Shapes:
+        input (B, in_channels, D, H, W) -> logits (B, 1, d, h, w); with kernel 4, d = D / 2**num_layers - 2
+        (e.g. 32^3 -> 2^3 for 3 layers; 91x109x91 -> 9x11x9). Instance norm needs > 1 voxel in each
+        normalised map, i.e. inputs of at least ~2**(num_layers + 1) voxels per side.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: int = 32,
+        num_layers: int = 3,
+        norm: Literal["instance", "batch"] = "instance",
+        kernel_size: int = 4,
+    ) -> None:
+        super().__init__()
+        for name, value, minimum in (
+            ("in_channels", in_channels, 1),
+            ("channels", channels, 1),
+            ("num_layers", num_layers, 1),
+            ("kernel_size", kernel_size, 2),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        norms = {"instance": lambda c: nn.InstanceNorm3d(c, affine=True), "batch": nn.BatchNorm3d}
+        if norm not in norms:
+            raise ValueError(f"norm must be one of {sorted(norms)}, got {norm!r}.")
+        pad = (kernel_size - 1) // 2
+
+        def block(c_in: int, c_out: int, stride: int, normed: bool) -> nn.Sequential:
+            layers: list[nn.Module] = [nn.Conv3d(c_in, c_out, kernel_size, stride, pad, bias=not normed)]
+            if normed:
+                layers.append(norms[norm](c_out))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            return nn.Sequential(*layers)
+
+        widths = [channels * min(2**i, 8) for i in range(num_layers + 1)]
+        blocks = [block(in_channels, widths[0], 2, normed=False)]
+        blocks += [block(widths[i - 1], widths[i], 2, normed=True) for i in range(1, num_layers)]
+        blocks.append(block(widths[num_layers - 1], widths[num_layers], 1, normed=True))
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Conv3d(widths[num_layers], 1, kernel_size, 1, pad)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """pix2pix initialisation: conv N(0, 0.02); norm scale N(1, 0.02), shift 0."""
+        if isinstance(module, nn.Conv3d):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.InstanceNorm3d | nn.BatchNorm3d):
+            nn.init.normal_(module.weight, 1.0, 0.02)
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Patch logits for a volume.
+
+        Args:
+            x: (B, in_channels, D, H, W) volume.
+            return_features: also return the activations after every block (e.g. for feature matching).
+
+        Returns:
+            logits (B, 1, d, h, w); or ``(logits, features)`` with ``num_layers + 1`` maps
+            (B, C_i, d_i, h_i, w_i).
+        """
+        if x.ndim != 5:
+            raise ValueError(f"Expected a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}.")
+        features = []
+        for blk in self.blocks:
+            x = blk(x)
+            features.append(x)
+        logits = self.head(x)
+        return (logits, features) if return_features else logits
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}.")
+
+
+def generator_adversarial_loss(
+    fake_logits: torch.Tensor, kind: AdversarialKind = "least_squares"
+) -> torch.Tensor:
+    """Generator's adversarial loss on the discriminator's logits for generated volumes.
+
+    Args:
+        fake_logits: (B, 1, d, h, w) discriminator logits of reconstructions (any shape works).
+        kind: ``"least_squares"`` (LSGAN, mean((fake - 1)^2)) or ``"hinge"`` (-mean(fake)).
+
+    Returns:
+        Scalar loss.
+    """
+    _check_kind(kind)
+    if kind == "least_squares":
+        return (fake_logits - 1.0).pow(2).mean()
+    return -fake_logits.mean()
+
+
+def discriminator_adversarial_loss(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: AdversarialKind = "least_squares"
+) -> torch.Tensor:
+    """Discriminator loss, averaged over the real and fake terms.
+
+    Args:
+        real_logits: (B, 1, d, h, w) logits of real volumes.
+        fake_logits: (B, 1, d, h, w) logits of generated volumes (detach them from the generator).
+        kind: ``"least_squares"``: 0.5 (mean((real - 1)^2) + mean(fake^2));
+            ``"hinge"``: 0.5 (mean(relu(1 - real)) + mean(relu(1 + fake))).
+
+    Returns:
+        Scalar loss; 0 for a perfect discriminator (LS: real = 1, fake = 0; hinge: real >= 1, fake <= -1).
+    """
+    _check_kind(kind)
+    if kind == "least_squares":
+        return 0.5 * ((real_logits - 1.0).pow(2).mean() + fake_logits.pow(2).mean())
+    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+
+
+def adaptive_adversarial_weight(
+    recon_loss: torch.Tensor,
+    adversarial_loss: torch.Tensor,
+    last_layer_weight: torch.Tensor,
+    max_weight: float = 1e4,
+) -> torch.Tensor:
+    """VQGAN adaptive weight balancing the adversarial against the reconstruction gradient.
+
+    ``||d recon / d w|| / (||d adv / d w|| + 1e-4)``, clamped to [0, max_weight], where ``w`` is the
+    decoder's last convolution weight. Both gradients are taken with ``retain_graph=True`` and do not
+    populate ``.grad``, so the caller can still back-propagate the weighted total loss.
+
+    Args:
+        recon_loss: scalar reconstruction (e.g. L1 + perceptual) loss, connected to ``last_layer_weight``.
+        adversarial_loss: scalar generator adversarial loss, connected to ``last_layer_weight``.
+        last_layer_weight: the decoder's output-conv weight tensor (a leaf with requires_grad).
+        max_weight: upper clamp (> 0).
+
+    Returns:
+        Detached 0-dim tensor.
+    """
+    if max_weight <= 0:
+        raise ValueError(f"max_weight must be > 0, got {max_weight}.")
+    for name, loss in (("recon_loss", recon_loss), ("adversarial_loss", adversarial_loss)):
+        if loss.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(loss.shape)}.")
+        if not loss.requires_grad:
+            raise ValueError(f"{name} does not require grad (computed under no_grad or detached?).")
+    if not last_layer_weight.requires_grad:
+        raise ValueError("last_layer_weight must require grad.")
+    grads = []
+    for name, loss in (("recon_loss", recon_loss), ("adversarial_loss", adversarial_loss)):
+        (grad,) = torch.autograd.grad(loss, last_layer_weight, retain_graph=True, allow_unused=True)
+        if grad is None:
+            raise ValueError(f"{name} does not depend on last_layer_weight.")
+        grads.append(grad)
+    weight = torch.linalg.vector_norm(grads[0]) / (torch.linalg.vector_norm(grads[1]) + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
