@@ -1,0 +1,193 @@
+"""Encoder and decoder of the MAISI-style KL-VAE (same layer order as MONAI's ``MaisiEncoder``/``MaisiDecoder``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from model.resnet_blocks import Downsample, ResBlock, SpatialAttention, Upsample, conv_nd, norm_act_conv
+
+__all__ = ["Encoder", "Decoder"]
+
+
+def _run(block: nn.Module, x: torch.Tensor, use_checkpointing: bool) -> torch.Tensor:
+    """Apply ``block``, under non-reentrant activation checkpointing when requested and grads are on."""
+    if use_checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, x, use_reentrant=False)
+    return block(x)
+
+
+class _Level(nn.Module):
+    """One resolution level: ResNet blocks (each optionally followed by attention) and an optional resampler."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention: bool,
+        norm_num_groups: int,
+        norm_eps: float,
+        resample: nn.Module | None,
+    ) -> None:
+        super().__init__()
+        self.res_blocks = nn.ModuleList()
+        self.attentions = nn.ModuleList()
+        for j in range(num_res_blocks):
+            ch_in = in_channels if j == 0 else out_channels
+            self.res_blocks.append(ResBlock(spatial_dims, ch_in, out_channels, norm_num_groups, norm_eps))
+            if attention:
+                self.attentions.append(SpatialAttention(out_channels, norm_num_groups, norm_eps))
+        self.resample = resample
+
+    def forward(self, x: torch.Tensor, use_checkpointing: bool) -> torch.Tensor:
+        for j, res_block in enumerate(self.res_blocks):
+            x = _run(res_block, x, use_checkpointing)
+            if self.attentions:
+                x = _run(self.attentions[j], x, use_checkpointing)
+        if self.resample is not None:
+            x = _run(self.resample, x, use_checkpointing)
+        return x
+
+
+class _NonLocalBlock(nn.Sequential):
+    """ResBlock -> spatial self-attention -> ResBlock at the lowest resolution (MAISI ``with_nonlocal_attn``)."""
+
+    def __init__(self, spatial_dims: int, channels: int, norm_num_groups: int, norm_eps: float) -> None:
+        super().__init__(
+            ResBlock(spatial_dims, channels, channels, norm_num_groups, norm_eps),
+            SpatialAttention(channels, norm_num_groups, norm_eps),
+            ResBlock(spatial_dims, channels, channels, norm_num_groups, norm_eps),
+        )
+
+
+class Encoder(nn.Module):
+    """Downsampling convolutional encoder.
+
+    ``conv_in`` -> per level i: ``num_res_blocks[i]`` ResBlocks (+ attention if ``attention_levels[i]``) and a
+    stride-2 downsampling on all levels but the last -> optional non-local block -> GroupNorm -> 3x3(x3) conv to
+    ``out_channels``. As in MAISI there is no SiLU between the final GroupNorm and convolution.
+
+    Maps (B, in_channels, *S) with S divisible by 2**(len(channels)-1) to (B, out_channels, *S / 2**(L-1)).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: Sequence[int],
+        out_channels: int,
+        num_res_blocks: Sequence[int],
+        attention_levels: Sequence[bool],
+        norm_num_groups: int,
+        norm_eps: float,
+        with_nonlocal_attn: bool,
+        use_checkpointing: bool,
+    ) -> None:
+        super().__init__()
+        conv = conv_nd(spatial_dims)
+        self.use_checkpointing = use_checkpointing
+        self.conv_in = conv(in_channels, channels[0], kernel_size=3, padding=1)
+        self.levels = nn.ModuleList()
+        ch_in = channels[0]
+        for i, ch_out in enumerate(channels):
+            is_last = i == len(channels) - 1
+            self.levels.append(
+                _Level(
+                    spatial_dims,
+                    ch_in,
+                    ch_out,
+                    num_res_blocks[i],
+                    attention_levels[i],
+                    norm_num_groups,
+                    norm_eps,
+                    None if is_last else Downsample(spatial_dims, ch_out),
+                )
+            )
+            ch_in = ch_out
+        self.nonlocal_block = (
+            _NonLocalBlock(spatial_dims, channels[-1], norm_num_groups, norm_eps)
+            if with_nonlocal_attn
+            else None
+        )
+        self.norm_out = nn.GroupNorm(norm_num_groups, channels[-1], eps=norm_eps, affine=True)
+        self.conv_out = conv(channels[-1], out_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, *S) -> (B, C_out, *S / 2**(L-1))."""
+        h = self.conv_in(x)
+        for level in self.levels:
+            h = level(h, self.use_checkpointing)
+        if self.nonlocal_block is not None:
+            h = _run(self.nonlocal_block, h, self.use_checkpointing)
+        return norm_act_conv(h, self.norm_out, self.conv_out, act=False)
+
+
+class Decoder(nn.Module):
+    """Upsampling convolutional decoder mirroring :class:`Encoder`.
+
+    ``conv_in`` -> optional non-local block -> per level i (channels reversed): ``num_res_blocks`` ResBlocks
+    (+ attention) and a x2 :class:`~model.resnet_blocks.Upsample` on all levels but the last -> GroupNorm ->
+    3x3(x3) conv to ``out_channels``. No SiLU before the output conv and no output activation (like MAISI).
+
+    Maps (B, in_channels, *s) to (B, out_channels, *s * 2**(L-1)).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: Sequence[int],
+        out_channels: int,
+        num_res_blocks: Sequence[int],
+        attention_levels: Sequence[bool],
+        norm_num_groups: int,
+        norm_eps: float,
+        with_nonlocal_attn: bool,
+        use_checkpointing: bool,
+        upsample_mode: str,
+    ) -> None:
+        super().__init__()
+        conv = conv_nd(spatial_dims)
+        self.use_checkpointing = use_checkpointing
+        rev_channels = list(reversed(channels))
+        rev_res_blocks = list(reversed(num_res_blocks))
+        rev_attention = list(reversed(attention_levels))
+        self.conv_in = conv(in_channels, rev_channels[0], kernel_size=3, padding=1)
+        self.nonlocal_block = (
+            _NonLocalBlock(spatial_dims, rev_channels[0], norm_num_groups, norm_eps)
+            if with_nonlocal_attn
+            else None
+        )
+        self.levels = nn.ModuleList()
+        ch_in = rev_channels[0]
+        for i, ch_out in enumerate(rev_channels):
+            is_last = i == len(rev_channels) - 1
+            self.levels.append(
+                _Level(
+                    spatial_dims,
+                    ch_in,
+                    ch_out,
+                    rev_res_blocks[i],
+                    rev_attention[i],
+                    norm_num_groups,
+                    norm_eps,
+                    None if is_last else Upsample(spatial_dims, ch_out, upsample_mode),
+                )
+            )
+            ch_in = ch_out
+        self.norm_out = nn.GroupNorm(norm_num_groups, rev_channels[-1], eps=norm_eps, affine=True)
+        self.conv_out = conv(rev_channels[-1], out_channels, kernel_size=3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C_latent, *s) -> (B, C_out, *s * 2**(L-1))."""
+        h = self.conv_in(z)
+        if self.nonlocal_block is not None:
+            h = _run(self.nonlocal_block, h, self.use_checkpointing)
+        for level in self.levels:
+            h = level(h, self.use_checkpointing)
+        return norm_act_conv(h, self.norm_out, self.conv_out, act=False)

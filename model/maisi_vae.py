@@ -1,0 +1,299 @@
+"""MAISI-style 3D KL-VAE that accepts any input size, loads MONAI/NVIDIA MAISI weights, and trains leaner."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.enc_dec import Decoder, Encoder
+from model.resnet_blocks import conv_nd
+
+__all__ = ["MaisiVAE", "convert_maisi_state_dict"]
+
+
+class MaisiVAE(nn.Module):
+    """KL-regularised autoencoder with the architecture of MONAI's ``AutoencoderKlMaisi``.
+
+    Layer for layer the same network as MAISI (``num_splits=1``, fp32 GroupNorm), so released MAISI weights load
+    through :func:`convert_maisi_state_dict`; the GroupNorm/SiLU/resampling prologues of every convolution are
+    recomputed in backward instead of stored (see :mod:`model.resnet_blocks`), which lowers training memory.
+
+    Size rule: with ``f = downsample_factor = 2 ** (len(channels) - 1)``, an input of spatial shape ``S`` is
+    zero-padded at the END (high side) of each spatial axis to ``ceil(S / f) * f`` inside the model; the latent has
+    shape ``ceil(S / f)`` per axis (``latent_shape``) and the decoded output is cropped back to ``S``. E.g. with
+    3 levels, 91x109x91 -> latent 23x28x23 -> 91x109x91. (MONAI instead silently returns 88x108x88.)
+
+    As in MONAI, the log-sigma head predicts a log-variance: ``sigma = exp(clamp(logvar, -30, 20) / 2)``.
+
+    Args:
+        spatial_dims: 3 (volumes) or 2 (images).
+        in_channels: input channels.
+        out_channels: output channels.
+        channels: feature channels per level; each must be divisible by ``norm_num_groups``.
+        latent_channels: latent channels.
+        num_res_blocks: ResNet blocks per level (each >= 1).
+        attention_levels: spatial self-attention after each ResNet block of a level.
+        norm_num_groups: GroupNorm groups.
+        norm_eps: GroupNorm epsilon.
+        with_encoder_nonlocal_attn: ResBlock + attention + ResBlock at the end of the encoder.
+        with_decoder_nonlocal_attn: ResBlock + attention + ResBlock at the start of the decoder.
+        use_checkpointing: activation checkpointing per ResNet block / attention / resampling layer.
+        upsample_mode: "trilinear" (interpolation + conv, MAISI's default) or "transposed" (transposed conv).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 128),
+        latent_channels: int = 4,
+        num_res_blocks: Sequence[int] = (1, 1, 1),
+        attention_levels: Sequence[bool] = (False, False, False),
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-6,
+        with_encoder_nonlocal_attn: bool = False,
+        with_decoder_nonlocal_attn: bool = False,
+        use_checkpointing: bool = False,
+        upsample_mode: str = "trilinear",
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if len(channels) == 0:
+            raise ValueError("channels must name at least one level.")
+        if len(num_res_blocks) != len(channels) or len(attention_levels) != len(channels):
+            raise ValueError(
+                f"num_res_blocks ({len(num_res_blocks)}) and attention_levels ({len(attention_levels)}) must have "
+                f"one entry per level of channels ({len(channels)})."
+            )
+        if any(c % norm_num_groups for c in channels):
+            raise ValueError(
+                f"every entry of channels {tuple(channels)} must be divisible by norm_num_groups={norm_num_groups}."
+            )
+        if any(n < 1 for n in num_res_blocks):
+            raise ValueError(f"num_res_blocks must be >= 1 per level, got {tuple(num_res_blocks)}.")
+        if min(in_channels, out_channels, latent_channels) < 1:
+            raise ValueError("in_channels, out_channels and latent_channels must be positive.")
+        if upsample_mode not in ("trilinear", "transposed"):
+            raise ValueError(f"upsample_mode must be 'trilinear' or 'transposed', got {upsample_mode!r}.")
+        self.spatial_dims = spatial_dims
+        self.latent_channels = latent_channels
+        self.num_levels = len(channels)
+        self.encoder = Encoder(
+            spatial_dims,
+            in_channels,
+            channels,
+            latent_channels,
+            num_res_blocks,
+            attention_levels,
+            norm_num_groups,
+            norm_eps,
+            with_encoder_nonlocal_attn,
+            use_checkpointing,
+        )
+        conv = conv_nd(spatial_dims)
+        self.mu_head = conv(latent_channels, latent_channels, kernel_size=1)
+        self.logvar_head = conv(latent_channels, latent_channels, kernel_size=1)
+        self.post_quant_conv = conv(latent_channels, latent_channels, kernel_size=1)
+        self.decoder = Decoder(
+            spatial_dims,
+            latent_channels,
+            channels,
+            out_channels,
+            num_res_blocks,
+            attention_levels,
+            norm_num_groups,
+            norm_eps,
+            with_decoder_nonlocal_attn,
+            use_checkpointing,
+            upsample_mode,
+        )
+
+    @property
+    def downsample_factor(self) -> int:
+        """Total spatial downsampling factor ``2 ** (len(channels) - 1)``."""
+        return 2 ** (self.num_levels - 1)
+
+    @property
+    def last_decoder_layer_weight(self) -> torch.Tensor:
+        """Weight of the final output convolution (for the VQGAN adaptive adversarial weight)."""
+        return self.decoder.conv_out.weight
+
+    def latent_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        """Latent spatial shape ``ceil(s / downsample_factor)`` per axis for an input of ``spatial_shape``."""
+        return tuple(math.ceil(s / self.downsample_factor) for s in spatial_shape)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode (B, C_in, *S) into ``mu`` and ``sigma``, each (B, latent_channels, *latent_shape(S))."""
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(
+                f"expected a (B, C, {self.spatial_dims} spatial dims) tensor, got shape {tuple(x.shape)}."
+            )
+        pad = [p - s for s, p in zip(x.shape[2:], self._padded_shape(x.shape[2:]), strict=True)]
+        if any(pad):
+            x = F.pad(x, [amount for p in reversed(pad) for amount in (0, p)])
+        h = self.encoder(x)
+        mu = self.mu_head(h)
+        logvar = torch.clamp(self.logvar_head(h), -30.0, 20.0)
+        return mu, torch.exp(logvar / 2)
+
+    @staticmethod
+    def sample(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Reparameterised sample ``mu + sigma * eps``, ``eps ~ N(0, I)``; same shape as ``mu``."""
+        return mu + sigma * torch.randn_like(sigma)
+
+    def decode(self, z: torch.Tensor, spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Decode (B, latent_channels, *s) into (B, C_out, *s * downsample_factor).
+
+        If ``spatial_shape`` is given, the output is cropped to it (the inverse of the padding in :meth:`encode`).
+        """
+        out = self.decoder(self.post_quant_conv(z))
+        if spatial_shape is not None:
+            if any(t > s for t, s in zip(spatial_shape, out.shape[2:], strict=True)):
+                raise ValueError(
+                    f"spatial_shape {tuple(spatial_shape)} exceeds decoded shape {tuple(out.shape[2:])}."
+                )
+            out = out[(..., *(slice(0, s) for s in spatial_shape))]
+        return out
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, C_in, *S) -> (reconstruction (B, C_out, *S) from a sampled z, mu, sigma)."""
+        mu, sigma = self.encode(x)
+        return self.decode(self.sample(mu, sigma), x.shape[2:]), mu, sigma
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction ``decode(mu)``, (B, C_out, *S)."""
+        mu, _ = self.encode(x)
+        return self.decode(mu, x.shape[2:])
+
+    def _padded_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(s * self.downsample_factor for s in self.latent_shape(spatial_shape))
+
+    @classmethod
+    def from_maisi_state_dict(cls, state_dict: Mapping[str, Any], **config: Any) -> MaisiVAE:
+        """Build a model with ``config`` and load a MONAI ``AutoencoderKlMaisi`` state dict (strictly)."""
+        model = cls(**config)
+        model.load_state_dict(convert_maisi_state_dict(state_dict))
+        return model
+
+
+# MAISI wraps every conv in MaisiConvolution(Convolution(nn.Conv)): ".conv.conv." before weight/bias.
+_RES_BLOCK_KEY = re.compile(r"^(norm1|norm2|conv1|conv2|nin_shortcut)\.(?:conv\.conv\.)?(weight|bias)$")
+_RESAMPLE_KEY = re.compile(r"^conv\.conv\.conv\.(weight|bias)$")
+_CONV_KEY = re.compile(r"^conv\.conv\.(weight|bias)$")
+_NORM_KEY = re.compile(r"^(weight|bias)$")
+
+
+def _split_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> list[dict[str, torch.Tensor]]:
+    """Group ``<prefix>.blocks.<i>.<rest>`` keys into a list (index i) of ``{rest: tensor}``."""
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        match = re.match(rf"^{prefix}\.blocks\.(\d+)\.(.+)$", key)
+        if match:
+            blocks.setdefault(int(match.group(1)), {})[match.group(2)] = value
+    if sorted(blocks) != list(range(len(blocks))):
+        raise ValueError(f"{prefix}.blocks indices are not contiguous: {sorted(blocks)}.")
+    return [blocks[i] for i in range(len(blocks))]
+
+
+def _block_kind(block: Mapping[str, torch.Tensor], where: str) -> str:
+    keys = list(block)
+    if any(re.match(r"^(to_q|to_k|to_v|proj_attn|attn|qkv|out_proj)", k) or ".attn" in k for k in keys):
+        raise NotImplementedError(
+            f"{where}: converting MAISI attention blocks is not supported (keys {keys})."
+        )
+    if any(k.startswith("norm1") for k in keys):
+        if any(k.startswith("conv1.conv.weight") for k in keys):
+            raise NotImplementedError(
+                f"{where}: converting MAISI non-local (AEKLResBlock) blocks is not supported."
+            )
+        kind, pattern = "res", _RES_BLOCK_KEY
+    elif any(k.startswith("conv.conv.conv.") for k in keys):
+        kind, pattern = "resample", _RESAMPLE_KEY
+    elif any(k.startswith("conv.conv.") for k in keys):
+        kind, pattern = "conv", _CONV_KEY
+    else:
+        kind, pattern = "norm", _NORM_KEY
+    unknown = [k for k in keys if not pattern.match(k)]
+    if unknown:
+        raise ValueError(f"{where}: unexpected keys for a MAISI {kind} block: {unknown}.")
+    return kind
+
+
+def _convert_tower(state_dict: Mapping[str, torch.Tensor], tower: str) -> dict[str, torch.Tensor]:
+    """Map ``encoder.blocks.*`` / ``decoder.blocks.*`` (MAISI's flat block list) to our nested names."""
+    blocks = _split_blocks(state_dict, tower)
+    kinds = [_block_kind(b, f"{tower}.blocks.{i}") for i, b in enumerate(blocks)]
+    if len(kinds) < 4 or kinds[0] != "conv" or kinds[-2:] != ["norm", "conv"]:
+        raise ValueError(f"{tower}: unexpected MAISI block layout {kinds}.")
+    out: dict[str, torch.Tensor] = {}
+
+    def put(our_prefix: str, kind: str, block: Mapping[str, torch.Tensor]) -> None:
+        for key, value in block.items():
+            if kind == "res":
+                layer, param = _RES_BLOCK_KEY.match(key).groups()
+                key = f"{'shortcut' if layer == 'nin_shortcut' else layer}.{param}"
+            elif kind in ("resample", "conv"):
+                key = key.rsplit(".", 1)[1]
+            out[f"{our_prefix}.{key}"] = value
+
+    put(f"{tower}.conv_in", "conv", blocks[0])
+    level, res_index = 0, 0
+    for i, (kind, block) in enumerate(zip(kinds[1:-2], blocks[1:-2], strict=True), start=1):
+        if kind == "res":
+            put(f"{tower}.levels.{level}.res_blocks.{res_index}", kind, block)
+            res_index += 1
+        elif kind == "resample":
+            put(f"{tower}.levels.{level}.resample.conv", kind, block)
+            level, res_index = level + 1, 0
+        else:
+            raise ValueError(f"{tower}.blocks.{i}: unexpected {kind} block inside the levels ({kinds}).")
+    put(f"{tower}.norm_out", "norm", blocks[-2])
+    put(f"{tower}.conv_out", "conv", blocks[-1])
+    return out
+
+
+def convert_maisi_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Convert a MONAI ``AutoencoderKlMaisi`` state dict (e.g. NVIDIA's ``autoencoder_v1.pt``) to :class:`MaisiVAE`.
+
+    Accepts a bare state dict or one wrapped under ``"state_dict"`` / ``"unet_state_dict"``, and strips
+    ``"module."`` (DataParallel/DDP) prefixes. The model configuration is implied by the keys (levels, blocks
+    per level, channels); build ``MaisiVAE`` with the matching configuration and ``load_state_dict`` the result
+    (strict loading then names any mismatch). MAISI attention / non-local blocks raise ``NotImplementedError``.
+
+    Raises:
+        ValueError: naming keys that are not part of a MAISI autoencoder layout.
+    """
+    for wrapper in ("state_dict", "unet_state_dict"):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
+            state_dict = state_dict[wrapper]
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    out = _convert_tower(state_dict, "encoder")
+    out.update(_convert_tower(state_dict, "decoder"))
+    heads = {
+        "quant_conv_mu": "mu_head",
+        "quant_conv_log_sigma": "logvar_head",
+        "post_quant_conv": "post_quant_conv",
+    }
+    unknown = []
+    for key, value in state_dict.items():
+        if key.startswith(("encoder.blocks.", "decoder.blocks.")):
+            continue
+        match = re.match(r"^(\w+)\.conv\.(weight|bias)$", key)
+        if match and match.group(1) in heads:
+            out[f"{heads[match.group(1)]}.{match.group(2)}"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"keys not in a MAISI AutoencoderKlMaisi layout: {unknown}.")
+    missing = [f"{h}.conv.weight" for h in heads if f"{heads[h]}.weight" not in out]
+    if missing:
+        raise ValueError(f"MAISI state dict is missing keys: {missing}.")
+    return out
