@@ -1,0 +1,789 @@
+"""Data for the 3D brain VAE: split reading, pre-flight checks, THE preprocessing, datasets, demo cohort.
+
+Every script (train, infer, save_latent, notebook) preprocesses through :func:`preprocess_volume` /
+:func:`build_preprocessing` and maps results back with :func:`restore_to_input_grid`; nothing here is
+re-implemented elsewhere.
+
+Preprocessing (MONAI transforms on a channel-first MetaTensor that carries the affine):
+load (nibabel) -> channel first -> reorient to ``prep.orientation`` -> resample to ``prep.target_spacing``
+(skipped when already there) -> centred pad/crop to ``prep.target_shape`` -> intensity to [0, 1]
+(robust percentiles over the foreground (voxels > 0), background stays 0; or min-max) -> optional masking.
+
+CLI::
+
+    python dataset.py --check split.csv [--skip_bad_files]
+    python dataset.py --make_demo data/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import monai.transforms as mt
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import CacheDataset, PersistentDataset
+from monai.data import Dataset as MonaiDataset
+from scipy import ndimage
+
+from config import AugmentationConfig, DataConfig, PreprocessingConfig
+
+__all__ = [
+    "DataError",
+    "InverseInfo",
+    "PreprocessedVolume",
+    "VolumeDataset",
+    "build_augmentation",
+    "build_dataset",
+    "build_preprocessing",
+    "check_files",
+    "ensure_demo_data",
+    "make_demo_cohort",
+    "preflight",
+    "preprocess_volume",
+    "preprocessing_cache_dir",
+    "read_split",
+    "restore_to_input_grid",
+]
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SPACING_TOLERANCE_MM = 0.01
+PIPELINE_VERSION = "1"  # bump when the preprocessing code changes, so disk caches are rebuilt
+MNI_2MM_AFFINE = np.array([[-2.0, 0, 0, 90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1]])
+MNI_2MM_SHAPE = (91, 109, 91)
+DEMO_SOURCE = "demo (MNI152 template-derived)"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file(s) and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------- splits
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _subject_id(path: str | Path) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _resolve(value: Any, base: Path) -> str | None:
+    """Absolute path string for a CSV cell (relative to ``base``); None for an empty cell."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+        return None
+    path = Path(str(value).strip()).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def read_split(source: str | Path) -> pd.DataFrame:
+    """Read a split: a CSV (``image`` column required), a folder of NIfTI files, or one NIfTI file.
+
+    Returns columns ``subject_id``, ``image`` (absolute str), ``mask`` (absolute str or None), then every
+    other CSV column unchanged.
+    """
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise DataError(
+            f"{source}: split not found (expected a CSV, a folder of NIfTI files or a NIfTI file)"
+        )
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.is_file() and _is_nifti(p))
+        if not files:
+            raise DataError(f"{source}: folder holds no .nii / .nii.gz file")
+        frame = pd.DataFrame({"image": [str(p.resolve()) for p in files]})
+    elif _is_nifti(source):
+        frame = pd.DataFrame({"image": [str(source.resolve())]})
+    else:
+        frame = _read_csv(source)
+    if "mask" not in frame:
+        frame["mask"] = None
+    if "subject_id" not in frame:
+        frame["subject_id"] = None
+    frame["subject_id"] = [
+        str(sid) if isinstance(sid, str) and sid.strip() else _subject_id(image)
+        for sid, image in zip(frame["subject_id"], frame["image"], strict=True)
+    ]
+    duplicated = frame["image"][frame["image"].duplicated(keep=False)]
+    if len(duplicated):
+        raise DataError(f"{source}: duplicate rows for image(s) {sorted(set(duplicated))}")
+    others = [c for c in frame.columns if c not in ("subject_id", "image", "mask")]
+    return frame[["subject_id", "image", "mask", *others]].reset_index(drop=True)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty CSV (no header, no rows)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a readable CSV ({error})") from None
+    if "image" not in frame.columns:
+        raise DataError(f"{path}: CSV has no 'image' column (columns: {list(frame.columns)})")
+    if frame.empty:
+        raise DataError(f"{path}: CSV has a header but no rows")
+    base = path.resolve().parent
+    images = [_resolve(v, base) for v in frame["image"]]
+    empty_rows = [i + 2 for i, v in enumerate(images) if v is None]  # +2: 1-based, after the header
+    if empty_rows:
+        raise DataError(f"{path}: empty 'image' cell on line(s) {empty_rows}")
+    frame["image"] = images
+    if "mask" in frame:
+        frame["mask"] = pd.Series([_resolve(v, base) for v in frame["mask"]], dtype=object)
+    return frame
+
+
+# ------------------------------------------------------------------------------------------- pre-flight
+
+
+def _inspect_image(path: str) -> dict[str, Any]:
+    """Header + data statistics of one image; ``problem`` is '' when it is usable."""
+    info: dict[str, Any] = {"readable": False, "problem": ""}
+    if not Path(path).is_file():
+        return {**info, "problem": "missing file"}
+    try:
+        image = nib.load(path)
+        if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+            return {**info, "problem": f"not a NIfTI file ({type(image).__name__})"}
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:  # nibabel raises many types for corrupt / truncated / foreign files
+        return {**info, "problem": f"unreadable: {type(error).__name__}: {error}"}
+    shape = tuple(int(s) for s in image.shape)
+    zooms = image.header.get_zooms()[:3]
+    info.update(
+        readable=True,
+        shape="x".join(map(str, shape)),
+        volumes=int(np.prod(shape[3:])) if len(shape) > 3 else 1,
+        voxel_size="x".join(f"{z:.3g}" for z in zooms),
+        orientation="".join(nib.aff2axcodes(image.affine)),
+        dtype=str(image.get_data_dtype()),
+    )
+    finite = np.isfinite(data) if data.dtype.kind == "f" else None
+    has_nonfinite = finite is not None and not bool(finite.all())
+    values = data[finite] if has_nonfinite else data
+    low, high = (float(values.min()), float(values.max())) if values.size else (np.nan, np.nan)
+    info.update(min=low, max=high, nan_inf=has_nonfinite, constant=bool(values.size and low == high))
+    problems = []
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        problems.append(f"not a 3D volume (shape {shape})")
+    if info["volumes"] > 1:
+        problems.append(f"{info['volumes']} volumes (4D); give one 3D volume per file")
+    if has_nonfinite:
+        problems.append("NaN/Inf voxels")
+    if info["constant"]:
+        problems.append(f"constant image (every voxel = {low:g})")
+    info["problem"] = "; ".join(problems)
+    info["_spatial_shape"] = shape[:3]
+    return info
+
+
+def _inspect_mask(path: str, image_shape: tuple[int, ...] | None) -> str:
+    """The problem with a mask file ('' when fine)."""
+    if not Path(path).is_file():
+        return f"mask missing: {path}"
+    try:
+        mask = nib.load(path)
+        data = np.asanyarray(mask.dataobj)
+    except Exception as error:
+        return f"mask unreadable ({type(error).__name__}: {error}): {path}"
+    if image_shape is not None and tuple(mask.shape[:3]) != tuple(image_shape):
+        return f"mask shape {tuple(mask.shape)} != image shape {tuple(image_shape)}: {path}"
+    if not np.any(data):
+        return f"mask is empty (all zero): {path}"
+    return ""
+
+
+def check_files(frame: pd.DataFrame) -> pd.DataFrame:
+    """Inspect every image (and mask) of a split frame; one row per file, ``problem`` '' when fine.
+
+    Columns: subject_id, image, readable, shape, volumes, voxel_size, orientation, dtype, min, max,
+    nan_inf, constant, mask, problem.
+    """
+    rows = []
+    for subject_id, image, mask in zip(frame["subject_id"], frame["image"], frame["mask"], strict=True):
+        info = _inspect_image(image)
+        spatial_shape = info.pop("_spatial_shape", None)
+        problems = [info.pop("problem")] if info["problem"] else []
+        if mask is not None:
+            mask_problem = _inspect_mask(mask, spatial_shape)
+            if mask_problem:
+                problems.append(mask_problem)
+        rows.append(
+            {"subject_id": subject_id, "image": image, **info, "mask": mask, "problem": "; ".join(problems)}
+        )
+    columns = ["subject_id", "image", "readable", "shape", "volumes", "voxel_size", "orientation", "dtype"]
+    columns += ["min", "max", "nan_inf", "constant", "mask", "problem"]
+    return pd.DataFrame(rows).reindex(columns=columns)
+
+
+def _problem_table(report: pd.DataFrame) -> str:
+    bad = report[report["problem"] != ""]
+    return "\n".join(
+        f"  {image}: {problem}" for image, problem in zip(bad["image"], bad["problem"], strict=True)
+    )
+
+
+def preflight(frame: pd.DataFrame, skip_bad_files: bool = False) -> pd.DataFrame:
+    """Check every file; raise :class:`DataError` listing the problems, or (``skip_bad_files``) drop them.
+
+    Skipped files are printed and logged explicitly; the returned frame keeps the good rows only.
+    """
+    report = check_files(frame)
+    bad = (report["problem"] != "").to_numpy()
+    if not bad.any():
+        return frame
+    table = _problem_table(report)
+    if not skip_bad_files:
+        raise DataError(
+            f"{int(bad.sum())} of {len(frame)} file(s) failed the pre-flight check "
+            f"(fix them, or set data.skip_bad_files / --skip_bad_files to drop them):\n{table}"
+        )
+    message = f"SKIPPING {int(bad.sum())} of {len(frame)} file(s) that failed the pre-flight check:\n{table}"
+    print(message, file=sys.stderr)
+    log.warning(message)
+    good = frame[~bad].reset_index(drop=True)
+    if good.empty:
+        raise DataError("every file failed the pre-flight check; nothing left to use")
+    return good
+
+
+# ---------------------------------------------------------------------------------------- preprocessing
+
+
+@dataclass
+class InverseInfo:
+    """What :func:`restore_to_input_grid` needs to undo the preprocessing of one file."""
+
+    source: str
+    input_affine: np.ndarray  # (4, 4) of the input file
+    input_shape: tuple[int, int, int]  # spatial shape of the input file
+    output_affine: np.ndarray  # (4, 4) of the preprocessed grid
+    intensity: Literal["percentile", "minmax"]
+    low: float  # input intensity mapped to 0
+    high: float  # input intensity mapped to 1
+
+
+@dataclass
+class PreprocessedVolume:
+    """``image`` (1, D, H, W) float32 in [0, 1]; ``mask`` (1, D, H, W) bool; ``inverse`` to map back."""
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    inverse: InverseInfo
+
+
+def _spacing(affine: np.ndarray | torch.Tensor) -> np.ndarray:
+    affine = np.asarray(affine, dtype=np.float64)
+    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+
+
+class _CheckLoaded(mt.MapTransform):
+    """Refuse anything but one 3D volume, and a mask on another grid than its image."""
+
+    def __call__(self, data: dict) -> dict:
+        image = data["image"]
+        source = image.meta.get("filename_or_obj", "?")
+        if image.shape[0] != 1 or image.ndim != 4 or min(image.shape[1:]) < 2:
+            raise DataError(f"{source}: expected one 3D volume, got channel-first shape {tuple(image.shape)}")
+        if "mask" in data:
+            mask = data["mask"]
+            if mask.shape != image.shape or not np.allclose(mask.affine, image.affine, atol=1e-3):
+                raise DataError(
+                    f"{mask.meta.get('filename_or_obj', '?')}: mask grid (shape {tuple(mask.shape[1:])}) "
+                    f"differs from its image {source} (shape {tuple(image.shape[1:])}) or their affines differ"
+                )
+        return data
+
+
+class _ResampleIfNeeded(mt.MapTransform):
+    """``Spacingd`` (linear for the image, nearest for the mask), skipped when the spacing already fits."""
+
+    def __init__(self, pixdim: tuple[float, float, float]) -> None:
+        super().__init__(["image", "mask"], allow_missing_keys=True)
+        self.pixdim = np.asarray(pixdim, dtype=np.float64)
+        self.spacing = mt.Spacingd(
+            ["image", "mask"], pixdim=pixdim, mode=("bilinear", "nearest"), allow_missing_keys=True
+        )
+
+    def __call__(self, data: dict) -> dict:
+        if np.allclose(_spacing(data["image"].affine), self.pixdim, atol=SPACING_TOLERANCE_MM):
+            return data
+        return self.spacing(data)
+
+
+class _ScaleIntensity(mt.Transform):
+    """Image to [0, 1]; low/high are stored in ``image.meta`` (``intensity_low`` / ``intensity_high``).
+
+    ``percentile``: low/high = percentiles over the foreground (voxels > 0), clip to [0, 1]; the background
+    (voxels <= 0) becomes exactly 0.
+    ``minmax``: low/high = min/max over the whole volume.
+    """
+
+    def __init__(self, prep: PreprocessingConfig) -> None:
+        self.prep = prep
+
+    def __call__(self, data: dict) -> dict:
+        image = data["image"]
+        values = image.detach().cpu().numpy()
+        source = image.meta.get("filename_or_obj", "?")
+        if self.prep.intensity == "percentile":
+            foreground = values[values > 0]
+            if foreground.size == 0:
+                raise DataError(f"{source}: no positive voxel inside the target field of view")
+            low, high = np.percentile(foreground, [self.prep.lower_percentile, self.prep.upper_percentile])
+        else:
+            low, high = values.min(), values.max()
+        if not high > low:
+            raise DataError(f"{source}: no intensity range to normalise (low = high = {float(low):g})")
+        scaled = ((image - float(low)) / float(high - low)).clamp(0.0, 1.0)
+        if self.prep.intensity == "percentile":
+            scaled = torch.where(image > 0, scaled, torch.zeros_like(scaled))
+        scaled.meta["intensity_low"], scaled.meta["intensity_high"] = float(low), float(high)
+        data["image"] = scaled
+        return data
+
+
+class _MakeMask(mt.Transform):
+    """``mask`` -> bool: the given mask > 0, else the image foreground (input intensity > 0)."""
+
+    def __call__(self, data: dict) -> dict:
+        data["mask"] = data["mask"] > 0 if "mask" in data else data["image"] > 0
+        return data
+
+
+class _ApplyMask(mt.Transform):
+    """Zero the image outside the mask when ``apply_mask``."""
+
+    def __init__(self, apply_mask: bool) -> None:
+        self.apply_mask = apply_mask
+
+    def __call__(self, data: dict) -> dict:
+        if self.apply_mask:
+            data["image"] = data["image"] * data["mask"]
+        return data
+
+
+def build_preprocessing(prep: PreprocessingConfig) -> mt.Compose:
+    """The one deterministic MONAI chain: dict ``{"image": path, ["mask": path]}`` -> MetaTensors.
+
+    Output ``image`` (1, D, H, W) float32 in [0, 1], ``mask`` (1, D, H, W) bool, both on the target grid.
+    """
+    keys = ["image", "mask"]
+    steps: list = [
+        mt.LoadImaged(
+            keys,
+            reader="NibabelReader",
+            image_only=True,
+            ensure_channel_first=True,
+            dtype=np.float32,
+            allow_missing_keys=True,
+        ),
+        _CheckLoaded(keys, allow_missing_keys=True),
+        mt.Orientationd(keys, axcodes=prep.orientation.upper(), allow_missing_keys=True),
+    ]
+    if prep.target_spacing is not None:
+        steps.append(_ResampleIfNeeded(tuple(prep.target_spacing)))
+    steps += [
+        mt.ResizeWithPadOrCropd(keys, spatial_size=tuple(prep.target_shape), allow_missing_keys=True),
+        _MakeMask(),
+        _ScaleIntensity(prep),
+        _ApplyMask(prep.apply_mask),
+    ]
+    return mt.Compose(steps)
+
+
+def preprocess_volume(
+    image_path: str | Path, prep: PreprocessingConfig, mask_path: str | Path | None = None
+) -> PreprocessedVolume:
+    """Preprocess one file (and its optional brain mask) with :func:`build_preprocessing`."""
+    item = {"image": str(image_path)}
+    if mask_path is not None:
+        item["mask"] = str(mask_path)
+    try:
+        out = build_preprocessing(prep)(item)
+    except RuntimeError as error:  # MONAI wraps errors raised inside a transform
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if isinstance(cause, DataError):
+            raise cause from None
+        raise DataError(f"{image_path}: preprocessing failed ({error})") from error
+    image = out["image"]
+    header_image = nib.load(str(image_path))
+    inverse = InverseInfo(
+        source=str(image_path),
+        input_affine=np.asarray(header_image.affine, dtype=np.float64),
+        input_shape=tuple(int(s) for s in header_image.shape[:3]),
+        output_affine=np.asarray(image.affine, dtype=np.float64),
+        intensity=prep.intensity,
+        low=image.meta["intensity_low"],
+        high=image.meta["intensity_high"],
+    )
+    return PreprocessedVolume(
+        image=image.as_tensor().float(), mask=out["mask"].as_tensor().bool(), inverse=inverse
+    )
+
+
+def restore_to_input_grid(
+    volume: np.ndarray | torch.Tensor,
+    inverse: InverseInfo,
+    intensity: Literal["original", "unit"] = "original",
+) -> nib.Nifti1Image:
+    """Map a (1, D, H, W) or (D, H, W) volume on the preprocessed grid back onto the input file's grid.
+
+    Orientation, pad/crop and spacing are undone through the two affines (exact voxel copy when the grids
+    differ by an axis permutation/flip/shift only, else linear interpolation); voxels outside the
+    preprocessed field of view become 0. ``original`` also undoes the intensity scaling (values <= 0 stay
+    0 under percentile scaling: the background); ``unit`` keeps [0, 1]. Returns float32 NIfTI with the
+    input's affine and spatial shape.
+    """
+    array = volume.detach().cpu().float().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 4:
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(f"expected a (1, D, H, W) or (D, H, W) volume, got shape {volume.shape}")
+    # input voxel -> world -> preprocessed voxel
+    mapping = np.linalg.inv(inverse.output_affine) @ inverse.input_affine
+    is_grid_shift = np.allclose(mapping, np.round(mapping), atol=1e-4)
+    if is_grid_shift:
+        mapping = np.round(mapping)
+    restored = ndimage.affine_transform(
+        array,
+        mapping[:3, :3],
+        offset=mapping[:3, 3],
+        output_shape=inverse.input_shape,
+        order=0 if is_grid_shift else 1,
+        mode="constant",
+        cval=0.0,
+    )
+    if intensity == "original":
+        scaled = restored * np.float32(inverse.high - inverse.low) + np.float32(inverse.low)
+        if inverse.intensity == "percentile":
+            scaled = np.where(restored > 0, scaled, np.float32(0))
+        restored = scaled
+    elif intensity != "unit":
+        raise ValueError(f"intensity must be 'original' or 'unit', got {intensity!r}")
+    return nib.Nifti1Image(restored.astype(np.float32), inverse.input_affine)
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+
+class _RandForegroundNoised(mt.RandomizableTransform, mt.MapTransform):
+    """Gaussian noise on the nonzero voxels of ``image`` only (the background stays 0)."""
+
+    def __init__(self, prob: float, std: float) -> None:
+        mt.RandomizableTransform.__init__(self, prob)
+        mt.MapTransform.__init__(self, ["image"])
+        self.std = std
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize(None)
+        if not self._do_transform or self.std == 0:
+            return data
+        image = data["image"]
+        noise = torch.as_tensor(self.R.normal(0.0, self.std, size=image.shape), dtype=image.dtype)
+        data["image"] = torch.where(image > 0, image + noise, image)
+        return data
+
+
+class _ClipUnit(mt.Transform):
+    """Clip ``image`` to [0, 1] and ``mask`` to 0/1."""
+
+    def __call__(self, data: dict) -> dict:
+        data["image"] = data["image"].clamp(0.0, 1.0)
+        data["mask"] = (data["mask"] > 0.5).float()
+        return data
+
+
+def build_augmentation(aug: AugmentationConfig) -> mt.Compose:
+    """Training-only random transforms on dict items with ``image``/``mask`` (1, D, H, W) float32."""
+    radians = float(np.deg2rad(aug.rotate_degrees))
+    steps: list = [
+        mt.RandAffined(
+            ["image", "mask"],
+            prob=aug.affine_prob,
+            rotate_range=(radians,) * 3,
+            scale_range=(aug.scale_fraction,) * 3,
+            translate_range=(aug.translate_voxels,) * 3,
+            mode=("bilinear", "nearest"),
+            padding_mode="zeros",
+        ),
+    ]
+    if aug.flip_left_right_prob > 0:  # axis 0 is left-right in the RAS preprocessed grid
+        steps.append(mt.RandFlipd(["image", "mask"], prob=aug.flip_left_right_prob, spatial_axis=0))
+    steps += [
+        mt.RandBiasFieldd(["image"], prob=aug.bias_field_prob, coeff_range=(0.0, 0.1)),
+        mt.RandAdjustContrastd(["image"], prob=aug.gamma_prob, gamma=tuple(aug.gamma_range)),
+        _RandForegroundNoised(prob=aug.noise_prob, std=aug.noise_std),
+        _ClipUnit(),
+    ]
+    return mt.Compose(steps)
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+class _ToCacheable(mt.Transform):
+    """Plain tensors for caching: ``image`` float32, ``mask`` uint8; keeps ``index``."""
+
+    def __call__(self, data: dict) -> dict:
+        return {
+            "image": torch.as_tensor(data["image"]).float().contiguous(),
+            "mask": torch.as_tensor(data["mask"]).to(torch.uint8).contiguous(),
+            "index": data["index"],
+        }
+
+
+def preprocessing_cache_dir(cache_dir: str | Path, prep: PreprocessingConfig) -> Path:
+    """``cache_dir/<sha256 of the preprocessing settings + pipeline version>/``."""
+    settings = json.dumps(
+        {"version": PIPELINE_VERSION, **dataclasses.asdict(prep)}, sort_keys=True, default=list
+    )
+    return Path(cache_dir) / hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def _file_stamp(path: str) -> str:
+    stat = os.stat(path)
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+class VolumeDataset(torch.utils.data.Dataset):
+    """Preprocessed volumes (cached per ``cache``) with optional training augmentation after the cache.
+
+    Item: ``{"image": (1, D, H, W) float32 in [0, 1], "mask": (1, D, H, W) float32 0/1, "index": int}``,
+    ``index`` = row position in ``frame``. Augmentation is re-seeded from ``torch.initial_seed()`` once per
+    process, so DataLoader workers draw different augmentations and ``torch.manual_seed`` reproduces them.
+    """
+
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        prep: PreprocessingConfig,
+        augmentation: AugmentationConfig | None = None,
+        cache: Literal["memory", "disk", "none"] = "memory",
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        items = []
+        for index, (image, mask) in enumerate(zip(frame["image"], frame["mask"], strict=True)):
+            item = {"image": image, "index": index, "stamp": _file_stamp(image)}
+            if mask is not None:
+                item["mask"], item["mask_stamp"] = mask, _file_stamp(mask)
+            items.append(item)
+        transform = mt.Compose([build_preprocessing(prep), _ToCacheable()])
+        if cache == "memory":
+            workers = min(4, os.cpu_count() or 1)
+            self.base = CacheDataset(items, transform, progress=False, num_workers=workers)
+        elif cache == "disk":
+            if cache_dir is None:
+                raise ValueError("cache='disk' needs a cache_dir")
+            folder = preprocessing_cache_dir(cache_dir, prep)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.base = PersistentDataset(items, transform, cache_dir=folder)
+        elif cache == "none":
+            self.base = MonaiDataset(items, transform)
+        else:
+            raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
+        use_augmentation = augmentation is not None and augmentation.enabled
+        self.augment = build_augmentation(augmentation) if use_augmentation else None
+        self._seeded_in: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        cached = self.base[index]
+        item = {"image": cached["image"].clone(), "mask": cached["mask"].float(), "index": cached["index"]}
+        if self.augment is None:
+            return item
+        worker = torch.utils.data.get_worker_info()
+        process = (os.getpid(), worker.id if worker is not None else -1)
+        if self._seeded_in != process:
+            self.augment.set_random_state(seed=torch.initial_seed() % 2**32)
+            self._seeded_in = process
+        item = self.augment(item)
+        return {
+            "image": torch.as_tensor(item["image"]).float(),
+            "mask": torch.as_tensor(item["mask"]).float(),
+            "index": item["index"],
+        }
+
+
+def build_dataset(
+    frame: pd.DataFrame,
+    prep: PreprocessingConfig,
+    augmentation: AugmentationConfig | None,
+    cache: Literal["memory", "disk", "none"] = "memory",
+    cache_dir: str | Path | None = None,
+) -> VolumeDataset:
+    """A :class:`VolumeDataset`; pass ``augmentation=None`` for validation / inference."""
+    return VolumeDataset(frame, prep, augmentation, cache, cache_dir)
+
+
+# -------------------------------------------------------------------------------------------- demo data
+
+
+def _load_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MNI ICBM152 2009a T1 (1 mm) from the nilearn wheel, its brain mask and affine (no download)."""
+    from nilearn import datasets
+
+    template_path = (
+        Path(datasets.__file__).parent / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    )
+    template = nib.load(template_path)
+    mask = datasets.load_mni152_brain_mask(resolution=1)
+    if mask.shape != template.shape or not np.allclose(mask.affine, template.affine):
+        raise RuntimeError("nilearn MNI152 brain mask is not on the template grid")
+    return template.get_fdata(dtype=np.float32), np.asarray(mask.dataobj) > 0, template.affine
+
+
+def _demo_subject(
+    template: np.ndarray, template_mask: np.ndarray, template_affine: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic subject on the FSL MNI152 2 mm grid: (image int16, mask uint8), (91, 109, 91)."""
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in MNI_2MM_SHAPE], indexing="ij")).reshape(3, -1)
+    world = MNI_2MM_AFFINE[:3, :3] @ grid + MNI_2MM_AFFINE[:3, 3:]
+    # small affine: rotation (+-4 deg), per-axis scale (+-6 %), translation (+-4 mm) about the brain centre
+    angles = np.deg2rad(rng.uniform(-4, 4, 3))
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rotation = (
+        np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+        @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+        @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    )
+    linear = rotation @ np.diag(rng.uniform(0.94, 1.06, 3))
+    centre = np.array([[0.0], [-18.0], [18.0]])
+    world = linear @ (world - centre) + centre + rng.uniform(-4, 4, (3, 1))
+    # smooth elastic displacement: coarse random field (std 2.5 mm), cubic spline to 1/4 of the grid,
+    # then trilinear to the full grid
+    coarse = rng.normal(0.0, 2.5, (3, 5, 6, 5))
+    quarter = [ndimage.zoom(c, 4.5, order=3) for c in coarse]
+    field = torch.nn.functional.interpolate(
+        torch.from_numpy(np.stack(quarter))[None], size=MNI_2MM_SHAPE, mode="trilinear", align_corners=True
+    )
+    world += field[0].numpy().reshape(3, -1)
+    voxels = np.linalg.inv(template_affine)[:3, :3] @ world + np.linalg.inv(template_affine)[:3, 3:]
+    image = ndimage.map_coordinates(template, voxels, order=1, mode="constant").reshape(MNI_2MM_SHAPE)
+    mask = ndimage.map_coordinates(template_mask.astype(np.float32), voxels, order=1).reshape(MNI_2MM_SHAPE)
+    mask = mask > 0.5
+    # contrast (gamma), smooth multiplicative bias field, global scale up to ~2x, noise; then skull-strip
+    image = np.clip(image / template.max(), 0, None) ** rng.uniform(0.8, 1.25)
+    unit = (grid / (np.array(MNI_2MM_SHAPE)[:, None] - 1) * 2 - 1).reshape(3, *MNI_2MM_SHAPE)
+    bias = np.exp(
+        sum(rng.uniform(-0.15, 0.15) * axis for axis in unit) + rng.uniform(-0.1, 0.1) * unit[0] * unit[1]
+    )
+    image = image * bias * rng.uniform(400, 800) + rng.normal(0.0, 6.0, MNI_2MM_SHAPE)
+    image = np.where(mask, np.clip(np.round(image), 1, None), 0)
+    return image.astype(np.int16), mask.astype(np.uint8)
+
+
+def make_demo_cohort(
+    out_dir: str | Path, n_train: int = 16, n_val: int = 4, n_test: int = 4, seed: int = 0
+) -> dict[str, Path]:
+    """Write a deterministic template-derived cohort (images/, masks/, train/val/test CSVs) to ``out_dir``.
+
+    Each subject is the nilearn MNI152 2009a template under a random smooth deformation, small affine,
+    gamma, bias field, global intensity scale and noise, brain-extracted, on the FSL MNI152 2 mm grid,
+    int16. Same seed -> byte-identical files. Returns ``{"train": csv, "val": csv, "test": csv}``.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    template, template_mask, template_affine = _load_template()
+    rng = np.random.default_rng(seed)
+    csvs, number = {}, 0
+    for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
+        rows = []
+        for _ in range(count):
+            subject_id = f"demo{number:03d}"
+            image, mask = _demo_subject(template, template_mask, template_affine, rng)
+            for folder, array, name in (("images", image, "T1w"), ("masks", mask, "brainmask")):
+                nifti = nib.Nifti1Image(array, MNI_2MM_AFFINE)
+                nifti.set_qform(MNI_2MM_AFFINE, code=4)
+                nifti.set_sform(MNI_2MM_AFFINE, code=4)
+                nib.save(nifti, out_dir / folder / f"{subject_id}_{name}.nii.gz")
+            rows.append(
+                {
+                    "subject_id": subject_id,
+                    "image": f"images/{subject_id}_T1w.nii.gz",
+                    "mask": f"masks/{subject_id}_brainmask.nii.gz",
+                    "source": DEMO_SOURCE,
+                }
+            )
+            number += 1
+        csvs[split] = out_dir / f"{split}.csv"
+        pd.DataFrame(rows, columns=["subject_id", "image", "mask", "source"]).to_csv(csvs[split], index=False)
+    return csvs
+
+
+def ensure_demo_data(data: DataConfig) -> None:
+    """Build the demo cohort at ``data.demo_dir`` if the train/val CSVs point inside it and are missing."""
+    if data.demo_dir is None:
+        return
+    demo_dir = Path(data.demo_dir).resolve()
+    csvs = [Path(data.train_csv).resolve(), Path(data.val_csv).resolve()]
+    if all(csv.is_relative_to(demo_dir) for csv in csvs) and not all(csv.exists() for csv in csvs):
+        log.info("building the demo cohort in %s", demo_dir)
+        make_demo_cohort(demo_dir)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--check split [--skip_bad_files]`` or ``--make_demo out_dir``; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--check", metavar="SPLIT", help="pre-flight check a split CSV / folder / NIfTI file")
+    action.add_argument("--make_demo", metavar="OUT_DIR", help="build the demo cohort in OUT_DIR")
+    parser.add_argument("--skip_bad_files", action="store_true", help="with --check: list and drop bad files")
+    args = parser.parse_args(argv)
+    if args.make_demo:
+        for split, csv in make_demo_cohort(args.make_demo).items():
+            print(f"{split}: {csv}")
+        return 0
+    try:
+        frame = read_split(args.check)
+    except DataError as error:
+        print(f"ERROR: {error}", file=sys.stderr)
+        return 2
+    report = check_files(frame)
+    shown = report.assign(image=[Path(p).name for p in report["image"]]).drop(columns=["mask"])
+    with pd.option_context("display.width", 250, "display.max_rows", None, "display.max_colwidth", 80):
+        print(shown.to_string(index=False))
+    n_bad = int((report["problem"] != "").sum())
+    if n_bad == 0:
+        print(f"OK: all {len(report)} file(s) passed the pre-flight check")
+        return 0
+    table = _problem_table(report)
+    if args.skip_bad_files:
+        print(f"SKIPPING {n_bad} of {len(report)} file(s):\n{table}", file=sys.stderr)
+        return 0 if n_bad < len(report) else 1
+    print(f"ERROR: {n_bad} of {len(report)} file(s) failed the pre-flight check:\n{table}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

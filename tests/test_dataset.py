@@ -1,0 +1,424 @@
+"""Tests for dataset.py: split reading, pre-flight checks, preprocessing + inverse, datasets, demo cohort."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from config import AugmentationConfig, DataConfig, PreprocessingConfig
+from dataset import (
+    DataError,
+    build_dataset,
+    check_files,
+    ensure_demo_data,
+    make_demo_cohort,
+    preflight,
+    preprocess_volume,
+    preprocessing_cache_dir,
+    read_split,
+    restore_to_input_grid,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+IXI = REPO.parent / "shared" / "data" / "ixi"
+needs_ixi = pytest.mark.skipif(not (IXI / "train.csv").is_file(), reason=f"IXI data not found at {IXI}")
+
+SMALL_SHAPE = (16, 18, 14)
+SMALL_PREP = PreprocessingConfig(target_shape=SMALL_SHAPE)
+
+
+def brain_like(shape=SMALL_SHAPE, seed: int = 0) -> np.ndarray:
+    """A positive ellipsoid 'brain' with texture on a zero background."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    inside = (grid**2).sum(0) < 0.6
+    return np.where(inside, 100 + 50 * grid[2] + rng.uniform(0, 20, shape), 0).astype(np.float32)
+
+
+def write(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine), path)
+    return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ read_split
+
+
+def test_read_split_csv_relative_paths_and_extra_columns(tmp_path):
+    (tmp_path / "img").mkdir()
+    write(tmp_path / "img" / "a.nii.gz", brain_like())
+    csv = write_csv(tmp_path / "split.csv", [{"image": "img/a.nii.gz", "age": 40.5, "sex": "F"}])
+    frame = read_split(csv)
+    assert list(frame.columns[:3]) == ["subject_id", "image", "mask"]
+    assert frame.loc[0, "image"] == str((tmp_path / "img" / "a.nii.gz").resolve())
+    assert frame.loc[0, "subject_id"] == "a" and frame.loc[0, "mask"] is None
+    assert frame.loc[0, "age"] == 40.5 and frame.loc[0, "sex"] == "F"
+
+
+def test_read_split_folder_and_single_file(tmp_path):
+    write(tmp_path / "b.nii", brain_like())
+    write(tmp_path / "a.nii.gz", brain_like())
+    (tmp_path / "notes.txt").write_text("x")
+    assert list(read_split(tmp_path)["subject_id"]) == ["a", "b"]
+    assert len(read_split(tmp_path / "b.nii")) == 1
+
+
+def test_csv_without_image_column(tmp_path):
+    csv = write_csv(tmp_path / "split.csv", [{"path": "a.nii.gz"}])
+    with pytest.raises(DataError, match="no 'image' column"):
+        read_split(csv)
+
+
+def test_empty_csv(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("subject_id,image\n")
+    with pytest.raises(DataError, match="empty CSV"):
+        read_split(tmp_path / "empty.csv")
+    with pytest.raises(DataError, match="no rows"):
+        read_split(tmp_path / "header.csv")
+
+
+def test_duplicate_rows(tmp_path):
+    csv = write_csv(tmp_path / "split.csv", [{"image": "a.nii.gz"}, {"image": "./a.nii.gz"}])
+    with pytest.raises(DataError, match="duplicate"):
+        read_split(csv)
+
+
+def test_folder_without_nifti_and_missing_path(tmp_path):
+    with pytest.raises(DataError, match="no .nii"):
+        read_split(tmp_path)
+    with pytest.raises(DataError, match="not found"):
+        read_split(tmp_path / "nope.csv")
+
+
+# --------------------------------------------------------------------------------------- check_files
+
+
+def problem_of(path: Path, mask: Path | None = None) -> str:
+    frame = pd.DataFrame(
+        {"subject_id": ["s"], "image": [str(path)], "mask": [None if mask is None else str(mask)]}
+    )
+    return check_files(frame).loc[0, "problem"]
+
+
+def test_good_file_and_4d_single_volume_pass(tmp_path):
+    assert problem_of(write(tmp_path / "good.nii.gz", brain_like())) == ""
+    single = write(tmp_path / "single.nii.gz", brain_like()[..., None])
+    assert problem_of(single) == ""
+    assert preprocess_volume(single, SMALL_PREP).image.shape == (1, *SMALL_SHAPE)
+
+
+def test_missing_file(tmp_path):
+    assert problem_of(tmp_path / "missing.nii.gz") == "missing file"
+
+
+def test_truncated_gz(tmp_path):
+    good = write(tmp_path / "good.nii.gz", brain_like())
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert "unreadable" in problem_of(truncated)
+
+
+def test_non_nifti_with_nii_name(tmp_path):
+    fake = tmp_path / "fake.nii"
+    fake.write_text("this is not an image\n" * 30)
+    assert "unreadable" in problem_of(fake)
+    fake_gz = tmp_path / "fake.nii.gz"
+    fake_gz.write_bytes(gzip.compress(b"not an image either" * 40))
+    assert "unreadable" in problem_of(fake_gz)
+
+
+def test_4d_multi_volume(tmp_path):
+    path = write(tmp_path / "4d.nii.gz", np.stack([brain_like()] * 3, axis=-1))
+    assert "3 volumes" in problem_of(path)
+
+
+def test_2d_image(tmp_path):
+    assert "not a 3D volume" in problem_of(write(tmp_path / "2d.nii.gz", brain_like()[:, :, 5]))
+    assert "not a 3D volume" in problem_of(write(tmp_path / "slab.nii.gz", brain_like()[:, :, 5:6]))
+
+
+def test_constant_image(tmp_path):
+    assert "constant image" in problem_of(write(tmp_path / "zero.nii.gz", np.zeros(SMALL_SHAPE, np.float32)))
+
+
+def test_nan_inf(tmp_path):
+    for bad in (np.nan, np.inf):
+        data = brain_like()
+        data[3, 3, 3] = bad
+        assert "NaN/Inf" in problem_of(write(tmp_path / f"bad{bad}.nii.gz", data))
+
+
+def test_bad_masks(tmp_path):
+    image = write(tmp_path / "img.nii.gz", brain_like())
+    assert "mask missing" in problem_of(image, tmp_path / "nomask.nii.gz")
+    broken = tmp_path / "broken_mask.nii"
+    broken.write_text("garbage")
+    assert "mask unreadable" in problem_of(image, broken)
+    small = write(tmp_path / "small_mask.nii.gz", np.ones((4, 4, 4), np.uint8))
+    assert "mask shape" in problem_of(image, small)
+    assert problem_of(image, write(tmp_path / "ok_mask.nii.gz", (brain_like() > 0).astype(np.uint8))) == ""
+
+
+def broken_split(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A CSV with one good file and one of each kind of broken file; returns (csv, bad file names)."""
+    good = write(tmp_path / "good.nii.gz", brain_like())
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[:200])
+    (tmp_path / "fake.nii").write_text("not nifti")
+    nan = brain_like()
+    nan[1, 1, 1] = np.nan
+    bad = {
+        "missing.nii.gz": None,
+        "truncated.nii.gz": truncated,
+        "fake.nii": tmp_path / "fake.nii",
+        "4d.nii.gz": write(tmp_path / "4d.nii.gz", np.stack([brain_like()] * 2, axis=-1)),
+        "2d.nii.gz": write(tmp_path / "2d.nii.gz", brain_like()[:, :, 0]),
+        "zero.nii.gz": write(tmp_path / "zero.nii.gz", np.zeros(SMALL_SHAPE, np.float32)),
+        "nan.nii.gz": write(tmp_path / "nan.nii.gz", nan),
+    }
+    csv = write_csv(tmp_path / "split.csv", [{"image": name} for name in ["good.nii.gz", *bad]])
+    return csv, list(bad)
+
+
+def test_preflight_raises_or_skips_listing_files(tmp_path, capsys):
+    csv, bad = broken_split(tmp_path)
+    frame = read_split(csv)
+    with pytest.raises(DataError) as error:
+        preflight(frame)
+    assert all(name in str(error.value) for name in bad)
+    good = preflight(frame, skip_bad_files=True)
+    assert list(good["subject_id"]) == ["good"]
+    skipped = capsys.readouterr().err
+    assert "SKIPPING 7" in skipped and all(name in skipped for name in bad)
+
+
+def test_cli_check(tmp_path):
+    csv, bad = broken_split(tmp_path)
+    command = [sys.executable, str(REPO / "dataset.py"), "--check"]
+    result = subprocess.run([*command, str(csv)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode != 0
+    assert all(name in result.stderr for name in bad)
+    good_csv = write_csv(tmp_path / "good.csv", [{"image": "good.nii.gz"}])
+    result = subprocess.run([*command, str(good_csv)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+# ------------------------------------------------------------------------------------- preprocessing
+
+
+def test_orientation_of_psr_file_with_marker(tmp_path):
+    """Voxel order P,S,R; a bright blob at the right-anterior-superior corner must land at high x, y, z."""
+    n_p, n_s, n_r = 18, 16, 14
+    data = np.zeros((n_p, n_s, n_r), np.float32)
+    data[2:14, 2:14, 2:12] = 50.0  # "head"
+    data[2:5, 10:14, 8:12] = 500.0  # anterior (low P index), superior (high S), right (high R)
+    affine = np.array([[0, 0, 2.0, -10], [-2.0, 0, 0, 20], [0, 2.0, 0, -5], [0, 0, 0, 1]])
+    assert nib.aff2axcodes(affine) == ("P", "S", "R")
+    path = write(tmp_path / "psr.nii.gz", data, affine)
+    out = preprocess_volume(path, PreprocessingConfig(target_shape=(n_r, n_p, n_s)))
+    blob = np.argwhere(out.image[0].numpy() == 1.0).mean(0)
+    assert blob[0] > n_r * 0.6 and blob[1] > n_p * 0.6 and blob[2] > n_s * 0.6
+    assert nib.aff2axcodes(out.inverse.output_affine) == ("R", "A", "S")
+
+
+@needs_ixi
+def test_native_ixi_upright_ras():
+    frame = read_split(IXI / "native" / "native.csv")
+    out = preprocess_volume(frame.loc[0, "image"], PreprocessingConfig())
+    image = out.image[0].numpy()
+    assert out.image.shape == (1, 91, 109, 91) and out.image.dtype == torch.float32
+    assert image.min() == 0.0 and image.max() == 1.0
+    assert nib.aff2axcodes(out.inverse.output_affine) == ("R", "A", "S")
+    # head top at high z: the top slices are nearly empty, the neck/bottom and the middle are not
+    per_slice = (image > 0.1).mean(axis=(0, 1))
+    assert per_slice[-3:].mean() < 0.5 * per_slice[40:60].mean()
+    # left-right symmetric-ish, unlike the A-P or S-I profile: x is the left-right axis
+    x_profile = (image > 0.1).mean(axis=(1, 2))
+    assert abs(np.argmax(x_profile) - 45) < 15
+
+
+@needs_ixi
+def test_mni_ixi_passes_through_without_resampling():
+    frame = read_split(IXI / "train.csv")
+    path, mask = frame.loc[0, "image"], frame.loc[0, "mask"]
+    out = preprocess_volume(path, PreprocessingConfig(), mask)
+    source = nib.load(path).get_fdata()[::-1]  # LAS -> RAS: flip x only
+    low, high = out.inverse.low, out.inverse.high
+    expected = np.where(source > 0, np.clip((source - low) / (high - low), 0, 1), 0)
+    np.testing.assert_allclose(out.image[0].numpy(), expected, atol=1e-6)
+    np.testing.assert_array_equal(out.mask[0].numpy(), nib.load(mask).get_fdata()[::-1] > 0)
+
+
+@needs_ixi
+def test_restore_exact_without_resampling():
+    for path in (
+        read_split(IXI / "train.csv").loc[0, "image"],
+        read_split(IXI / "native" / "native.csv").loc[0, "image"],
+    ):
+        source = nib.load(path)
+        out = preprocess_volume(path, PreprocessingConfig())
+        restored = restore_to_input_grid(out.image, out.inverse)
+        assert restored.shape == source.shape and np.allclose(restored.affine, source.affine)
+        kept = (
+            restore_to_input_grid(torch.ones_like(out.image), out.inverse, intensity="unit").get_fdata() > 0
+        )
+        values, original = restored.get_fdata()[kept], source.get_fdata()[kept]
+        low, high = out.inverse.low, out.inverse.high
+        expected = np.where(original > low, np.minimum(original, high), 0)
+        np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_restore_resampled_file(tmp_path):
+    """A 1.5 mm LPS file: resampled to 2 mm, then mapped back onto its own grid and affine."""
+    shape = (40, 36, 32)
+    affine = np.array([[-1.5, 0, 0, 30], [0, -1.5, 0, 27], [0, 0, 1.5, -24], [0, 0, 0, 1]])
+    path = write(tmp_path / "lps.nii.gz", brain_like(shape) * 7, affine)
+    out = preprocess_volume(path, PreprocessingConfig(target_shape=(32, 30, 26)))
+    assert np.allclose(np.abs(np.diag(out.inverse.output_affine))[:3], 2.0)
+    restored = restore_to_input_grid(out.image, out.inverse)
+    assert restored.shape == shape and np.allclose(restored.affine, affine)
+    original = nib.load(path).get_fdata()
+    interior = (original > 0) & (restored.get_fdata() > 0)
+    assert interior.mean() > 0.5 * (original > 0).mean()
+    error = np.abs(restored.get_fdata() - np.minimum(original, out.inverse.high))[interior]
+    assert np.median(error) < 0.05 * out.inverse.high
+
+
+def test_percentile_scaling_robust_and_background_zero(tmp_path):
+    data = brain_like()
+    data[5, 5, 5] = 1e6  # a hot voxel must not squash the image
+    first = preprocess_volume(write(tmp_path / "a.nii.gz", data), SMALL_PREP)
+    second = preprocess_volume(write(tmp_path / "b.nii.gz", data * 3), SMALL_PREP)
+    torch.testing.assert_close(first.image, second.image)
+    assert float(first.image[first.image > 0].median()) > 0.3
+    background = torch.from_numpy(data == 0)[None]
+    assert torch.all(first.image[background] == 0) and torch.equal(first.mask, ~background)
+    minmax = preprocess_volume(
+        tmp_path / "a.nii.gz", PreprocessingConfig(target_shape=SMALL_SHAPE, intensity="minmax")
+    )
+    assert float(minmax.image.max()) == 1.0 and float(minmax.image[minmax.image > 0].median()) < 0.01
+
+
+def test_apply_mask_with_given_mask(tmp_path):
+    data = brain_like()
+    mask = np.zeros(SMALL_SHAPE, np.uint8)
+    mask[:8] = 1
+    out = preprocess_volume(
+        write(tmp_path / "img.nii.gz", data),
+        PreprocessingConfig(target_shape=SMALL_SHAPE, apply_mask=True),
+        write(tmp_path / "mask.nii.gz", mask),
+    )
+    assert torch.equal(out.mask[0], torch.from_numpy(mask > 0))
+    assert torch.all(out.image[0, 8:] == 0) and torch.any(out.image[0, :8] > 0)
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+
+def small_frame(tmp_path: Path, n: int = 3) -> pd.DataFrame:
+    rows = [{"image": str(write(tmp_path / f"s{i}.nii.gz", brain_like(seed=i)))} for i in range(n)]
+    return read_split(write_csv(tmp_path / "split.csv", rows))
+
+
+def test_dataset_items_and_collate(tmp_path):
+    dataset = build_dataset(small_frame(tmp_path), SMALL_PREP, None, cache="memory")
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=3)))
+    assert batch["image"].shape == (3, 1, *SMALL_SHAPE) and batch["image"].dtype == torch.float32
+    assert batch["mask"].dtype == torch.float32 and set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert batch["index"].tolist() == [0, 1, 2]
+    torch.testing.assert_close(dataset[1]["image"], dataset[1]["image"])  # no augmentation: deterministic
+
+
+def test_disk_cache_keyed_by_settings(tmp_path):
+    frame = small_frame(tmp_path, n=2)
+    cache = tmp_path / "cache"
+    plain = build_dataset(frame, SMALL_PREP, None, cache="disk", cache_dir=cache)[0]["image"]
+    assert len(list(preprocessing_cache_dir(cache, SMALL_PREP).glob("*.pt"))) == 1
+    other_prep = PreprocessingConfig(target_shape=SMALL_SHAPE, upper_percentile=50.0)
+    assert preprocessing_cache_dir(cache, other_prep) != preprocessing_cache_dir(cache, SMALL_PREP)
+    changed = build_dataset(frame, other_prep, None, cache="disk", cache_dir=cache)[0]["image"]
+    assert not torch.allclose(plain, changed)  # not served from the first cache
+    expected = preprocess_volume(frame.loc[0, "image"], other_prep).image
+    torch.testing.assert_close(changed, expected)
+    again = build_dataset(frame, SMALL_PREP, None, cache="disk", cache_dir=cache)[0]["image"]
+    torch.testing.assert_close(again, plain)
+
+
+def test_augmentation_on_stays_in_unit_range(tmp_path):
+    aug = AugmentationConfig(
+        affine_prob=1.0,
+        bias_field_prob=1.0,
+        gamma_prob=1.0,
+        noise_prob=1.0,
+        noise_std=0.2,
+        flip_left_right_prob=0.5,
+    )
+    dataset = build_dataset(small_frame(tmp_path, n=1), SMALL_PREP, aug, cache="none")
+    torch.manual_seed(0)
+    items = [dataset[0] for _ in range(3)]
+    for item in items:
+        assert item["image"].shape == (1, *SMALL_SHAPE)
+        assert float(item["image"].min()) >= 0.0 and float(item["image"].max()) <= 1.0
+        assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert not torch.allclose(items[0]["image"], items[1]["image"])
+    off = build_dataset(
+        small_frame(tmp_path, n=1), SMALL_PREP, AugmentationConfig(enabled=False), cache="none"
+    )
+    torch.testing.assert_close(off[0]["image"], off[0]["image"])
+    torch.testing.assert_close(off[0]["image"], preprocess_volume(tmp_path / "s0.nii.gz", SMALL_PREP).image)
+
+
+# ------------------------------------------------------------------------------------------ demo data
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_demo_cohort_deterministic_and_quick(tmp_path):
+    start = time.perf_counter()
+    csvs = make_demo_cohort(tmp_path / "a", n_train=2, n_val=1, n_test=1, seed=3)
+    assert time.perf_counter() - start < 30
+    make_demo_cohort(tmp_path / "b", n_train=2, n_val=1, n_test=1, seed=3)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    train = read_split(csvs["train"])
+    assert len(train) == 2 and set(train["source"]) == {"demo (MNI152 template-derived)"}
+    assert preflight(train).equals(train)
+    first, second = (nib.load(p) for p in train["image"])
+    assert first.shape == (91, 109, 91) and np.allclose(
+        first.affine, [[-2, 0, 0, 90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1]]
+    )
+    assert not np.array_equal(first.get_fdata(), second.get_fdata())
+
+
+def test_ensure_demo_data_only_inside_demo_dir(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("dataset.make_demo_cohort", lambda out_dir: calls.append(Path(out_dir)))
+    demo = tmp_path / "demo"
+    ensure_demo_data(
+        DataConfig(train_csv=str(demo / "train.csv"), val_csv=str(demo / "val.csv"), demo_dir=str(demo))
+    )
+    assert calls == [demo.resolve()]
+    ensure_demo_data(
+        DataConfig(train_csv=str(tmp_path / "x.csv"), val_csv=str(demo / "val.csv"), demo_dir=str(demo))
+    )
+    ensure_demo_data(DataConfig(demo_dir=None))
+    assert len(calls) == 1
