@@ -104,8 +104,12 @@ def main() -> None:
     default_data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ixi" / "images"
     parser.add_argument("--data", type=Path, default=default_data)
     parser.add_argument("--n", type=int, default=4, help="number of subjects")
+    parser.add_argument("--time-only", action="store_true", help="only run the fwd+bwd timings")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.time_only:
+        report_timings()
+        return
     files = sorted(args.data.glob("*.nii.gz"))[: args.n]
     if len(files) < 2:
         raise SystemExit(f"need >= 2 volumes in {args.data}")
@@ -122,6 +126,12 @@ def main() -> None:
             cells = "".join(f"{row[c]:>11d}" if c == "C" else f"{row[c]:>11.4f}" for c in cols)
             print(f"{tap:<6}{cells}")
     print()
+    report_timings()
+
+
+def report_timings() -> None:
+    """Print fwd+bwd times for the default taps, all spatially resolved taps, and x2 upsampling."""
+    print(f"torch threads {torch.get_num_threads()}")
     for lp in (LPIPS3D(), LPIPS3D(layers=("stem", "down0", "down1", "down2", "down3")), LPIPS3D(upsample=2)):
         print(f"{lp.description}: fwd+bwd (1,1,91,109,91) pair = {time_fwd_bwd(lp):.2f} s")
 
