@@ -1,0 +1,176 @@
+"""Reconstruct T1 volumes with a trained VAE, save their latents, and decode latents back to images.
+
+    python infer.py --model_checkpoint best_runs/<run>/best_model.pt --input_data sub-01_T1w.nii.gz [--output_dir out/]
+    python infer.py --model_checkpoint best_runs/<run>/best_model.pt --input_data data_csvs/test.csv   # or a folder
+    python infer.py --model_checkpoint best_runs/<run>/best_model.pt --decode out/sub-01_T1w_latent.nii.gz
+
+Per input file, into ``--output_dir``:
+
+* ``<subject_id>_recon.nii.gz``: the reconstruction on the input file's own grid and affine (orientation,
+  pad/crop and resampling undone by ``dataset.restore_to_input_grid``), in the input's intensity units
+  (``--intensity original``) or in [0, 1] (``--intensity unit``);
+* ``<subject_id>_latent.<nii.gz|npy|pt>``: the latent (posterior mean; ``--sample`` for a draw seeded by
+  ``--seed`` and the subject id) (C, d, h, w); as NIfTI (d, h, w, C) with the latent affine = preprocessed-grid
+  affine @ [[f,0,0,(f-1)/2],[0,f,0,(f-1)/2],[0,0,f,(f-1)/2],[0,0,0,1]] (latent voxel = centre of its f-block);
+* ``metrics.csv``: MSE, PSNR, SSIM, MS-SSIM, LPIPS3D and their in-brain variants per file (computed on the
+  preprocessed grid; brain = the CSV's mask, else the foreground), and a mean ± std table on stdout.
+
+The reconstruction is the decoded saved latent, so ``--decode`` of that latent gives the same image (on the
+preprocessed grid: affine recovered from the latent's affine, shape = the config's preprocessing.target_shape,
+values in [0, 1]). Files that fail the pre-flight check or preprocessing are listed at the end (exit code 1);
+the others are processed. A checkpoint that needs code execution to load is refused (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from config import ConfigError
+from dataset import DataError, read_split, restore_to_input_grid
+from metrics import image_metrics
+from model import build_perceptual_loss
+from save_latent import (
+    LATENT_FORMATS,
+    LoadedModel,
+    add_model_arguments,
+    encode_batch,
+    latent_affine,
+    latent_suffix,
+    load_model,
+    preflight_failures,
+    preprocessed_affine_from_latent,
+    preprocessed_batches,
+    read_latent,
+    row_seed,
+    write_latent,
+)
+from utils import CheckpointError, autocast
+
+
+@torch.no_grad()
+def decode_latent(model: LoadedModel, latent_path: Path, output_dir: Path) -> Path:
+    """Decode one latent file into ``<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1]."""
+    latent, affine = read_latent(latent_path)
+    if affine is None:
+        raise DataError(f"{latent_path}: --decode needs a .nii.gz latent (its affine locates the image)")
+    target_shape = tuple(model.config.preprocessing.target_shape)
+    expected = (model.vae.latent_channels, *model.vae.latent_shape(target_shape))
+    if tuple(latent.shape) != expected:
+        raise DataError(
+            f"{latent_path}: latent shape (C, d, h, w) {tuple(latent.shape)} does not fit this model and "
+            f"preprocessing.target_shape {target_shape} (expected {expected})"
+        )
+    with autocast(model.device, model.amp_dtype):
+        image = model.vae.decode(latent[None].to(model.device), target_shape)
+    image = image.float().clamp(0.0, 1.0)[0, 0].cpu().numpy()
+    affine = preprocessed_affine_from_latent(affine, model.vae.downsample_factor)
+    name = Path(latent_path).name[: -len(latent_suffix(latent_path)) - 1]
+    path = output_dir / f"{name}_decoded.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), path)
+    return path
+
+
+def summary_table(metrics: pd.DataFrame) -> str:
+    """One line per metric: mean ± std over the files."""
+    lines = [f"{'metric':<16}{'mean ± std':>24}   (n = {len(metrics)})"]
+    for name in metrics.columns:
+        values = metrics[name].astype(float)
+        lines.append(f"{name:<16}{values.mean():>14.4f} ± {values.std(ddof=0):<8.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns 0 when every file was processed, 1 when some failed, 2 on a fatal error (checkpoint, input)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input_data", help="a NIfTI file, a folder of them, or a split CSV")
+    source.add_argument("--decode", metavar="LATENT", help="decode a latent .nii.gz back to an image")
+    parser.add_argument("--output_dir", default="out")
+    parser.add_argument("--intensity", default="original", choices=["original", "unit"])
+    parser.add_argument("--sample", action="store_true", help="save/decode a posterior draw, not the mean")
+    parser.add_argument("--latent_format", default="nii.gz", choices=LATENT_FORMATS)
+    parser.add_argument("--no_lpips", action="store_true", help="leave out the LPIPS3D metrics")
+    args = parser.parse_args(argv)
+
+    output_dir = Path(args.output_dir)
+    try:
+        model = load_model(args)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if args.decode:
+            print(f"decoded image: {decode_latent(model, Path(args.decode), output_dir)}")
+            return 0
+        frame = read_split(args.input_data)
+    except (CheckpointError, ConfigError, DataError, ValueError, RuntimeError) as error:
+        print(f"ERROR: {error}", file=sys.stderr)
+        return 2
+    vae, prep, factor = model.vae, model.config.preprocessing, model.vae.downsample_factor
+    lpips = None if args.no_lpips else build_perceptual_loss(model.config.perceptual).to(model.device)
+    if lpips is not None:
+        print(f"LPIPS3D: {lpips.description}")
+
+    failures = preflight_failures(frame)
+    todo = [i for i in range(len(frame)) if i not in failures]
+    ids = list(frame["subject_id"].astype(str))
+    rows = []
+    batches = preprocessed_batches(frame, prep, todo, args.batch_size, args.num_workers)
+    with tqdm(total=len(todo), desc="infer", unit="vol") as progress:
+        for batch in batches:
+            failures.update({item["index"]: item["error"] for item in batch if item["error"]})
+            good = [item for item in batch if not item["error"]]
+            if good:
+                volumes = [item["volume"] for item in good]
+                seeds = [row_seed(args.seed, ids[item["index"]]) for item in good]
+                latents = encode_batch(model, volumes, args.sample, seeds)  # (B, C, d, h, w)
+                with torch.no_grad(), autocast(model.device, model.amp_dtype):
+                    recons = vae.decode(latents.to(model.device), tuple(prep.target_shape))
+                recons = recons.float().clamp(0.0, 1.0)  # (B, 1, D, H, W) on the preprocessed grid
+                targets = torch.stack([v.image for v in volumes]).to(model.device)
+                masks = torch.stack([v.mask for v in volumes]).to(model.device)
+                values = image_metrics(recons, targets, masks, lpips=lpips)
+                for b, (item, volume) in enumerate(zip(good, volumes, strict=True)):
+                    sid = ids[item["index"]]
+                    recon_path = output_dir / f"{sid}_recon.nii.gz"
+                    latent_path = output_dir / f"{sid}_latent.{args.latent_format}"
+                    nib.save(restore_to_input_grid(recons[b], volume.inverse, args.intensity), recon_path)
+                    write_latent(latents[b], latent_path, latent_affine(volume.inverse.output_affine, factor))
+                    rows.append(
+                        {
+                            "subject_id": sid,
+                            "image": frame["image"][item["index"]],
+                            **{name: float(value[b]) for name, value in values.items()},
+                            "recon_path": str(recon_path),
+                            "latent_path": str(latent_path),
+                        }
+                    )
+            progress.update(len(batch))
+
+    if rows:
+        table = pd.DataFrame(rows)
+        table.to_csv(output_dir / "metrics.csv", index=False)
+        metric_names = [
+            c for c in table.columns if c not in ("subject_id", "image", "recon_path", "latent_path")
+        ]
+        print(summary_table(table[metric_names]))
+        print(
+            f"{len(rows)} reconstruction(s) and latent(s) in {output_dir}; per-file metrics: "
+            f"{output_dir / 'metrics.csv'}"
+        )
+    if failures:
+        lines = "\n".join(f"  {failures[i]}" for i in sorted(failures))
+        print(f"ERROR: {len(failures)} of {len(frame)} file(s) failed:\n{lines}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""infer.py: exact grid/affine round trips, latent affine, --decode, checkpoint refusal, partial CSV failures.
+
+``tiny_checkpoint`` and ``write_volume`` are also used by the save_latent and notebook tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import infer
+from config import Config
+from dataset import preprocess_volume
+from model import CHECKPOINT_FORMAT, build_vae, inference_checkpoint
+from utils import save_checkpoint
+
+
+def tiny_checkpoint(path: Path, target_shape: tuple[int, int, int] = (24, 28, 20)) -> Path:
+    """A random-weight 2-level VAE (f = 2, 2 latent channels) checkpoint with a small preprocessing grid."""
+    config = Config.from_dict(
+        {
+            "model": {
+                "channels": [8, 16],
+                "latent_channels": 2,
+                "num_res_blocks": [1, 1],
+                "attention_levels": [False, False],
+                "norm_num_groups": 4,
+            },
+            "preprocessing": {"target_shape": list(target_shape)},
+            "perceptual": {"backbone": "random"},
+        }
+    )
+    torch.manual_seed(0)
+    save_checkpoint(inference_checkpoint(build_vae(config.model), config, None), path)
+    return path
+
+
+def write_volume(path: Path, shape: tuple[int, int, int], affine: np.ndarray, seed: int = 0) -> Path:
+    """A smooth int16 ellipsoid 'brain' with noise, zero background."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    radius = np.sqrt(((grid / rng.uniform(0.6, 0.8, (3, 1, 1, 1))) ** 2).sum(0))
+    image = np.where(radius < 1, 300 + 200 * np.cos(4 * radius) + rng.normal(0, 10, shape), 0)
+    nib.save(nib.Nifti1Image(np.clip(image, 0, None).astype(np.int16), affine), path)
+    return path
+
+
+def oblique_affine() -> np.ndarray:
+    """Rotated (20° and 15°), anisotropic (1.5, 1.8, 2.2 mm), LPS-ish axes, arbitrary origin."""
+    a, b = np.deg2rad(20), np.deg2rad(15)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag([-1.5, -1.8, 2.2])
+    affine[:3, 3] = [30.0, 20.0, -25.0]
+    return affine
+
+
+def assert_same_grid(recon_path: Path, input_path: Path) -> None:
+    recon, source = nib.load(recon_path), nib.load(input_path)
+    assert recon.shape == source.shape[:3]
+    np.testing.assert_allclose(recon.affine, source.affine, atol=1e-5)
+
+
+def test_native_ixi_round_trip(ixi_dir: Path, tmp_path: Path) -> None:
+    """Full-head native P,S,R 120x120x90 files: reconstruction on exactly the input's grid and affine."""
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt", target_shape=(91, 109, 91))
+    native = pd.read_csv(ixi_dir / "native" / "native.csv").head(2)
+    native["image"] = [str(ixi_dir / "native" / p) for p in native["image"]]
+    native.to_csv(tmp_path / "native.csv", index=False)
+    out = tmp_path / "out"
+    argv = ["--model_checkpoint", str(checkpoint), "--input_data", str(tmp_path / "native.csv")]
+    assert (
+        infer.main([*argv, "--output_dir", str(out), "--device", "cpu", "--num_workers", "0", "--no_lpips"])
+        == 0
+    )
+    for subject_id, image in zip(native["subject_id"], native["image"], strict=True):
+        assert_same_grid(out / f"{subject_id}_recon.nii.gz", Path(image))
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert len(metrics) == 2 and {"psnr", "ssim_brain", "ms_ssim", "mse_brain"} <= set(metrics.columns)
+
+
+def test_oblique_round_trip_and_latent_affine(tmp_path: Path) -> None:
+    """Oblique anisotropic input: exact input grid back; latent voxel centres = centres of their 2-blocks."""
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    image = write_volume(tmp_path / "oblique.nii.gz", (30, 26, 22), oblique_affine())
+    out = tmp_path / "out"
+    argv = ["--model_checkpoint", str(checkpoint), "--input_data", str(image), "--output_dir", str(out)]
+    assert infer.main([*argv, "--device", "cpu", "--num_workers", "0", "--no_lpips"]) == 0
+    recon = nib.load(out / "oblique_recon.nii.gz")
+    assert_same_grid(out / "oblique_recon.nii.gz", image)
+    assert np.asarray(recon.dataobj).max() > 0
+
+    factor = 2
+    latent = nib.load(out / "oblique_latent.nii.gz")
+    assert latent.shape == (12, 14, 10, 2)  # ceil((24, 28, 20) / 2), channels last
+    grid = preprocess_volume(
+        image, Config.from_dict({"preprocessing": {"target_shape": [24, 28, 20]}}).preprocessing
+    )
+    preprocessed_affine = grid.inverse.output_affine
+    for ijk in [(0, 0, 0), (5, 3, 7), (11, 13, 9)]:
+        block = np.stack(np.meshgrid(*[factor * i + np.arange(factor) for i in ijk], indexing="ij")).reshape(
+            3, -1
+        )
+        block_world = (preprocessed_affine[:3, :3] @ block + preprocessed_affine[:3, 3:]).mean(1)
+        latent_world = latent.affine[:3, :3] @ np.array(ijk) + latent.affine[:3, 3]
+        np.testing.assert_allclose(latent_world, block_world, atol=1e-4)
+
+
+def test_decode_gives_the_reconstruction(tmp_path: Path) -> None:
+    """An input already on the preprocessed grid: --decode of the mean latent == the unit reconstruction."""
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-23.0, -27.0, -19.0]
+    image = write_volume(tmp_path / "ras.nii.gz", (24, 28, 20), affine)
+    out = tmp_path / "out"
+    common = ["--model_checkpoint", str(checkpoint), "--output_dir", str(out), "--device", "cpu"]
+    assert (
+        infer.main(
+            [*common, "--input_data", str(image), "--intensity", "unit", "--num_workers", "0", "--no_lpips"]
+        )
+        == 0
+    )
+    assert infer.main([*common, "--decode", str(out / "ras_latent.nii.gz")]) == 0
+    decoded, recon = nib.load(out / "ras_latent_decoded.nii.gz"), nib.load(out / "ras_recon.nii.gz")
+    assert decoded.shape == (24, 28, 20)
+    np.testing.assert_allclose(decoded.affine, affine, atol=1e-5)
+    np.testing.assert_allclose(decoded.get_fdata(), recon.get_fdata(), atol=1e-6)
+    assert decoded.get_fdata().min() >= 0.0 and decoded.get_fdata().max() <= 1.0
+
+
+def test_refuses_checkpoint_with_pickled_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "config": argparse.Namespace(x=1)}, bad)
+    image = write_volume(tmp_path / "a.nii.gz", (24, 28, 20), np.diag([2.0, 2.0, 2.0, 1.0]))
+    code = infer.main(
+        ["--model_checkpoint", str(bad), "--input_data", str(image), "--output_dir", str(tmp_path)]
+    )
+    error = capsys.readouterr().err
+    assert code != 0
+    assert "refusing to load" in error and str(bad) in error
+    assert not (tmp_path / "a_recon.nii.gz").exists()
+
+
+def test_csv_with_one_broken_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Good files are processed (with LPIPS3D), the broken one is listed, the exit code is non-zero."""
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    good = [
+        write_volume(tmp_path / f"good{i}.nii.gz", (26, 30, 22), oblique_affine(), seed=i) for i in range(2)
+    ]
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti file")
+    pd.DataFrame({"image": [good[0].name, broken.name, good[1].name], "age": [30, 40, 50]}).to_csv(
+        tmp_path / "split.csv", index=False
+    )
+    out = tmp_path / "out"
+    argv = ["--model_checkpoint", str(checkpoint), "--input_data", str(tmp_path / "split.csv")]
+    code = infer.main(
+        [*argv, "--output_dir", str(out), "--device", "cpu", "--num_workers", "0", "--batch_size", "2"]
+    )
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "broken.nii.gz" in captured.err and "1 of 3" in captured.err
+    for path in good:
+        assert_same_grid(out / f"{path.name[:-7]}_recon.nii.gz", path)
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics["subject_id"]) == ["good0", "good1"]
+    assert {"lpips", "lpips_brain", "psnr_brain"} <= set(metrics.columns)
+    assert "psnr" in captured.out and "±" in captured.out
