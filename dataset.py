@@ -344,6 +344,8 @@ class _ScaleIntensity(mt.Transform):
         image = data["image"]
         values = image.detach().cpu().numpy()
         source = image.meta.get("filename_or_obj", "?")
+        if not np.isfinite(values).all():
+            raise DataError(f"{source}: NaN/Inf voxels")
         if self.prep.intensity == "percentile":
             foreground = values[values > 0]
             if foreground.size == 0:
@@ -589,10 +591,11 @@ class VolumeDataset(torch.utils.data.Dataset):
             if mask is not None:
                 item["mask"], item["mask_stamp"] = mask, _file_stamp(mask)
             items.append(item)
-        transform = mt.Compose([build_preprocessing(prep), _ToCacheable()])
+        # flat list: CacheDataset / PersistentDataset cache up to the first Randomizable (a nested Compose is one)
+        transform = mt.Compose([*build_preprocessing(prep).transforms, _ToCacheable()])
         if cache == "memory":
             workers = min(4, os.cpu_count() or 1)
-            self.base = CacheDataset(items, transform, progress=False, num_workers=workers)
+            self.base = CacheDataset(items, transform, progress=False, num_workers=workers, copy_cache=False)
         elif cache == "disk":
             if cache_dir is None:
                 raise ValueError("cache='disk' needs a cache_dir")
@@ -611,7 +614,7 @@ class VolumeDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        cached = self.base[index]
+        cached = self.base[index]  # the cache itself (no copy): never modify it in place
         item = {"image": cached["image"].clone(), "mask": cached["mask"].float(), "index": cached["index"]}
         if self.augment is None:
             return item

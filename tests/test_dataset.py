@@ -315,6 +315,18 @@ def test_percentile_scaling_robust_and_background_zero(tmp_path):
     assert float(minmax.image.max()) == 1.0 and float(minmax.image[minmax.image > 0].median()) < 0.01
 
 
+def test_preprocess_refuses_bad_inputs(tmp_path):
+    with pytest.raises(DataError, match="one 3D volume"):
+        preprocess_volume(write(tmp_path / "4d.nii.gz", np.stack([brain_like()] * 2, axis=-1)), SMALL_PREP)
+    nan = brain_like()
+    nan[2, 2, 2] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        preprocess_volume(write(tmp_path / "nan.nii.gz", nan), SMALL_PREP)
+    image = write(tmp_path / "img.nii.gz", brain_like())
+    with pytest.raises(DataError, match="mask grid"):
+        preprocess_volume(image, SMALL_PREP, write(tmp_path / "mask.nii.gz", np.ones((4, 4, 4), np.uint8)))
+
+
 def test_apply_mask_with_given_mask(tmp_path):
     data = brain_like()
     mask = np.zeros(SMALL_SHAPE, np.uint8)
@@ -349,7 +361,9 @@ def test_disk_cache_keyed_by_settings(tmp_path):
     frame = small_frame(tmp_path, n=2)
     cache = tmp_path / "cache"
     plain = build_dataset(frame, SMALL_PREP, None, cache="disk", cache_dir=cache)[0]["image"]
-    assert len(list(preprocessing_cache_dir(cache, SMALL_PREP).glob("*.pt"))) == 1
+    cached = list(preprocessing_cache_dir(cache, SMALL_PREP).glob("*.pt"))
+    assert len(cached) == 1  # the preprocessed tensors, not the file paths, are cached
+    assert torch.load(cached[0], weights_only=True)["image"].shape == (1, *SMALL_SHAPE)
     other_prep = PreprocessingConfig(target_shape=SMALL_SHAPE, upper_percentile=50.0)
     assert preprocessing_cache_dir(cache, other_prep) != preprocessing_cache_dir(cache, SMALL_PREP)
     changed = build_dataset(frame, other_prep, None, cache="disk", cache_dir=cache)[0]["image"]
