@@ -11,10 +11,10 @@ Writes to ``--output_dir``:
 * ``latent_stats.json``: latent shape, per-channel mean/std, global std, ``scale_factor`` = 1/std, the mode,
   the checkpoint's sha256 and the number of volumes.
 
-Resumable: a latent that already exists is kept (``--overwrite`` re-encodes it); each one is written atomically
-(temporary file + rename), and the statistics are streamed over every latent of the manifest, read back from
-disk in row order, so a killed-and-resumed run ends with the same manifest and statistics as an uninterrupted
-one. Files that fail the pre-flight check or preprocessing are listed at the end (exit code 1); every other
+Resumable: latents that already exist are kept (``--overwrite`` re-encodes them); each one is written atomically
+(temporary file + rename); batches are fixed chunks of rows (resume with the same ``--batch_size``); the
+statistics are streamed over every latent of the manifest, read back from disk in row order. So a killed and
+resumed run ends with the same latents, manifest and statistics as an uninterrupted one. Files that fail the pre-flight check or preprocessing are listed at the end (exit code 1); every other
 latent is still written.
 
 The helpers in the "shared with infer.py" section (model flags and loading, the worker-process data loader,
@@ -295,12 +295,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # pre-flight: the same per-file check as training; bad rows are reported at the end
     failures = preflight_failures(frame)
-    todo = [i for i in range(len(frame)) if i not in failures and (args.overwrite or not paths[i].is_file())]
+    # batches are fixed chunks of the good rows; a chunk with a missing latent is re-encoded whole, so every
+    # latent comes from the same batch as in an uninterrupted run (results depend on the batch in the last bits)
+    good = [i for i in range(len(frame)) if i not in failures]
+    chunks = [good[k : k + args.batch_size] for k in range(0, len(good), args.batch_size)]
+    todo = [
+        i for chunk in chunks if args.overwrite or not all(paths[i].is_file() for i in chunk) for i in chunk
+    ]
     print(
-        f"{len(frame)} rows: {len(frame) - len(failures) - len(todo)} latents already exist, {len(todo)} to "
-        f"encode, {len(failures)} failed the pre-flight check; device {model.device}, mode {args.mode}"
+        f"{len(frame)} rows: {len(good) - len(todo)} latents kept, {len(todo)} to encode, {len(failures)} failed "
+        f"the pre-flight check; device {model.device}, mode {args.mode}, batch size {args.batch_size}"
     )
-
     ids = list(frame["subject_id"].astype(str))
     batches = preprocessed_batches(frame, model.config.preprocessing, todo, args.batch_size, args.num_workers)
     with tqdm(total=len(todo), desc="encode", unit="vol") as progress:

@@ -1,0 +1,140 @@
+"""save_latent.py: resume after SIGKILL, manifest columns, reproducible sampling, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_infer import oblique_affine, tiny_checkpoint, write_volume
+
+import save_latent
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_split(folder: Path, n: int, shape: tuple[int, int, int] = (26, 30, 22)) -> Path:
+    """A CSV of ``n`` synthetic volumes with extra columns (one with a missing value)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [
+        write_volume(folder / f"sub{i:02d}.nii.gz", shape, oblique_affine(), seed=i).name for i in range(n)
+    ]
+    frame = pd.DataFrame(
+        {
+            "subject_id": [f"sub{i:02d}" for i in range(n)],
+            "image": names,
+            "age": [20.5 + i for i in range(n)],
+            "site": ["HH" if i % 2 else None for i in range(n)],
+        }
+    )
+    frame.to_csv(folder / "split.csv", index=False)
+    return folder / "split.csv"
+
+
+def run(checkpoint: Path, split: Path, out: Path, *extra: str) -> int:
+    argv = ["--model_checkpoint", str(checkpoint), "--dataset", str(split), "--output_dir", str(out)]
+    return save_latent.main([*argv, "--device", "cpu", "--num_workers", "0", *extra])
+
+
+def latent_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.npy") if not p.name.startswith("."))
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt", target_shape=(48, 48, 48))
+    n = 10
+    split = make_split(tmp_path / "data", n, shape=(50, 50, 50))
+    killed = tmp_path / "killed"
+    command = [
+        sys.executable,
+        "save_latent.py",
+        "--model_checkpoint",
+        str(checkpoint),
+        "--dataset",
+        str(split),
+    ]
+    command += ["--output_dir", str(killed), "--device", "cpu", "--num_workers", "0", "--batch_size", "2"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(latent_files(killed)) < 3 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    done = latent_files(killed)
+    assert 3 <= len(done) < n, "the run finished before it could be killed"
+    assert not (killed / "manifest.csv").exists()
+    for path in done:  # never a half-written file under a final name
+        assert np.load(path).shape == (2, 24, 24, 24)
+
+    assert run(checkpoint, split, killed, "--batch_size", "2") == 0
+    assert len(latent_files(killed)) == n and not list(killed.glob(".*.partial-*"))
+    fresh = tmp_path / "fresh"
+    assert run(checkpoint, split, fresh, "--batch_size", "2") == 0
+
+    manifests = [pd.read_csv(folder / "manifest.csv") for folder in (killed, fresh)]
+    for manifest, folder in zip(manifests, (killed, fresh), strict=True):
+        assert [Path(p).parent for p in manifest["latent_path"]] == [folder.resolve()] * n
+    pd.testing.assert_frame_equal(*(m.drop(columns="latent_path") for m in manifests))
+    stats = [json.loads((folder / "latent_stats.json").read_text()) for folder in (killed, fresh)]
+    assert stats[0] == stats[1]
+    assert stats[0]["num_volumes"] == n and stats[0]["latent_shape"] == [2, 24, 24, 24]
+    assert stats[0]["scale_factor"] == pytest.approx(1 / stats[0]["std"])
+    for a, b in zip(latent_files(killed), latent_files(fresh), strict=True):
+        np.testing.assert_array_equal(np.load(a), np.load(b))
+
+
+def test_manifest_columns_and_reproducible_sampling(tmp_path: Path) -> None:
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    split = make_split(tmp_path / "data", 3)
+    runs = {
+        "mean": ("--format", "nii.gz"),
+        "sample_a": ("--mode", "sample", "--format", "nii.gz", "--batch_size", "3"),
+        "sample_b": ("--mode", "sample", "--format", "nii.gz", "--batch_size", "3"),
+    }
+    for name, extra in runs.items():
+        assert run(checkpoint, split, tmp_path / name, *extra) == 0
+
+    manifest = pd.read_csv(tmp_path / "mean" / "manifest.csv")
+    source = pd.read_csv(split)
+    assert set(source.columns) | {"mask", "latent_path"} == set(manifest.columns)
+    assert list(manifest["age"]) == list(source["age"]) and manifest["site"].isna().sum() == 2
+    latents = {
+        name: [
+            save_latent.read_latent(p)[0]
+            for p in pd.read_csv(tmp_path / name / "manifest.csv")["latent_path"]
+        ]
+        for name in runs
+    }
+    for a, b, mean in zip(latents["sample_a"], latents["sample_b"], latents["mean"], strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        assert not np.allclose(a.numpy(), mean.numpy())
+    stats = json.loads((tmp_path / "sample_a" / "latent_stats.json").read_text())
+    assert stats["mode"] == "sample" and len(stats["channel_std"]) == 2
+    assert stats["checkpoint_sha256"] == save_latent.sha256_file(checkpoint)
+
+
+def test_failures_are_listed_and_written_latents_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    split = make_split(tmp_path / "data", 3)
+    frame = pd.read_csv(split)
+    (tmp_path / "data" / "empty.nii.gz").write_bytes(b"")
+    frame.loc[len(frame)] = {"subject_id": "empty", "image": "empty.nii.gz", "age": 1.0, "site": None}
+    frame.to_csv(split, index=False)
+    out = tmp_path / "out"
+    assert run(checkpoint, split, out, "--batch_size", "2") == 1
+    assert "empty.nii.gz" in capsys.readouterr().err
+    assert list(pd.read_csv(out / "manifest.csv")["subject_id"]) == ["sub00", "sub01", "sub02"]
+    assert json.loads((out / "latent_stats.json").read_text())["num_volumes"] == 3
+    assert run(checkpoint, split, out, "--mode", "sample") == 2  # other settings than the latents there
