@@ -119,7 +119,7 @@ def read_split(source: str | Path) -> pd.DataFrame:
     if "subject_id" not in frame:
         frame["subject_id"] = None
     frame["subject_id"] = [
-        str(sid) if isinstance(sid, str) and sid.strip() else _subject_id(image)
+        str(sid).strip() if pd.notna(sid) and str(sid).strip() else _subject_id(image)
         for sid, image in zip(frame["subject_id"], frame["image"], strict=True)
     ]
     duplicated = frame["image"][frame["image"].duplicated(keep=False)]
@@ -131,7 +131,7 @@ def read_split(source: str | Path) -> pd.DataFrame:
 
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype={"subject_id": str})
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: empty CSV (no header, no rows)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
@@ -565,7 +565,13 @@ def preprocessing_cache_dir(cache_dir: str | Path, prep: PreprocessingConfig) ->
 
 
 def _file_stamp(path: str) -> str:
-    stat = os.stat(path)
+    """Size + mtime: part of the disk-cache key, so a file rewritten in place is preprocessed again."""
+    try:
+        stat = os.stat(path)
+    except OSError as error:
+        raise DataError(
+            f"{path}: cannot stat ({error}); run the pre-flight check (dataset.preflight)"
+        ) from None
     return f"{stat.st_size}-{stat.st_mtime_ns}"
 
 

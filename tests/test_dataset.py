@@ -61,8 +61,11 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 def test_read_split_csv_relative_paths_and_extra_columns(tmp_path):
     (tmp_path / "img").mkdir()
     write(tmp_path / "img" / "a.nii.gz", brain_like())
-    csv = write_csv(tmp_path / "split.csv", [{"image": "img/a.nii.gz", "age": 40.5, "sex": "F"}])
+    write(tmp_path / "img" / "b.nii.gz", brain_like())
+    csv = tmp_path / "split.csv"
+    csv.write_text("image,subject_id,age,sex\nimg/a.nii.gz,,40.5,F\nimg/b.nii.gz,0017,,\n")
     frame = read_split(csv)
+    assert frame.loc[1, "subject_id"] == "0017"
     assert list(frame.columns[:3]) == ["subject_id", "image", "mask"]
     assert frame.loc[0, "image"] == str((tmp_path / "img" / "a.nii.gz").resolve())
     assert frame.loc[0, "subject_id"] == "a" and frame.loc[0, "mask"] is None
