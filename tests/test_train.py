@@ -1,0 +1,285 @@
+"""train.py end to end on tiny models and volumes: stages, checkpoints, resume, faults, AMP, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import ndimage
+
+import train
+from config import ConfigError
+from model.maisi_vae import MaisiVAE
+from utils import CheckpointError, load_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (24, 28, 20)
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory) -> tuple[Path, Path]:
+    """Six smooth synthetic 'heads' at 2 mm (a bright ellipsoid with texture), as train (4) / val (2) CSVs."""
+    folder = tmp_path_factory.mktemp("tiny_data")
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij"))
+    rows = []
+    for i in range(6):
+        radii = rng.uniform(0.6, 0.9, size=3)
+        inside = ((grid / radii[:, None, None, None]) ** 2).sum(0) < 1
+        texture = ndimage.gaussian_filter(rng.normal(size=SHAPE), 1.5)
+        volume = np.where(inside, 300 + 2000 * texture + 100 * i, 0).clip(0).astype(np.int16)
+        path = folder / f"sub{i}.nii.gz"
+        nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2.0, 2.0, 1.0])), path)
+        rows.append({"subject_id": f"sub{i}", "image": path.name, "age": 20 + i})
+    pd.DataFrame(rows[:4]).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame(rows[4:]).to_csv(folder / "val.csv", index=False)
+    return folder / "train.csv", folder / "val.csv"
+
+
+def tiny_overrides(
+    tmp_path: Path, split: tuple[Path, Path], run_name: str = "tiny", **train_values
+) -> list[str]:
+    values = {
+        "data.train_csv": str(split[0]),
+        "data.val_csv": str(split[1]),
+        "data.demo_dir": None,
+        "data.num_workers": 0,
+        "data.cache": "memory",
+        "model.channels": [8, 16],
+        "model.num_res_blocks": [1, 1],
+        "model.attention_levels": [False, False],
+        "model.norm_num_groups": 4,
+        "model.latent_channels": 2,
+        "discriminator.channels": 8,
+        "discriminator.num_layers": 2,
+        "preprocessing.target_shape": list(SHAPE),
+        "augmentation.enabled": False,
+        "train.run_name": run_name,
+        "train.runs_dir": str(tmp_path / "runs"),
+        "train.best_runs_dir": str(tmp_path / "best_runs"),
+        "train.batch_size": 2,
+        "train.num_epochs": 2,
+        "train.gan_start_epoch": 1,
+        "train.perceptual_weight": 0.1,
+        "train.learning_rate": 1e-3,
+        "train.seed": 7,
+    }
+    values.update({f"train.{k}": v for k, v in train_values.items()})
+    args = ["--config_file", str(REPO_ROOT / "config.json")]
+    for key, value in values.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    return args
+
+
+def run_train_subprocess(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "train.py"), *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_two_epochs_cross_the_gan_stage(tmp_path, tiny_split):
+    assert train.main(tiny_overrides(tmp_path, tiny_split)) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert last["epoch"] == 2 and last["stage"] == "gan" and last["global_step"] == 4
+    assert [record["stage"] for record in last["history"]] == ["pretrain", "gan"]
+    gan_epoch = last["history"][1]
+    assert gan_epoch["train/discriminator"] > 0 and gan_epoch["train/adversarial"] > 0
+    assert last["history"][0]["train/discriminator"] == 0
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert list(metrics["epoch"]) == [0, 1]
+    for column in (
+        "val/psnr",
+        "val/psnr_brain",
+        "val/ssim",
+        "val/ms_ssim",
+        "val/lpips",
+        "val/kl",
+        "val/scale_factor",
+    ):
+        assert np.isfinite(metrics[column]).all(), column
+    assert sorted(p.name for p in (run_dir / "previews").iterdir()) == ["epoch_0000.png", "epoch_0001.png"]
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
+    best_dir = tmp_path / "best_runs" / "tiny"
+    best = load_checkpoint(best_dir / "best_model.pt")
+    assert best["latent_stats"]["scale_factor"] > 0 and len(best["latent_stats"]["channel_std"]) == 2
+    assert json.loads((best_dir / "config.json").read_text())["model"]["channels"] == [8, 16]
+    assert "val/psnr_brain" in json.loads((best_dir / "metrics.json").read_text())
+    # a second start with the same run name must not overwrite it
+    with pytest.raises(CheckpointError, match="pass --resume"):
+        train.main(tiny_overrides(tmp_path, tiny_split))
+
+
+def test_resume_continues_in_the_right_stage(tmp_path, tiny_split):
+    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1)) == 0
+    assert train.main([*tiny_overrides(tmp_path, tiny_split, num_epochs=3), "--resume"]) == 0
+    last = load_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt")
+    assert [record["stage"] for record in last["history"]] == ["pretrain", "gan", "gan"]
+    assert [record["epoch"] for record in last["history"]] == [0, 1, 2]
+
+
+def test_resume_refuses_another_model_config(tmp_path, tiny_split):
+    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1)) == 0
+    args = [*tiny_overrides(tmp_path, tiny_split), "--set", "model.latent_channels=3", "--resume"]
+    with pytest.raises(ConfigError, match="latent_channels: 2 → 3"):
+        train.main(args)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_split):
+    """Kill -9 mid-run (checkpoint every step), resume, and land on the uninterrupted run's weights."""
+    common = {"num_epochs": 3, "checkpoint_every_steps": 1, "perceptual_weight": 0.0}
+    reference = run_train_subprocess(tiny_overrides(tmp_path / "a", tiny_split, **common))
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+
+    victim = run_train_subprocess(tiny_overrides(tmp_path / "b", tiny_split, **common))
+    last_path = tmp_path / "b" / "runs" / "tiny" / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while not last_path.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = load_checkpoint(last_path)["global_step"]
+    assert 0 < killed_at < 6
+
+    resumed = run_train_subprocess([*tiny_overrides(tmp_path / "b", tiny_split, **common), "--resume"])
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    expected = load_checkpoint(tmp_path / "a" / "runs" / "tiny" / "checkpoints" / "last.pt")
+    actual = load_checkpoint(last_path)
+    assert actual["global_step"] == expected["global_step"] == 6
+    for name, tensor in expected["vae"].items():
+        torch.testing.assert_close(actual["vae"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    for name, tensor in expected["discriminator"].items():
+        torch.testing.assert_close(actual["discriminator"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def nan_after(calls_before_nan: int, last_nan_call: int | None = None):
+    """A MaisiVAE.forward that returns a NaN reconstruction on calls [calls_before_nan, last_nan_call)."""
+    original = MaisiVAE.forward
+    counter = {"calls": 0}
+
+    def forward(self, x):
+        recon, mu, sigma = original(self, x)
+        counter["calls"] += 1
+        if counter["calls"] > calls_before_nan and (
+            last_nan_call is None or counter["calls"] <= last_nan_call
+        ):
+            recon = recon * float("nan")
+        return recon, mu, sigma
+
+    return forward
+
+
+def test_nan_batch_is_skipped_and_counted(tmp_path, tiny_split, monkeypatch):
+    monkeypatch.setattr(MaisiVAE, "forward", nan_after(1, last_nan_call=2))
+    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=2)) == 0
+    last = load_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt")
+    assert last["history"][-1]["train/skipped_steps"] == 1
+    assert last["global_step"] == 3  # 4 batches, one skipped
+    assert all(torch.isfinite(t).all() for t in last["vae"].values())
+
+
+def test_nan_gradient_is_skipped(tmp_path, tiny_split, monkeypatch):
+    original = MaisiVAE.forward
+    state = {"calls": 0}
+
+    def forward(self, x):
+        recon, mu, sigma = original(self, x)
+        state["calls"] += 1
+        if state["calls"] == 2:  # finite loss, NaN gradient
+            recon.register_hook(lambda grad: grad * float("nan"))
+        return recon, mu, sigma
+
+    monkeypatch.setattr(MaisiVAE, "forward", forward)
+    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1)) == 0
+    last = load_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt")
+    assert last["history"][-1]["train/skipped_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in last["vae"].values())
+
+
+def test_persistent_nan_aborts_and_keeps_last_good_checkpoint(tmp_path, tiny_split, monkeypatch):
+    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1)) == 0
+    last_path = tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt"
+    good = load_checkpoint(last_path)
+    monkeypatch.setattr(MaisiVAE, "forward", nan_after(0))
+    args = [*tiny_overrides(tmp_path, tiny_split, num_epochs=3, max_consecutive_nonfinite=2), "--resume"]
+    with pytest.raises(train.NonFiniteTrainingError, match="2 consecutive steps .* last good checkpoint"):
+        train.main(args)
+    after = load_checkpoint(last_path)
+    assert after["global_step"] == good["global_step"]
+    for name, tensor in good["vae"].items():
+        assert torch.equal(after["vae"][name], tensor)
+
+
+def test_config_errors_are_clear(tmp_path, tiny_split):
+    with pytest.raises(ConfigError, match="train.amp: 'fp8' is not allowed"):
+        train.main([*tiny_overrides(tmp_path, tiny_split), "--set", "train.amp=fp8"])
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            *tiny_overrides(tmp_path, tiny_split),
+            "--set",
+            "train.epochs=1",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "unknown key(s) ['epochs'] in section 'train'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bf16_autocast_on_cpu(tmp_path, tiny_split):
+    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1, amp="bf16", gan_start_epoch=0)) == 0
+    last = load_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt")
+    assert last["history"][0]["train/skipped_steps"] == 0
+    assert np.isfinite(last["history"][0]["val/psnr"])
+
+
+def test_ddp_two_gloo_processes(tmp_path, tiny_split):
+    args = tiny_overrides(tmp_path, tiny_split, num_epochs=2, perceptual_weight=0.0)
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29571",
+            str(REPO_ROOT / "train.py"),
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    assert "weights identical on all 2 ranks" in process.stderr
+    run_dir = tmp_path / "runs" / "tiny"
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.pt"]
+    assert len(list(run_dir.glob("events.out.tfevents*"))) == 1
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert last["world_size"] == 2 and len(last["rng"]) == 2
+    assert last["global_step"] == 2  # 4 volumes / (2 ranks × batch 2) = 1 step per epoch
