@@ -579,8 +579,9 @@ class VolumeDataset(torch.utils.data.Dataset):
     """Preprocessed volumes (cached per ``cache``) with optional training augmentation after the cache.
 
     Item: ``{"image": (1, D, H, W) float32 in [0, 1], "mask": (1, D, H, W) float32 0/1, "index": int}``,
-    ``index`` = row position in ``frame``. Augmentation is re-seeded from ``torch.initial_seed()`` once per
-    process, so DataLoader workers draw different augmentations and ``torch.manual_seed`` reproduces them.
+    ``index`` = row position in ``frame``. The augmentation of an item is seeded from (``seed``, epoch,
+    index): the same in any worker process, so a resumed run replays exactly; call :meth:`set_epoch` at
+    the start of every epoch to draw new augmentations.
     """
 
     def __init__(
@@ -590,6 +591,7 @@ class VolumeDataset(torch.utils.data.Dataset):
         augmentation: AugmentationConfig | None = None,
         cache: Literal["memory", "disk", "none"] = "memory",
         cache_dir: str | Path | None = None,
+        seed: int = 0,
     ) -> None:
         items = []
         for index, (image, mask) in enumerate(zip(frame["image"], frame["mask"], strict=True)):
@@ -614,7 +616,12 @@ class VolumeDataset(torch.utils.data.Dataset):
             raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
         use_augmentation = augmentation is not None and augmentation.enabled
         self.augment = build_augmentation(augmentation) if use_augmentation else None
-        self._seeded_in: tuple[int, int] | None = None
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch`` (set before creating the epoch's loader iterator)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.base)
@@ -624,11 +631,8 @@ class VolumeDataset(torch.utils.data.Dataset):
         item = {"image": cached["image"].clone(), "mask": cached["mask"].float(), "index": cached["index"]}
         if self.augment is None:
             return item
-        worker = torch.utils.data.get_worker_info()
-        process = (os.getpid(), worker.id if worker is not None else -1)
-        if self._seeded_in != process:
-            self.augment.set_random_state(seed=torch.initial_seed() % 2**32)
-            self._seeded_in = process
+        item_seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+        self.augment.set_random_state(seed=int(item_seed))
         item = self.augment(item)
         return {
             "image": torch.as_tensor(item["image"]).float(),
@@ -643,9 +647,10 @@ def build_dataset(
     augmentation: AugmentationConfig | None,
     cache: Literal["memory", "disk", "none"] = "memory",
     cache_dir: str | Path | None = None,
+    seed: int = 0,
 ) -> VolumeDataset:
     """A :class:`VolumeDataset`; pass ``augmentation=None`` for validation / inference."""
-    return VolumeDataset(frame, prep, augmentation, cache, cache_dir)
+    return VolumeDataset(frame, prep, augmentation, cache, cache_dir, seed)
 
 
 # -------------------------------------------------------------------------------------------- demo data

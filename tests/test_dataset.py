@@ -386,14 +386,18 @@ def test_augmentation_on_stays_in_unit_range(tmp_path):
         noise_std=0.2,
         flip_left_right_prob=0.5,
     )
-    dataset = build_dataset(small_frame(tmp_path, n=1), SMALL_PREP, aug, cache="none")
-    torch.manual_seed(0)
-    items = [dataset[0] for _ in range(3)]
+    dataset = build_dataset(small_frame(tmp_path, n=1), SMALL_PREP, aug, cache="none", seed=3)
+    items = []
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        items.append(dataset[0])
     for item in items:
         assert item["image"].shape == (1, *SMALL_SHAPE)
         assert float(item["image"].min()) >= 0.0 and float(item["image"].max()) <= 1.0
         assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
-    assert not torch.allclose(items[0]["image"], items[1]["image"])
+    assert not torch.allclose(items[0]["image"], items[1]["image"])  # a new draw every epoch
+    dataset.set_epoch(1)
+    torch.testing.assert_close(dataset[0]["image"], items[1]["image"])  # replayable: (seed, epoch, index)
     off = build_dataset(
         small_frame(tmp_path, n=1), SMALL_PREP, AugmentationConfig(enabled=False), cache="none"
     )
