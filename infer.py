@@ -44,6 +44,7 @@ from save_latent import (
     latent_affine,
     latent_suffix,
     load_model,
+    output_paths,
     preflight_failures,
     preprocessed_affine_from_latent,
     preprocessed_batches,
@@ -94,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input_data", help="a NIfTI file, a folder of them, or a split CSV")
-    source.add_argument("--decode", metavar="LATENT", help="decode a latent .nii.gz back to an image")
+    source.add_argument(
+        "--decode",
+        metavar="LATENT",
+        help="decode a latent .nii.gz (unscaled: divide a diffusion sample by scale_factor first)",
+    )
     parser.add_argument("--output_dir", default="out")
     parser.add_argument("--intensity", default="original", choices=["original", "unit"])
     parser.add_argument("--sample", action="store_true", help="save/decode a posterior draw, not the mean")
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"decoded image: {decode_latent(model, Path(args.decode), output_dir)}")
             return 0
         frame = read_split(args.input_data)
+        recon_paths = output_paths(frame, output_dir, "_recon.nii.gz")
+        latent_paths = output_paths(frame, output_dir, f"_latent.{args.latent_format}")
     except (CheckpointError, ConfigError, DataError, ValueError, RuntimeError) as error:
         print(f"ERROR: {error}", file=sys.stderr)
         return 2
@@ -126,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=len(todo), desc="infer", unit="vol") as progress:
         for batch in batches:
             failures.update({item["index"]: item["error"] for item in batch if item["error"]})
-            good = [item for item in batch if not item["error"]]
-            if good:
-                volumes = [item["volume"] for item in good]
-                seeds = [row_seed(args.seed, ids[item["index"]]) for item in good]
+            loaded = [item for item in batch if not item["error"]]
+            if loaded:
+                volumes = [item["volume"] for item in loaded]
+                seeds = [row_seed(args.seed, ids[item["index"]]) for item in loaded]
                 latents = encode_batch(model, volumes, args.sample, seeds)  # (B, C, d, h, w)
                 with torch.no_grad(), autocast(model.device, model.amp_dtype):
                     recons = vae.decode(latents.to(model.device), tuple(prep.target_shape))
@@ -137,15 +144,13 @@ def main(argv: list[str] | None = None) -> int:
                 targets = torch.stack([v.image for v in volumes]).to(model.device)
                 masks = torch.stack([v.mask for v in volumes]).to(model.device)
                 values = image_metrics(recons, targets, masks, lpips=lpips)
-                for b, (item, volume) in enumerate(zip(good, volumes, strict=True)):
-                    sid = ids[item["index"]]
-                    recon_path = output_dir / f"{sid}_recon.nii.gz"
-                    latent_path = output_dir / f"{sid}_latent.{args.latent_format}"
+                for b, (item, volume) in enumerate(zip(loaded, volumes, strict=True)):
+                    recon_path, latent_path = recon_paths[item["index"]], latent_paths[item["index"]]
                     nib.save(restore_to_input_grid(recons[b], volume.inverse, args.intensity), recon_path)
                     write_latent(latents[b], latent_path, latent_affine(volume.inverse.output_affine, factor))
                     rows.append(
                         {
-                            "subject_id": sid,
+                            "subject_id": ids[item["index"]],
                             "image": frame["image"][item["index"]],
                             **{name: float(value[b]) for name, value in values.items()},
                             "recon_path": str(recon_path),

@@ -54,6 +54,13 @@ SETTINGS_FILE = ".save_latent_settings.json"
 # ------------------------------------------------------------------------------------- shared with infer.py
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Checkpoint, MAISI model flags, device, AMP, batch size and loader workers."""
     parser.add_argument(
@@ -61,7 +68,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
-    parser.add_argument("--batch_size", type=int, default=2, help="volumes per forward pass")
+    parser.add_argument("--batch_size", type=positive_int, default=2, help="volumes per forward pass")
     parser.add_argument(
         "--num_workers", type=int, default=2, help="DataLoader processes that preprocess volumes"
     )
@@ -98,6 +105,15 @@ def preflight_failures(frame: pd.DataFrame) -> dict[int, str]:
         for i, (image, problem) in enumerate(zip(report["image"], report["problem"], strict=True))
         if problem
     }
+
+
+def output_paths(frame: pd.DataFrame, output_dir: Path, suffix: str) -> list[Path]:
+    """One path ``<output_dir>/<subject_id><suffix>`` per row (subject ids must be unique)."""
+    ids = frame["subject_id"].astype(str)
+    duplicated = sorted(set(ids[ids.duplicated()]))
+    if duplicated:
+        raise DataError(f"subject_id must be unique to name the output files; duplicated: {duplicated}")
+    return [output_dir / f"{sid.replace(os.sep, '_')}{suffix}" for sid in ids]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -242,15 +258,6 @@ def read_latent(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None]:
 # --------------------------------------------------------------------------------------------------- main
 
 
-def output_paths(frame: pd.DataFrame, output_dir: Path, fmt: str) -> list[Path]:
-    """One latent path per row, named after its subject id (which must be unique)."""
-    ids = frame["subject_id"].astype(str)
-    duplicated = sorted(set(ids[ids.duplicated()]))
-    if duplicated:
-        raise DataError(f"subject_id must be unique to name the latent files; duplicated: {duplicated}")
-    return [output_dir / f"{sid.replace(os.sep, '_')}.{fmt}" for sid in ids]
-
-
 def check_settings(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Refuse to resume into a folder whose latents were made with another checkpoint / mode / seed."""
     path = output_dir / SETTINGS_FILE
@@ -282,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         frame = read_split(args.dataset)
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        paths = output_paths(frame, output_dir, args.format)
+        paths = output_paths(frame, output_dir, f".{args.format}")
         checkpoint_sha256 = sha256_file(args.model_checkpoint)
         settings = {"checkpoint_sha256": checkpoint_sha256, "mode": args.mode, "seed": args.seed}
         check_settings(output_dir, settings, args.overwrite)
@@ -311,12 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=len(todo), desc="encode", unit="vol") as progress:
         for batch in batches:
             failures.update({item["index"]: item["error"] for item in batch if item["error"]})
-            good = [item for item in batch if not item["error"]]
-            if good:
-                seeds = [row_seed(args.seed, ids[item["index"]]) for item in good]
-                volumes = [item["volume"] for item in good]
+            loaded = [item for item in batch if not item["error"]]
+            if loaded:
+                seeds = [row_seed(args.seed, ids[item["index"]]) for item in loaded]
+                volumes = [item["volume"] for item in loaded]
                 latents = encode_batch(model, volumes, args.mode == "sample", seeds)
-                for item, volume, latent in zip(good, volumes, latents, strict=True):
+                for item, volume, latent in zip(loaded, volumes, latents, strict=True):
                     affine = latent_affine(volume.inverse.output_affine, factor)
                     write_latent(latent, paths[item["index"]], affine)
             progress.update(len(batch))

@@ -173,3 +173,49 @@ def test_csv_with_one_broken_file(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert list(metrics["subject_id"]) == ["good0", "good1"]
     assert {"lpips", "lpips_brain", "psnr_brain"} <= set(metrics.columns)
     assert "psnr" in captured.out and "±" in captured.out
+
+
+def test_maisi_state_dict_with_model_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bare MONAI AutoencoderKlMaisi state dict loads with --maisi_* flags (preprocessing: config defaults)."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    torch.manual_seed(0)
+    maisi = AutoencoderKlMaisi(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        num_res_blocks=(1, 1),
+        num_channels=(8, 16),
+        attention_levels=(False, False),
+        latent_channels=2,
+        norm_num_groups=4,
+        num_splits=1,
+        norm_float16=False,
+    )
+    weights = tmp_path / "autoencoder_maisi.pt"
+    torch.save(maisi.state_dict(), weights)
+    image = write_volume(tmp_path / "a.nii.gz", (30, 26, 22), oblique_affine())
+    argv = [
+        "--model_checkpoint",
+        str(weights),
+        "--input_data",
+        str(image),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    argv += ["--device", "cpu", "--num_workers", "0", "--no_lpips"]
+    assert infer.main(argv) == 2
+    assert "--maisi_channels" in capsys.readouterr().err
+    flags = [
+        "--maisi_channels",
+        "8",
+        "16",
+        "--maisi_num_res_blocks",
+        "1",
+        "1",
+        "--maisi_latent_channels",
+        "2",
+    ]
+    assert infer.main([*argv, *flags, "--maisi_norm_num_groups", "4"]) == 0
+    assert_same_grid(tmp_path / "out" / "a_recon.nii.gz", image)
+    assert nib.load(tmp_path / "out" / "a_latent.nii.gz").shape == (46, 55, 46, 2)  # ceil((91, 109, 91) / 2)
