@@ -399,7 +399,12 @@ def build_preprocessing(prep: PreprocessingConfig) -> mt.Compose:
             allow_missing_keys=True,
         ),
         _CheckLoaded(keys, allow_missing_keys=True),
-        mt.Orientationd(keys, axcodes=prep.orientation.upper(), allow_missing_keys=True),
+        mt.Orientationd(
+            keys,
+            axcodes=prep.orientation.upper(),
+            labels=(("L", "R"), ("P", "A"), ("I", "S")),
+            allow_missing_keys=True,
+        ),
     ]
     if prep.target_spacing is not None:
         steps.append(_ResampleIfNeeded(tuple(prep.target_spacing)))
