@@ -53,9 +53,9 @@ is first upsampled x2 to ~1 mm.)
   is a 3x4x3 map at 2 mm (1 voxel for a 32^3 input), nearly a global descriptor, with the same blur1/subj
   as ``down2``, so it is left out too.
 * Upsampling x2 to deepbet's ~1 mm scale makes every tap 3-6x more noise-sensitive relative to anatomy
-  (subj/noise 23-80), improves blur1/subj of the chosen taps only 1.1-1.3x, and costs ~11-13x time
-  (fwd+bwd on a 91x109x91 pair, 2 CPU threads: 0.4 s native vs 4.3 s upsampled on an idle machine), so the
-  default is the native scale (``upsample=1``).
+  (subj/noise 23-80), improves blur1/subj of the chosen taps only 1.1-1.3x, and costs 4-11x time
+  (fwd+bwd on a 91x109x91 pair, 2 shared CPU threads: 0.4-0.9 s native vs 3.2-4.3 s upsampled, depending on
+  load), so the default is the native scale (``upsample=1``).
 """
 
 from __future__ import annotations
