@@ -54,7 +54,7 @@ is first upsampled x2 to ~1 mm.)
   as ``down2``, so it is left out too.
 * Upsampling x2 to deepbet's ~1 mm scale makes every tap 3-6x more noise-sensitive relative to anatomy
   (subj/noise 23-80), improves blur1/subj of the chosen taps only 1.1-1.3x, and costs 4-11x time
-  (fwd+bwd on a 91x109x91 pair, 2 shared CPU threads: 0.4-0.9 s native vs 3.2-4.3 s upsampled, depending on
+  (fwd+bwd on a 91x109x91 pair, 2 shared CPU threads: 0.3-0.9 s native vs 3.1-4.3 s upsampled, depending on
   load), so the default is the native scale (``upsample=1``).
 """
 
