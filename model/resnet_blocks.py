@@ -31,8 +31,10 @@ def conv_nd(spatial_dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
 
 
 class _RecomputedInputConv(torch.autograd.Function):
-    """``conv(prologue(x, *prologue_params))`` that saves ``x`` instead of the convolution input.
+    """``conv(act(prologue(x, *prologue_params)))`` that saves ``x`` instead of the convolution input.
 
+    ``act`` (SiLU or identity) is applied outside autograd, in place in forward and with ``aten.silu_backward`` in
+    backward, so the backward pass holds at most the pre-activation, the activation and their gradient at once.
     Under autocast the prologue runs with autocast disabled (it upcasts to fp32 where it normalises) and its
     result is cast to the autocast dtype for the convolution, like autocast would do for a plain ``nn.Conv``.
     """
@@ -41,6 +43,7 @@ class _RecomputedInputConv(torch.autograd.Function):
     def forward(
         ctx,
         prologue: Callable[..., torch.Tensor],
+        act: bool,
         conv: nn.Conv2d | nn.Conv3d,
         x: torch.Tensor,
         weight: torch.Tensor,
@@ -50,7 +53,10 @@ class _RecomputedInputConv(torch.autograd.Function):
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         with torch.autocast(device_type, enabled=False):
-            conv_input = prologue(x, *prologue_params).to(dtype)
+            conv_input = prologue(x, *prologue_params)
+            if act:
+                conv_input = F.silu(conv_input, inplace=True)
+            conv_input = conv_input.to(dtype)
             out = F.conv3d if x.dim() == 5 else F.conv2d
             out = out(
                 conv_input,
@@ -62,22 +68,23 @@ class _RecomputedInputConv(torch.autograd.Function):
                 conv.groups,
             )
         ctx.save_for_backward(x, weight, bias, *prologue_params)
-        ctx.prologue, ctx.conv, ctx.dtype = prologue, conv, dtype
+        ctx.prologue, ctx.act, ctx.conv, ctx.dtype = prologue, act, conv, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias, *prologue_params = ctx.saved_tensors
         conv: nn.Conv2d | nn.Conv3d = ctx.conv
-        needs = ctx.needs_input_grad
+        needs = ctx.needs_input_grad[1:]  # aligned with forward's arguments after ``prologue``
         with torch.autocast(x.device.type, enabled=False):
             with torch.enable_grad():
                 x_ = x.detach().requires_grad_(needs[2])
                 params_ = [p.detach().requires_grad_(needs[5 + i]) for i, p in enumerate(prologue_params)]
-                conv_input = ctx.prologue(x_, *params_).to(ctx.dtype)
+                pre_act = ctx.prologue(x_, *params_)
+            conv_input = (F.silu(pre_act.detach()) if ctx.act else pre_act.detach()).to(ctx.dtype)
             grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
                 grad_out.to(ctx.dtype),
-                conv_input.detach(),
+                conv_input,
                 weight.to(ctx.dtype),
                 None if bias is None else [bias.shape[0]],
                 conv.stride,
@@ -88,23 +95,19 @@ class _RecomputedInputConv(torch.autograd.Function):
                 conv.groups,
                 [True, needs[3], bias is not None and needs[4]],
             )
+            del conv_input
+            grad_input = grad_input.to(pre_act.dtype)
+            if ctx.act:
+                grad_input = torch.ops.aten.silu_backward(grad_input, pre_act.detach())
             leaves = [t for t in (x_, *params_) if t.requires_grad]
-            leaf_grads = iter(torch.autograd.grad(conv_input, leaves, grad_input) if leaves else ())
+            leaf_grads = iter(torch.autograd.grad(pre_act, leaves, grad_input) if leaves else ())
         grad_x = next(leaf_grads) if needs[2] else None
         grad_params = [next(leaf_grads) if needs[5 + i] else None for i in range(len(prologue_params))]
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return None, None, grad_x, grad_weight, grad_bias, *grad_params
-
-
-def _group_norm_act(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, act: bool
-) -> torch.Tensor:
-    """fp32 GroupNorm (+ SiLU when ``act``); the prologue of every norm -> conv unit."""
-    h = F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps)
-    return F.silu(h) if act else h
+        return None, None, None, grad_x, grad_weight, grad_bias, *grad_params
 
 
 def norm_act_conv(
@@ -123,9 +126,9 @@ def norm_act_conv(
     """
 
     def prologue(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return _group_norm_act(t, weight, bias, norm.num_groups, norm.eps, act)
+        return F.group_norm(t.float(), norm.num_groups, weight.float(), bias.float(), norm.eps)
 
-    return _RecomputedInputConv.apply(prologue, conv, x, conv.weight, conv.bias, norm.weight, norm.bias)
+    return _RecomputedInputConv.apply(prologue, act, conv, x, conv.weight, conv.bias, norm.weight, norm.bias)
 
 
 class ResBlock(nn.Module):
@@ -181,7 +184,7 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, *S) -> (B, C, *ceil((S - 1) / 2))."""
-        return _RecomputedInputConv.apply(_pad_high, self.conv, x, self.conv.weight, self.conv.bias)
+        return _RecomputedInputConv.apply(_pad_high, False, self.conv, x, self.conv.weight, self.conv.bias)
 
 
 def _upsample_x2(x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +215,7 @@ class Upsample(nn.Module):
         """(B, C, *S) -> (B, C, *2S)."""
         if self.mode == "transposed":
             return self.conv(x)
-        return _RecomputedInputConv.apply(_upsample_x2, self.conv, x, self.conv.weight, self.conv.bias)
+        return _RecomputedInputConv.apply(_upsample_x2, False, self.conv, x, self.conv.weight, self.conv.bias)
 
 
 class SpatialAttention(nn.Module):
