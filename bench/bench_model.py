@@ -168,7 +168,9 @@ def main() -> None:
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (cuda section)")
-    parser.add_argument("--no-channels-last", action="store_true", help="cuda: keep NCDHW memory format")
+    parser.add_argument(
+        "--no-channels-last", action="store_true", help="cuda: keep input and MONAI models in NCDHW format"
+    )
     parser.add_argument(
         "--peak-tflops", type=float, default=989.0, help="accelerator dense bf16 peak for MFU"
     )
@@ -202,7 +204,8 @@ def main() -> None:
         "steps": args.steps,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in CONFIG.items()},
         "precision": "bf16 autocast (all variants)" if gpu else "fp32 (ours_bf16: bf16 autocast)",
-        "channels_last_3d": channels_last,
+        "inputs_and_monai_models_channels_last_3d": channels_last,
+        "ours_weights_channels_last_3d": True,
         "compile": args.compile and gpu,
         "memory": "cuda max_memory_allocated delta"
         if gpu

@@ -37,6 +37,8 @@ def test_odd_input_round_trips_and_latent_shape_rule():
     assert model.latent_shape((91, 109, 91)) == (23, 28, 23)
     assert model.latent_shape((16, 16, 16)) == (4, 4, 4)
     assert (sigma > 0).all()
+    assert model.last_decoder_layer_weight.shape == (1, 8, 3, 3, 3)
+    assert model.last_decoder_layer_weight.requires_grad
     with torch.no_grad():
         assert model.decode(mu).shape == (2, 1, 16, 20, 12)
         assert model.decode(mu, (13, 17, 11)).shape == x.shape
