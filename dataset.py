@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from monai.data import CacheDataset, PersistentDataset
+from monai.data import CacheDataset, MetaTensor, PersistentDataset
 from monai.data import Dataset as MonaiDataset
 from scipy import ndimage
 
@@ -551,14 +551,19 @@ def build_augmentation(aug: AugmentationConfig) -> mt.Compose:
 
 
 class _ToCacheable(mt.Transform):
-    """Plain tensors for caching: ``image`` float32, ``mask`` uint8; keeps ``index``."""
+    """Plain tensors (not MetaTensors) for caching: ``image`` float32, ``mask`` uint8; keeps ``index``."""
 
     def __call__(self, data: dict) -> dict:
         return {
-            "image": torch.as_tensor(data["image"]).float().contiguous(),
-            "mask": torch.as_tensor(data["mask"]).to(torch.uint8).contiguous(),
+            "image": _plain_tensor(data["image"]).float().contiguous(),
+            "mask": _plain_tensor(data["mask"]).to(torch.uint8).contiguous(),
             "index": data["index"],
         }
+
+
+def _plain_tensor(value: Any) -> torch.Tensor:
+    """A bare ``torch.Tensor``: MONAI's MetaTensor subclass would leak into the model and autograd."""
+    return value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
 
 
 def preprocessing_cache_dir(cache_dir: str | Path, prep: PreprocessingConfig) -> Path:
@@ -640,8 +645,8 @@ class VolumeDataset(torch.utils.data.Dataset):
         self.augment.set_random_state(seed=int(item_seed))
         item = self.augment(item)
         return {
-            "image": torch.as_tensor(item["image"]).float(),
-            "mask": torch.as_tensor(item["mask"]).float(),
+            "image": _plain_tensor(item["image"]).float(),
+            "mask": _plain_tensor(item["mask"]).float(),
             "index": item["index"],
         }
 
