@@ -607,7 +607,10 @@ class VolumeDataset(torch.utils.data.Dataset):
         for index, (image, mask) in enumerate(zip(frame["image"], frame["mask"], strict=True)):
             item = {"image": image, "index": index, "stamp": _file_stamp(image)}
             if mask is not None:
-                item["mask"], item["mask_stamp"] = mask, _file_stamp(mask)
+                item["mask"], item["stamp_of_mask"] = (
+                    mask,
+                    _file_stamp(mask),
+                )  # not "mask_*": MONAI treats those as meta dicts
             items.append(item)
         # flat list: CacheDataset / PersistentDataset cache up to the first Randomizable (a nested Compose is one)
         transform = mt.Compose([*build_preprocessing(prep).transforms, _ToCacheable()])

@@ -443,3 +443,21 @@ def test_ensure_demo_data_only_inside_demo_dir(tmp_path, monkeypatch):
     )
     ensure_demo_data(DataConfig(demo_dir=None))
     assert len(calls) == 1
+
+
+def test_dataset_with_masks_and_resampling(tmp_path):
+    """Masks travel with the image through resampling (a MONAI meta-key clash once broke this)."""
+    rows = []
+    for i in range(2):
+        volume = brain_like(seed=i)
+        image = write(tmp_path / f"img{i}.nii.gz", volume)
+        mask = write(tmp_path / f"mask{i}.nii.gz", (volume > 0).astype(np.uint8))
+        rows.append({"image": str(image), "mask": str(mask)})
+    frame = read_split(write_csv(tmp_path / "split.csv", rows))
+    prep = PreprocessingConfig(target_spacing=(4.0, 4.0, 4.0), target_shape=(8, 9, 7))
+    for cache in ("none", "memory", "disk"):
+        item = build_dataset(frame, prep, None, cache=cache, cache_dir=tmp_path / "cache")[1]
+        assert item["image"].shape == item["mask"].shape == (1, 8, 9, 7)
+        assert float(item["mask"].sum()) > 0
+        inside, outside = item["image"][item["mask"] > 0], item["image"][item["mask"] == 0]
+        assert float(inside.mean()) > 10 * float(outside.mean())  # the mask still covers the brain
