@@ -21,3 +21,11 @@ def ixi_dir() -> Path:
     if not (IXI_DIR / "train.csv").is_file():
         pytest.skip(f"shared IXI data not found at {IXI_DIR}")
     return IXI_DIR
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory) -> tuple[Path, Path]:
+    """Six smooth synthetic 'heads' at 2 mm (a bright ellipsoid with texture), as train (4) / val (2) CSVs."""
+    from helpers import make_tiny_split
+
+    return make_tiny_split(tmp_path_factory.mktemp("tiny_data"))

@@ -1,7 +1,4 @@
-"""infer.py: exact grid/affine round trips, latent affine, --decode, checkpoint refusal, partial CSV failures.
-
-``tiny_checkpoint`` and ``write_volume`` are also used by the save_latent and notebook tests.
-"""
+"""infer.py: exact grid/affine round trips, latent affine, --decode, checkpoint refusal, partial CSV failures."""
 
 from __future__ import annotations
 
@@ -13,53 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import oblique_affine, tiny_checkpoint, write_volume
 
 import infer
 from config import Config
 from dataset import preprocess_volume
-from model import CHECKPOINT_FORMAT, build_vae, inference_checkpoint
-from utils import save_checkpoint
-
-
-def tiny_checkpoint(path: Path, target_shape: tuple[int, int, int] = (24, 28, 20)) -> Path:
-    """A random-weight 2-level VAE (f = 2, 2 latent channels) checkpoint with a small preprocessing grid."""
-    config = Config.from_dict(
-        {
-            "model": {
-                "channels": [8, 16],
-                "latent_channels": 2,
-                "num_res_blocks": [1, 1],
-                "attention_levels": [False, False],
-                "norm_num_groups": 4,
-            },
-            "preprocessing": {"target_shape": list(target_shape)},
-            "perceptual": {"backbone": "random"},
-        }
-    )
-    torch.manual_seed(0)
-    save_checkpoint(inference_checkpoint(build_vae(config.model), config, None), path)
-    return path
-
-
-def write_volume(path: Path, shape: tuple[int, int, int], affine: np.ndarray, seed: int = 0) -> Path:
-    """A smooth int16 ellipsoid 'brain' with noise, zero background."""
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    radius = np.sqrt(((grid / rng.uniform(0.6, 0.8, (3, 1, 1, 1))) ** 2).sum(0))
-    image = np.where(radius < 1, 300 + 200 * np.cos(4 * radius) + rng.normal(0, 10, shape), 0)
-    nib.save(nib.Nifti1Image(np.clip(image, 0, None).astype(np.int16), affine), path)
-    return path
-
-
-def oblique_affine() -> np.ndarray:
-    """Rotated (20° and 15°), anisotropic (1.5, 1.8, 2.2 mm), LPS-ish axes, arbitrary origin."""
-    a, b = np.deg2rad(20), np.deg2rad(15)
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
-    affine = np.eye(4)
-    affine[:3, :3] = rz @ rx @ np.diag([-1.5, -1.8, 2.2])
-    affine[:3, 3] = [30.0, 20.0, -25.0]
-    return affine
+from model import CHECKPOINT_FORMAT
 
 
 def assert_same_grid(recon_path: Path, input_path: Path) -> None:

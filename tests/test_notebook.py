@@ -6,9 +6,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from helpers import make_split, tiny_checkpoint
 from nbclient import NotebookClient
-from test_infer import tiny_checkpoint
-from test_save_latent import make_split
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / "visualize_recon.ipynb"

@@ -13,29 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_infer import oblique_affine, tiny_checkpoint, write_volume
+from helpers import make_split, tiny_checkpoint
 
 import save_latent
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_split(folder: Path, n: int, shape: tuple[int, int, int] = (26, 30, 22)) -> Path:
-    """A CSV of ``n`` synthetic volumes with extra columns (one with a missing value)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = [
-        write_volume(folder / f"sub{i:02d}.nii.gz", shape, oblique_affine(), seed=i).name for i in range(n)
-    ]
-    frame = pd.DataFrame(
-        {
-            "subject_id": [f"sub{i:02d}" for i in range(n)],
-            "image": names,
-            "age": [20.5 + i for i in range(n)],
-            "site": ["HH" if i % 2 else None for i in range(n)],
-        }
-    )
-    frame.to_csv(folder / "split.csv", index=False)
-    return folder / "split.csv"
 
 
 def run(checkpoint: Path, split: Path, out: Path, *extra: str) -> int:

@@ -8,90 +8,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from scipy import ndimage
+from helpers import REPO_ROOT, run_train_subprocess, tiny_overrides
 
 import train
 from config import ConfigError
 from model.maisi_vae import MaisiVAE
 from utils import CheckpointError, load_checkpoint
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHAPE = (24, 28, 20)
-
-
-@pytest.fixture(scope="module")
-def tiny_split(tmp_path_factory) -> tuple[Path, Path]:
-    """Six smooth synthetic 'heads' at 2 mm (a bright ellipsoid with texture), as train (4) / val (2) CSVs."""
-    folder = tmp_path_factory.mktemp("tiny_data")
-    rng = np.random.default_rng(0)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij"))
-    rows = []
-    for i in range(6):
-        radii = rng.uniform(0.6, 0.9, size=3)
-        inside = ((grid / radii[:, None, None, None]) ** 2).sum(0) < 1
-        texture = ndimage.gaussian_filter(rng.normal(size=SHAPE), 1.5)
-        volume = np.where(inside, 300 + 2000 * texture + 100 * i, 0).clip(0).astype(np.int16)
-        path = folder / f"sub{i}.nii.gz"
-        nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2.0, 2.0, 1.0])), path)
-        rows.append({"subject_id": f"sub{i}", "image": path.name, "age": 20 + i})
-    pd.DataFrame(rows[:4]).to_csv(folder / "train.csv", index=False)
-    pd.DataFrame(rows[4:]).to_csv(folder / "val.csv", index=False)
-    return folder / "train.csv", folder / "val.csv"
-
-
-def tiny_overrides(
-    tmp_path: Path, split: tuple[Path, Path], run_name: str = "tiny", **train_values
-) -> list[str]:
-    values = {
-        "data.train_csv": str(split[0]),
-        "data.val_csv": str(split[1]),
-        "data.demo_dir": None,
-        "data.num_workers": 0,
-        "data.cache": "memory",
-        "model.channels": [8, 16],
-        "model.num_res_blocks": [1, 1],
-        "model.attention_levels": [False, False],
-        "model.norm_num_groups": 4,
-        "model.latent_channels": 2,
-        "discriminator.channels": 8,
-        "discriminator.num_layers": 2,
-        "preprocessing.target_shape": list(SHAPE),
-        "augmentation.enabled": False,
-        "train.run_name": run_name,
-        "train.runs_dir": str(tmp_path / "runs"),
-        "train.best_runs_dir": str(tmp_path / "best_runs"),
-        "train.batch_size": 2,
-        "train.num_epochs": 2,
-        "train.gan_start_epoch": 1,
-        "train.perceptual_weight": 0.1,
-        "train.learning_rate": 1e-3,
-        "train.seed": 7,
-    }
-    values.update({f"train.{k}": v for k, v in train_values.items()})
-    args = ["--config_file", str(REPO_ROOT / "config.json")]
-    for key, value in values.items():
-        args += ["--set", f"{key}={json.dumps(value)}"]
-    return args
-
-
-def run_train_subprocess(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "train.py"), *args],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kwargs,
-    )
 
 
 def test_two_epochs_cross_the_gan_stage(tmp_path, tiny_split):

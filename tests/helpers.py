@@ -1,0 +1,151 @@
+"""Test helpers shared by several test modules (tiny checkpoints, synthetic volumes, splits, train args).
+
+Test modules import these from here (``from helpers import ...``) instead of from each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage
+
+from config import Config
+from model import build_vae, inference_checkpoint
+from utils import save_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (24, 28, 20)  # the tiny training volumes (2 mm) and preprocessing.target_shape of the train tests
+
+
+def tiny_checkpoint(path: Path, target_shape: tuple[int, int, int] = (24, 28, 20)) -> Path:
+    """A random-weight 2-level VAE (f = 2, 2 latent channels) checkpoint with a small preprocessing grid."""
+    config = Config.from_dict(
+        {
+            "model": {
+                "channels": [8, 16],
+                "latent_channels": 2,
+                "num_res_blocks": [1, 1],
+                "attention_levels": [False, False],
+                "norm_num_groups": 4,
+            },
+            "preprocessing": {"target_shape": list(target_shape)},
+            "perceptual": {"backbone": "random"},
+        }
+    )
+    torch.manual_seed(0)
+    save_checkpoint(inference_checkpoint(build_vae(config.model), config, None), path)
+    return path
+
+
+def write_volume(path: Path, shape: tuple[int, int, int], affine: np.ndarray, seed: int = 0) -> Path:
+    """A smooth int16 ellipsoid 'brain' with noise, zero background."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    radius = np.sqrt(((grid / rng.uniform(0.6, 0.8, (3, 1, 1, 1))) ** 2).sum(0))
+    image = np.where(radius < 1, 300 + 200 * np.cos(4 * radius) + rng.normal(0, 10, shape), 0)
+    nib.save(nib.Nifti1Image(np.clip(image, 0, None).astype(np.int16), affine), path)
+    return path
+
+
+def oblique_affine() -> np.ndarray:
+    """Rotated (20° and 15°), anisotropic (1.5, 1.8, 2.2 mm), LPS-ish axes, arbitrary origin."""
+    a, b = np.deg2rad(20), np.deg2rad(15)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag([-1.5, -1.8, 2.2])
+    affine[:3, 3] = [30.0, 20.0, -25.0]
+    return affine
+
+
+def make_split(folder: Path, n: int, shape: tuple[int, int, int] = (26, 30, 22)) -> Path:
+    """A CSV of ``n`` synthetic volumes with extra columns (one with a missing value)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [
+        write_volume(folder / f"sub{i:02d}.nii.gz", shape, oblique_affine(), seed=i).name for i in range(n)
+    ]
+    frame = pd.DataFrame(
+        {
+            "subject_id": [f"sub{i:02d}" for i in range(n)],
+            "image": names,
+            "age": [20.5 + i for i in range(n)],
+            "site": ["HH" if i % 2 else None for i in range(n)],
+        }
+    )
+    frame.to_csv(folder / "split.csv", index=False)
+    return folder / "split.csv"
+
+
+def make_tiny_split(folder: Path) -> tuple[Path, Path]:
+    """Six smooth synthetic 'heads' at 2 mm (a bright ellipsoid with texture), as train (4) / val (2) CSVs."""
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij"))
+    rows = []
+    for i in range(6):
+        radii = rng.uniform(0.6, 0.9, size=3)
+        inside = ((grid / radii[:, None, None, None]) ** 2).sum(0) < 1
+        texture = ndimage.gaussian_filter(rng.normal(size=SHAPE), 1.5)
+        volume = np.where(inside, 300 + 2000 * texture + 100 * i, 0).clip(0).astype(np.int16)
+        path = folder / f"sub{i}.nii.gz"
+        nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2.0, 2.0, 1.0])), path)
+        rows.append({"subject_id": f"sub{i}", "image": path.name, "age": 20 + i})
+    pd.DataFrame(rows[:4]).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame(rows[4:]).to_csv(folder / "val.csv", index=False)
+    return folder / "train.csv", folder / "val.csv"
+
+
+def tiny_overrides(
+    tmp_path: Path, split: tuple[Path, Path], run_name: str = "tiny", **train_values
+) -> list[str]:
+    """train.py arguments for a tiny 2-level model on ``split`` writing under ``tmp_path``."""
+    values = {
+        "data.train_csv": str(split[0]),
+        "data.val_csv": str(split[1]),
+        "data.demo_dir": None,
+        "data.num_workers": 0,
+        "data.cache": "memory",
+        "model.channels": [8, 16],
+        "model.num_res_blocks": [1, 1],
+        "model.attention_levels": [False, False],
+        "model.norm_num_groups": 4,
+        "model.latent_channels": 2,
+        "discriminator.channels": 8,
+        "discriminator.num_layers": 2,
+        "preprocessing.target_shape": list(SHAPE),
+        "augmentation.enabled": False,
+        "train.run_name": run_name,
+        "train.runs_dir": str(tmp_path / "runs"),
+        "train.best_runs_dir": str(tmp_path / "best_runs"),
+        "train.batch_size": 2,
+        "train.num_epochs": 2,
+        "train.gan_start_epoch": 1,
+        "train.perceptual_weight": 0.1,
+        "train.learning_rate": 1e-3,
+        "train.seed": 7,
+    }
+    values.update({f"train.{k}": v for k, v in train_values.items()})
+    args = ["--config_file", str(REPO_ROOT / "config.json")]
+    for key, value in values.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    return args
+
+
+def run_train_subprocess(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "train.py"), *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
