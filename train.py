@@ -14,10 +14,10 @@ LPIPS3D; adversarial = PatchGAN generator loss, fixed weight or VQGAN-style adap
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -25,6 +25,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -257,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     if context.is_main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "previews").mkdir(exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     setup_logging(run_dir if context.is_main else None)
     log.info("run %s on %s (world size %d), amp=%s", train.run_name, device, context.world_size, amp_dtype)
 
@@ -330,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     if context.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(log_dir=str(run_dir))
+        # written only now, after a --resume was accepted: a refused resume leaves the run's files alone
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        # purge_step drops events a killed run logged after its last checkpoint (the x-axis is global_step)
+        writer = SummaryWriter(log_dir=str(run_dir), purge_step=global_step if resume_path else None)
 
     def checkpoint_payload(epoch: int, step: int, stage: str, latent_stats: dict[str, Any] | None) -> dict:
         rng_states: list[Any] = [get_rng_state()]
@@ -526,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                     difference_of=("input", "reconstruction"),
                     title=f"{train.run_name} epoch {epoch}: PSNR {val_metrics['val/psnr']:.2f} dB",
                 )
-                writer.add_figure("val/preview", figure, epoch)
+                writer.add_figure("val/preview", figure, global_step)
             if train.best_metric not in record:
                 raise ConfigError(
                     f"train.best_metric {train.best_metric!r} is not a validation metric; available: "
@@ -562,9 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         history.append(record)
         if context.is_main:
             for name, value in record.items():
-                if isinstance(value, int | float) and name != "epoch":
-                    writer.add_scalar(name, value, epoch)
-            append_metrics_csv(run_dir / "metrics.csv", record)
+                if isinstance(value, int | float) and name not in ("epoch", "global_step"):
+                    writer.add_scalar(name, value, global_step)
         log.info(
             "epoch %d done: %.2f volumes/s, peak memory %.2f GiB, %d skipped steps",
             epoch,
@@ -573,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
             skipped_steps,
         )
         write_checkpoint(epoch + 1, 0, stage)
+        if context.is_main:  # after the checkpoint, from its history: a resumed run never repeats a row
+            write_metrics_csv(run_dir / "metrics.csv", history)
 
     if context.is_distributed:
         verify_identical_weights(vae_bare, context)
@@ -583,21 +587,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def append_metrics_csv(path: Path, record: dict[str, Any]) -> None:
-    """One row per epoch; the header grows when validation adds columns (the file is rewritten then)."""
-    row = {k: v for k, v in record.items() if not isinstance(v, dict)}
-    rows: list[dict[str, Any]] = []
-    if path.exists():
-        with path.open(newline="") as file:
-            rows = list(csv.DictReader(file))
-    rows.append(row)
-    columns: list[str] = []
-    for existing in rows:
-        columns.extend(k for k in existing if k not in columns)
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    """One row per finished epoch (nested values such as latent statistics left out), written atomically."""
+    rows = [{k: v for k, v in record.items() if not isinstance(v, dict)} for record in history]
+    temporary = path.with_name(f".{path.name}.tmp")
+    pd.DataFrame(rows).to_csv(temporary, index=False)
+    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

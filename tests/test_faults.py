@@ -191,20 +191,10 @@ def test_train_sigkill_during_checkpoint_save_keeps_previous(killed_in_save):
     assert last["global_step"] == 2 and [r["epoch"] for r in last["history"]] == [0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG train.py: metrics.csv is appended before last.pt is written, and resume replays the epoch, "
-    "so a kill between the two leaves a duplicate row for epoch 0 in runs/<run>/metrics.csv",
-)
 def test_train_sigkill_during_checkpoint_save_no_duplicate_metrics_rows(killed_in_save):
     assert list(killed_in_save["metrics"]["epoch"]) == [0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG utils.save_checkpoint: a SIGKILL mid-write leaves its temporary .last.pt.*.tmp file in "
-    "checkpoints/ for good (train.py --resume does not clean it up)",
-)
 def test_train_sigkill_during_checkpoint_save_leaves_no_temp_file(killed_in_save):
     assert killed_in_save["files_after_resume"] == ["last.pt"]
 
@@ -338,11 +328,6 @@ def test_train_resume_with_another_model_config_is_refused(run_copy, tiny_split)
     assert digest(path) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG train.py: runs/<run>/config.json is rewritten with the new (refused) config before the "
-    "resume checks, so a refused --resume overwrites the run's saved config",
-)
 def test_train_refused_resume_keeps_run_config(run_copy, tiny_split):
     config_path = run_dir_of(run_copy) / "config.json"
     before = config_path.read_text()
