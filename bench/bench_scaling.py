@@ -4,15 +4,15 @@ The step is ``bench_model``'s model-only training step (forward, MSE + KL, backw
 (seed config: channels 32, 64, 128; res blocks 1, 1, 1; latent 4; 32 norm groups) and its memory measurement
 (cpu: peak-RSS delta with a 64 KiB mmap threshold; cuda: ``max_memory_allocated`` delta).
 
-Grid: batch 1 at 64^3, 92x112x92, 128^3, 160x192x160; batch 2 and 4 at 64^3 and 92x112x92. Every
-(model, size, batch) runs in its own subprocess (isolated peak memory), in order of increasing voxels x batch,
-the models of one configuration one after the other. A run is
+Grid: batch 1 at 64^3, 92x112x92, 128^3, 160x192x160; then batch 2 and 4 at 64^3 and 92x112x92 (by
+increasing voxels x batch). Every (model, size, batch) runs in its own subprocess (isolated peak memory), the
+models of one configuration one after the other (side by side in time). A run is
 
 * ``"skipped (memory)"`` when its memory, extrapolated linearly in voxels x batch from the largest finished
   run of the same model (+ the process baseline), exceeds ``--max-gib`` (default 18 GiB; cuda: 90% of the
   device memory);
-* ``"skipped (time)"`` when the extrapolated time of its steps exceeds the per-run timeout, or the total
-  ``--budget-s`` is spent;
+* ``"skipped (time)"`` when the extrapolated time of its warm-up + timed steps exceeds the per-run timeout
+  or a smaller run of the model timed out; ``"skipped (time budget)"`` once ``--budget-s`` is spent;
 * ``"timeout"`` when it was killed after ``--timeout-s``; ``"failed"`` when the subprocess failed.
 
 Runs with >= 128^3 voxels x batch use 1 warm-up + 2 timed steps, smaller ones 1 + ``--steps``; medians.
@@ -58,9 +58,13 @@ COLORS = {"ours": "tab:blue", "maisi": "tab:orange", "monai_kl": "tab:green"}
 
 
 def grid() -> list[tuple[tuple[int, int, int], int]]:
-    """(shape, batch) configurations, by increasing voxels x batch."""
-    configs = [(s, 1) for s in SIZES] + [(s, b) for s in BATCH_SHAPES for b in BATCH_SIZES]
-    return sorted(configs, key=lambda c: (math.prod(c[0]) * c[1], c[1]))
+    """(shape, batch) configurations: batch 1 by increasing size first (the headline curve), then the
+    batch sizes by increasing voxels x batch (a slow machine spends its time budget on the sizes first)."""
+    sizes = sorted(((s, 1) for s in SIZES), key=lambda c: math.prod(c[0]))
+    batches = sorted(
+        ((s, b) for s in BATCH_SHAPES for b in BATCH_SIZES), key=lambda c: math.prod(c[0]) * c[1]
+    )
+    return sizes + batches
 
 
 # ----------------------------------------------------------------------------------------------- worker
@@ -152,7 +156,7 @@ def run_grid(args: argparse.Namespace) -> list[dict[str, object]]:
             if pred_mib is not None and pred_mib > max_mib:
                 record["status"] = "skipped (memory)"
             elif any(r["status"] == "timeout" and r["voxels_x_batch"] <= voxels for r in mine) or (
-                pred_s is not None and pred_s * (steps + 1.5) > args.timeout_s
+                pred_s is not None and pred_s * (steps + 1) > args.timeout_s
             ):
                 record["status"] = "skipped (time)"
             elif spent > args.budget_s:
@@ -263,7 +267,7 @@ def main() -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", type=int, nargs=3, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
-    add_common_args(parser)
+    add_common_args(parser, cuda_options=False)  # cuda: always bf16 autocast + channels_last_3d
     args = parser.parse_args()
 
     if args.worker is not None:

@@ -97,16 +97,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by the step benchmarks: device, compile, memory format, JSON output."""
+def add_common_args(parser: argparse.ArgumentParser, cuda_options: bool = True) -> None:
+    """Arguments shared by the step benchmarks: device, JSON output (+ compile and memory format)."""
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the VAEs (cuda only)")
-    parser.add_argument(
-        "--no-channels-last", action="store_true", help="cuda: keep inputs and models in NCDHW format"
-    )
     parser.add_argument("--json", type=Path, default=None, help="write results to this JSON file")
+    if cuda_options:
+        parser.add_argument("--compile", action="store_true", help="torch.compile the VAEs (cuda only)")
+        parser.add_argument(
+            "--no-channels-last", action="store_true", help="cuda: keep inputs and models in NCDHW format"
+        )
 
 
 def write_json(path: Path | None, payload: dict[str, object]) -> None:
