@@ -199,7 +199,7 @@ class TrainConfig:
     num_epochs: int = 100
     max_steps_per_epoch: int | None = None
     recon_loss: Literal["mse", "l1"] = "mse"
-    beta: float = 1e-6
+    beta: float = 1e-7
     perceptual_weight: float = 0.3
     adversarial_weight: float = 0.1
     adaptive_adversarial_weight: bool = False
