@@ -244,7 +244,8 @@ def plot(payload: dict[str, object], path: Path) -> None:
     fig.suptitle(
         f"VAE training step (fwd + MSE/KL + bwd + Adam) on {settings['device']} — {hardware}, "
         f"{machine['torch_threads']} threads, torch {machine['torch']}; "
-        f"load avg {settings['load_average_start']}",
+        f"load avg {settings['load_average_start']}\n"
+        "missing points: timeout / skipped (time or memory), see the JSON records",
         fontsize=9,
     )
     fig.tight_layout()
