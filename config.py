@@ -202,7 +202,7 @@ class TrainConfig:
     beta: float = 1e-7
     perceptual_weight: float = 0.3
     adversarial_weight: float = 0.1
-    adaptive_adversarial_weight: bool = False
+    adaptive_adversarial_weight: bool = True
     gan_start_epoch: int = 50
     grad_clip: float | None = 1.0
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"

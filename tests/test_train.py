@@ -210,3 +210,26 @@ def test_ddp_two_gloo_processes(tmp_path, tiny_split):
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert last["world_size"] == 2 and len(last["rng"]) == 2
     assert last["global_step"] == 2  # 4 volumes / (2 ranks × batch 2) = 1 step per epoch
+
+
+def test_adversarial_weight_fixed_or_adaptive(tmp_path, tiny_split):
+    """Fixed: exactly train.adversarial_weight; adaptive (default): scaled by the VQGAN gradient-norm ratio."""
+    fixed = tiny_overrides(
+        tmp_path,
+        tiny_split,
+        run_name="fixed",
+        num_epochs=1,
+        gan_start_epoch=0,
+        adaptive_adversarial_weight=False,
+    )
+    adaptive = tiny_overrides(tmp_path, tiny_split, run_name="adaptive", num_epochs=1, gan_start_epoch=0)
+    assert train.main(fixed) == 0 and train.main(adaptive) == 0
+    runs = tmp_path / "runs"
+    fixed_weight = load_checkpoint(runs / "fixed" / "checkpoints" / "last.pt")["history"][0][
+        "train/adversarial_weight"
+    ]
+    adaptive_weight = load_checkpoint(runs / "adaptive" / "checkpoints" / "last.pt")["history"][0][
+        "train/adversarial_weight"
+    ]
+    assert fixed_weight == pytest.approx(0.1)
+    assert np.isfinite(adaptive_weight) and adaptive_weight > 0 and adaptive_weight != pytest.approx(0.1)
