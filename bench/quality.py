@@ -77,21 +77,35 @@ def train_baseline(config: Config, steps: int, out_dir: Path) -> tuple[Autoencod
         with_decoder_nonlocal_attn=False,
     )
     discriminator = PatchDiscriminator(
-        spatial_dims=3, num_layers_d=config.discriminator.num_layers, channels=config.discriminator.channels,
-        in_channels=1, out_channels=1, norm="INSTANCE",
+        spatial_dims=3,
+        num_layers_d=config.discriminator.num_layers,
+        channels=config.discriminator.channels,
+        in_channels=1,
+        out_channels=1,
+        norm="INSTANCE",
     )
     adversarial = PatchAdversarialLoss(criterion="least_squares")
-    optimizer_g = torch.optim.AdamW(autoencoder.parameters(), lr=config.train.learning_rate,
-                                    weight_decay=config.train.weight_decay)
-    optimizer_d = torch.optim.AdamW(discriminator.parameters(), lr=config.discriminator.learning_rate,
-                                    weight_decay=config.train.weight_decay)
+    optimizer_g = torch.optim.AdamW(
+        autoencoder.parameters(), lr=config.train.learning_rate, weight_decay=config.train.weight_decay
+    )
+    optimizer_d = torch.optim.AdamW(
+        discriminator.parameters(),
+        lr=config.discriminator.learning_rate,
+        weight_decay=config.train.weight_decay,
+    )
     frame = dataset.preflight(dataset.read_split(config.data.train_csv))
     augmentation = config.augmentation if config.augmentation.enabled else None
-    train_set = dataset.build_dataset(frame, config.preprocessing, augmentation, cache="memory",
-                                      seed=config.train.seed)
+    train_set = dataset.build_dataset(
+        frame, config.preprocessing, augmentation, cache="memory", seed=config.train.seed
+    )
     generator = torch.Generator().manual_seed(config.train.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=config.train.batch_size, shuffle=True,
-                                         generator=generator, num_workers=config.data.num_workers)
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=config.train.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=config.data.num_workers,
+    )
     factor = 2 ** (len(model_cfg.channels) - 1)
     step, epoch, start = 0, 0, time.perf_counter()
     log = open(out_dir / "baseline_train.log", "w")  # noqa: SIM115
@@ -103,8 +117,9 @@ def train_baseline(config: Config, steps: int, out_dir: Path) -> tuple[Autoencod
                 recon, mu, sigma = autoencoder(images)
                 l1 = F.l1_loss(recon.float(), images)
                 kl = kl_divergence(mu, sigma).mean()
-                generator_adv = adversarial(discriminator(recon.float())[-1], target_is_real=True,
-                                            for_discriminator=False)
+                generator_adv = adversarial(
+                    discriminator(recon.float())[-1], target_is_real=True, for_discriminator=False
+                )
                 loss_g = l1 + 1e-7 * kl + 0.1 * generator_adv
             optimizer_g.zero_grad(set_to_none=True)
             loss_g.backward()
@@ -112,15 +127,23 @@ def train_baseline(config: Config, steps: int, out_dir: Path) -> tuple[Autoencod
             optimizer_g.step()
             with autocast(device, amp_dtype):
                 loss_d = 0.5 * (
-                    adversarial(discriminator(recon.detach().float())[-1], target_is_real=False, for_discriminator=True)
+                    adversarial(
+                        discriminator(recon.detach().float())[-1],
+                        target_is_real=False,
+                        for_discriminator=True,
+                    )
                     + adversarial(discriminator(images)[-1], target_is_real=True, for_discriminator=True)
                 )
             optimizer_d.zero_grad(set_to_none=True)
             loss_d.backward()
             optimizer_d.step()
             step += 1
-            print(f"baseline step {step}: l1 {l1.item():.4f} kl {kl.item():.1f} adv {generator_adv.item():.3f} "
-                  f"d {loss_d.item():.3f}", file=log, flush=True)
+            print(
+                f"baseline step {step}: l1 {l1.item():.4f} kl {kl.item():.1f} adv {generator_adv.item():.3f} "
+                f"d {loss_d.item():.3f}",
+                file=log,
+                flush=True,
+            )
             if step >= steps:
                 break
         epoch += 1
@@ -147,7 +170,9 @@ def evaluate_baseline(autoencoder: AutoencoderKL, config: Config, val_csv: str, 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps for each model (the budget)")
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "cpu.json"))
     parser.add_argument("--train_csv", default=str(IXI / "train.csv"))
@@ -157,8 +182,11 @@ def main() -> int:
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    overrides = [f"data.train_csv={json.dumps(args.train_csv)}", f"data.val_csv={json.dumps(args.val_csv)}",
-                 "data.demo_dir=null"]
+    overrides = [
+        f"data.train_csv={json.dumps(args.train_csv)}",
+        f"data.val_csv={json.dumps(args.val_csv)}",
+        "data.demo_dir=null",
+    ]
     config = load_config(args.config, overrides)
     steps_per_epoch = math.ceil(len(dataset.read_split(args.train_csv)) / config.train.batch_size)
     epochs = math.ceil(args.steps / steps_per_epoch)
@@ -170,15 +198,43 @@ def main() -> int:
     ours_seconds = float("nan")
     if not args.skip_ours:
         start = time.perf_counter()
-        train.main(["--config_file", args.config, *sum((["--set", o] for o in overrides), []),
-                    "--set", f"train.run_name={run_name}", "--set", f"train.num_epochs={epochs}",
-                    "--set", f"train.gan_start_epoch={gan_start}", "--set", f"train.val_every={epochs}",
-                    "--set", f"train.max_steps_per_epoch={steps_per_epoch}",
-                    "--set", f"train.runs_dir={json.dumps(str(out_dir / 'runs'))}",
-                    "--set", f"train.best_runs_dir={json.dumps(str(out_dir / 'best_runs'))}"])
+        train.main(
+            [
+                "--config_file",
+                args.config,
+                *sum((["--set", o] for o in overrides), []),
+                "--set",
+                f"train.run_name={run_name}",
+                "--set",
+                f"train.num_epochs={epochs}",
+                "--set",
+                f"train.gan_start_epoch={gan_start}",
+                "--set",
+                f"train.val_every={epochs}",
+                "--set",
+                f"train.max_steps_per_epoch={steps_per_epoch}",
+                "--set",
+                f"train.runs_dir={json.dumps(str(out_dir / 'runs'))}",
+                "--set",
+                f"train.best_runs_dir={json.dumps(str(out_dir / 'best_runs'))}",
+            ]
+        )
         ours_seconds = time.perf_counter() - start
-    assert infer.main(["--model_checkpoint", str(checkpoint), "--input_data", args.val_csv,
-                       "--output_dir", str(out_dir / "ours_val"), "--amp", config.train.amp]) == 0
+    assert (
+        infer.main(
+            [
+                "--model_checkpoint",
+                str(checkpoint),
+                "--input_data",
+                args.val_csv,
+                "--output_dir",
+                str(out_dir / "ours_val"),
+                "--amp",
+                config.train.amp,
+            ]
+        )
+        == 0
+    )
     ours = pd.read_csv(out_dir / "ours_val" / "metrics.csv")
 
     # ---- baseline
@@ -190,10 +246,16 @@ def main() -> int:
     # ---- table
     summary = {
         "settings": {
-            "config": args.config, "steps": epochs * steps_per_epoch, "epochs": epochs, "gan_start_epoch": gan_start,
-            "train_csv": args.train_csv, "val_csv": args.val_csv, "amp": config.train.amp,
+            "config": args.config,
+            "steps": epochs * steps_per_epoch,
+            "epochs": epochs,
+            "gan_start_epoch": gan_start,
+            "train_csv": args.train_csv,
+            "val_csv": args.val_csv,
+            "amp": config.train.amp,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-            "date": time.strftime("%Y-%m-%d"), "lpips": lpips.description,
+            "date": time.strftime("%Y-%m-%d"),
+            "lpips": lpips.description,
         },
         "ours": {m: [float(ours[m].mean()), float(ours[m].std())] for m in REPORTED},
         "baseline": {m: [float(baseline[m].mean()), float(baseline[m].std())] for m in REPORTED},
@@ -202,8 +264,10 @@ def main() -> int:
     (out_dir / "quality.json").write_text(json.dumps(summary, indent=2))
     lines = ["| metric | ours | MONAI-recipe baseline |", "|---|---|---|"]
     for m in REPORTED:
-        lines.append(f"| {m} | {summary['ours'][m][0]:.4f} ± {summary['ours'][m][1]:.4f} "
-                     f"| {summary['baseline'][m][0]:.4f} ± {summary['baseline'][m][1]:.4f} |")
+        lines.append(
+            f"| {m} | {summary['ours'][m][0]:.4f} ± {summary['ours'][m][1]:.4f} "
+            f"| {summary['baseline'][m][0]:.4f} ± {summary['baseline'][m][1]:.4f} |"
+        )
     lines.append(f"| train wall-clock (s) | {ours_seconds:.0f} | {baseline_seconds:.0f} |")
     (out_dir / "quality.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(summary["settings"], indent=2))
@@ -217,12 +281,23 @@ def main() -> int:
     with torch.no_grad():
         ours_recon = vae.reconstruct(volume.image[None]).float().clamp(0, 1)[0]
         mu, _ = baseline_model.encode(padded_to(volume.image[None], factor))
-        base_recon = baseline_model.decode(mu).float().clamp(0, 1)[0][:, : volume.image.shape[1],
-                                                                       : volume.image.shape[2], : volume.image.shape[3]]
-    diff_scale = {"|input − ours|": (volume.image - ours_recon).abs(), "|input − baseline|": (volume.image - base_recon).abs()}
-    orthogonal_slices_figure({"input": volume.image, "ours": ours_recon, "baseline": base_recon}, out_dir / "recons.png",
-                             title=f"{frame['subject_id'][0]} (IXI val), {epochs * steps_per_epoch} steps each")
-    orthogonal_slices_figure(diff_scale, out_dir / "differences.png", title="absolute differences (one shared colour scale)")
+        base_recon = (
+            baseline_model.decode(mu)
+            .float()
+            .clamp(0, 1)[0][:, : volume.image.shape[1], : volume.image.shape[2], : volume.image.shape[3]]
+        )
+    diff_scale = {
+        "|input − ours|": (volume.image - ours_recon).abs(),
+        "|input − baseline|": (volume.image - base_recon).abs(),
+    }
+    orthogonal_slices_figure(
+        {"input": volume.image, "ours": ours_recon, "baseline": base_recon},
+        out_dir / "recons.png",
+        title=f"{frame['subject_id'][0]} (IXI val), {epochs * steps_per_epoch} steps each",
+    )
+    orthogonal_slices_figure(
+        diff_scale, out_dir / "differences.png", title="absolute differences (one shared colour scale)"
+    )
     print(f"figures: {out_dir / 'recons.png'}, {out_dir / 'differences.png'}")
     return 0
 
