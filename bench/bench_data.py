@@ -1,6 +1,7 @@
 """Data-loading throughput: volumes/s per cache mode and worker count, first vs second epoch.
 
     python bench/bench_data.py [--split /work/shared/data/ixi/train.csv] [--limit 40] [--augment]
+        [--workers 0 2]
 
 Uses the IXI train split when present, else the demo cohort (built under data/demo on first use). The
 memory cache is filled when the dataset is built (timed as "build"); the disk cache is filled during the
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N rows")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--augment", action="store_true", help="apply the default training augmentation")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
     args = parser.parse_args()
     if args.split is None:
         data = DataConfig()
@@ -68,7 +70,7 @@ def main() -> None:
         f"{'epoch2 vol/s':>14}"
     )
     for cache in ("none", "memory", "disk"):
-        for workers in (0, 2):
+        for workers in args.workers:
             with tempfile.TemporaryDirectory() as cache_dir:
                 start = time.perf_counter()
                 dataset = build_dataset(frame, prep, augmentation, cache=cache, cache_dir=Path(cache_dir))

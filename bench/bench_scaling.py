@@ -6,14 +6,18 @@ The step is ``bench_model``'s model-only training step (forward, MSE + KL, backw
 
 Grid: batch 1 at 64^3, 92x112x92, 128^3, 160x192x160; then batch 2 and 4 at 64^3 and 92x112x92 (by
 increasing voxels x batch). Every (model, size, batch) runs in its own subprocess (isolated peak memory), the
-models of one configuration one after the other (side by side in time). A run is
+models of one configuration one after the other (side by side in time); on cuda every run is in-process
+(the allocator's peak statistics isolate it, and a CUDA start per run would cost more than the run) and an
+out-of-memory error is recorded as ``"out of memory"``. A run is
 
 * ``"skipped (memory)"`` when its memory, extrapolated linearly in voxels x batch from the largest finished
   run of the same model (+ the process baseline), exceeds ``--max-gib`` (default 18 GiB; cuda: 90% of the
   device memory);
 * ``"skipped (time)"`` when the extrapolated time of its warm-up + timed steps exceeds the per-run timeout
   or a smaller run of the model timed out; ``"skipped (time budget)"`` once ``--budget-s`` is spent;
-* ``"timeout"`` when it was killed after ``--timeout-s``; ``"failed"`` when the subprocess failed.
+* ``"timeout"`` when it was killed after ``--timeout-s`` (cpu); ``"failed"`` when the subprocess failed.
+
+The JSON is rewritten after every run, so a run killed from outside keeps what it measured.
 
 Runs with >= 128^3 voxels x batch use 1 warm-up + 2 timed steps, smaller ones 1 + ``--steps``; medians.
 Writes ``--json`` (default ``bench/results/scaling_<device>.json``) and ``--plot`` (default
@@ -26,6 +30,7 @@ Usage: ``python bench/bench_scaling.py [--device cpu|cuda] [--steps 3] [--timeou
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -33,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,8 +76,10 @@ def grid() -> list[tuple[tuple[int, int, int], int]]:
 # ----------------------------------------------------------------------------------------------- worker
 
 
-def worker(variant: str, shape: tuple[int, int, int], batch: int, steps: int, device: torch.device) -> None:
-    """Run one configuration in this process; print ``RESULT <json>``."""
+def measure_config(
+    variant: str, shape: tuple[int, int, int], batch: int, steps: int, device: torch.device
+) -> dict[str, object]:
+    """Run one configuration in this process; returns ``{"s_per_step", "s_all", "peak_mib", "baseline_mib"}``."""
     gpu = device.type == "cuda"
     model = bench_model.build(variant).to(device)
     x = torch.rand(batch, 1, *shape, device=device)
@@ -89,22 +97,36 @@ def worker(variant: str, shape: tuple[int, int, int], batch: int, steps: int, de
     base = (
         torch.cuda.memory_allocated() if gpu else bench_model._proc_status_kib("VmRSS") * 1024  # noqa: SLF001 (bench_model's helper)
     )
-    result = {
+    return {
         "s_per_step": statistics.median(times),
         "s_all": times,
         "peak_mib": statistics.median(mems) / 2**20,
         "baseline_mib": base / 2**20,
     }
-    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_in_process(variant: str, shape: tuple[int, ...], batch: int, steps: int) -> dict[str, object]:
+    """cuda: run one configuration in this process (the allocator's peak statistics isolate it; a CUDA
+    process start per run would cost more than the runs). Frees the model's memory afterwards."""
+    start = time.perf_counter()
+    try:
+        result = measure_config(variant, shape, batch, steps, torch.device("cuda"))
+    except torch.cuda.OutOfMemoryError as err:
+        return {"status": "out of memory", "error": str(err).splitlines()[0]}
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+    return {"status": "ok", "wall_s": time.perf_counter() - start, **result}
 
 
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def run_one(
+def run_in_subprocess(
     variant: str, shape: tuple[int, ...], batch: int, steps: int, device: str, timeout_s: float
 ) -> dict[str, object]:
-    """Run ``worker`` in a subprocess (killed after ``timeout_s``); returns its result or a status."""
+    """cpu: run ``measure_config`` in a subprocess (own peak RSS; killed after ``timeout_s``); returns its
+    result or a status."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--device", device]
     cmd += ["--shape", *map(str, shape), "--batch", str(batch), "--steps", str(steps)]
     env = {**os.environ, bench_model.MALLOC_ENV: "65536"}
@@ -130,8 +152,11 @@ def predict(done: list[dict[str, object]], voxels: int) -> tuple[float | None, f
     return ref["baseline_mib"] + ref["peak_mib"] * scale, ref["s_per_step"] * scale
 
 
-def run_grid(args: argparse.Namespace) -> list[dict[str, object]]:
-    """Run every (size, batch, model) of the grid, with the skip rules of the module docstring."""
+def run_grid(
+    args: argparse.Namespace, save: Callable[[list[dict[str, object]]], None]
+) -> list[dict[str, object]]:
+    """Run every (size, batch, model) of the grid, with the skip rules of the module docstring; calls
+    ``save(records)`` after each record (a killed run keeps what it measured)."""
     max_mib = args.max_gib * 1024
     if args.device == "cuda":
         max_mib = min(max_mib, 0.9 * torch.cuda.get_device_properties(0).total_memory / 2**20)
@@ -163,12 +188,16 @@ def run_grid(args: argparse.Namespace) -> list[dict[str, object]]:
                 record["status"] = "skipped (time budget)"
             else:
                 print(f"{model:9s} {shape} x{batch}: running ({steps} timed steps) ...", flush=True)
-                record.update(run_one(model, shape, batch, steps, args.device, args.timeout_s))
+                if args.device == "cuda":
+                    record.update(run_in_process(model, shape, batch, steps))
+                else:
+                    record.update(run_in_subprocess(model, shape, batch, steps, args.device, args.timeout_s))
             line = f"{model:9s} {str(tuple(shape)):16s} x{batch}: {record['status']}"
             if record["status"] == "ok":
                 line += f"  {record['s_per_step']:.2f} s/step  {record['peak_mib']:.0f} MiB"
             print(line + f"  (load {record['load_average']})", flush=True)
             records.append(record)
+            save(records)
     return records
 
 
@@ -272,7 +301,10 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker is not None:
-        worker(args.worker, tuple(args.shape), args.batch, args.steps, resolve_device(args.device))
+        result = measure_config(
+            args.worker, tuple(args.shape), args.batch, args.steps, resolve_device(args.device)
+        )
+        print("RESULT " + json.dumps(result), flush=True)
         return
     if args.plot_only is not None:
         plot(json.loads(args.plot_only.read_text()), args.plot)
@@ -297,7 +329,9 @@ def main() -> None:
     }
     print("machine:", json.dumps(info))
     print("settings:", json.dumps(settings))
-    records = run_grid(args)
+    records = run_grid(
+        args, lambda done: write_json(json_path, {"machine": info, "settings": settings, "records": done})
+    )
     settings["load_average_end"] = load_average()
     payload = {"machine": info, "settings": settings, "records": records}
     write_json(json_path, payload)

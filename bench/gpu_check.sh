@@ -1,83 +1,105 @@
 #!/usr/bin/env bash
-# GPU check of the VAE benchmarks, < 8 minutes in all on one H100/H200. Downloads nothing.
+# GPU check of the VAE benchmarks: about 8 minutes at most on one H100/H200. Downloads nothing.
 #
-#   bash bench/gpu_check.sh            # logs + JSON to ${OUT:-bench/results/gpu}
+#   bash bench/gpu_check.sh [RESULTS_DIR]      # logs + JSON + PNG to RESULTS_DIR (default bench/results/gpu)
+#   TRAIN_CSV=… VAL_CSV=… bash bench/gpu_check.sh   # real volumes for steps 4-6 (default: ../shared/data/ixi)
 #
-# Runs (each under its own `timeout`: 455 s at most in all, + start-up, even if something hangs):
-#   1. bench_model.py       model-only step, bf16 autocast, channels_last_3d, eager          (MFU)
-#   2. bench_model.py       same, NCDHW (--no-channels-last)                                 (memory-format check)
-#   3. bench_model.py       same as 1 with torch.compile                                     (MFU)
-#   4. bench_train_step.py  full GAN step (VAE + LPIPS3D + PatchGAN, AdamW), eager           (MFU)
-#   5. bench_train_step.py  same with torch.compile of the VAE                               (MFU)
-#   6. bench_scaling.py     step time / peak memory vs volume and batch size (time-boxed), + scaling_cuda.png
-# then prints one summary table (s/step, peak MiB, MFU per run and variant).
-# MFU uses --peak-tflops (default 989 = H100/H200 SXM dense bf16); pass PEAK_TFLOPS=... for other cards.
+# Each step runs under its own `timeout` (limits below: 475 s in all, + start-up, even if something hangs);
+# the most important first, so a cut-short run still has them:
+#   1. model_eager          bench_model.py: model-only step, bf16 autocast, channels_last_3d, eager, MFU
+#                           (ours, ours + activation checkpointing, MONAI AutoencoderKlMaisi, AutoencoderKL).
+#                           If this fails the environment is broken: the script stops here.
+#   2. train_step_eager     bench_train_step.py: full GAN step (VAE + LPIPS3D + PatchGAN, AdamW), MFU
+#   3. scaling              bench_scaling.py: step time / peak memory vs volume and batch size + plot
+#   4. encode               bench_encode.py: save_latent.py throughput, I/O included      (needs TRAIN_CSV)
+#   5. data_loader          bench_data.py: loader throughput per cache mode / workers     (needs TRAIN_CSV)
+#   6. train                train.py, default config, a few epochs incl. the GAN stage    (needs both CSVs)
+#   7. model_ncdhw          as 1 without channels_last_3d (memory-format check)
+#   8. model_compile        as 1 with torch.compile (ours, AutoencoderKL; compile time is in the warm-up)
+# then prints one summary table. MFU uses PEAK_TFLOPS (default 989 = H100/H200 SXM dense bf16).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench/results/gpu}"
+RESULTS="${1:-bench/results/gpu}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
-PYTHON="${PYTHON:-python}"
-mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+PYTHON="${PYTHON:-python3}"
+IXI=../shared/data/ixi
+TRAIN_CSV="${TRAIN_CSV:-$([ -f $IXI/train.csv ] && echo $IXI/train.csv)}"
+VAL_CSV="${VAL_CSV:-$([ -f $IXI/val.csv ] && echo $IXI/val.csv)}"
+mkdir -p "$RESULTS"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 "$PYTHON" - <<'EOF' || { echo "CUDA not available: nothing run"; exit 1; }
 import torch
 assert torch.cuda.is_available()
 print("gpu:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| cuda", torch.version.cuda)
 EOF
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv > "$OUT/nvidia_smi.csv" 2>&1 || true
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv \
+    > "$RESULTS/nvidia_smi.csv" 2>&1 || true
+nproc > "$RESULTS/cpu_cores.txt"
 
-# run NAME LIMIT_S CMD...: run under `timeout`, log to $OUT/NAME.log, record the exit code
+# run NAME LIMIT_S CMD...: run under `timeout`, log to $RESULTS/NAME.log, record exit code and wall time
 run() {
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit}s): $*"
     local start=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" > "$RESULTS/$name.log" 2>&1
     local rc=$?
-    echo "$name rc=$rc wall=$((SECONDS - start))s" | tee -a "$OUT/status.txt"
-    tail -n 8 "$OUT/$name.log"
+    echo "$name rc=$rc wall=$((SECONDS - start))s" | tee -a "$RESULTS/status.txt"
+    tail -n 12 "$RESULTS/$name.log"
+    return $rc
 }
 
+COMMON=(--device cuda --peak-tflops "$PEAK_TFLOPS")
 VARIANTS=(ours ours_ckpt maisi monai_kl)
-COMPILE_VARIANTS=(ours maisi monai_kl) # compile time dominates: no ours_ckpt
-COMMON=(--device cuda --steps 5 --peak-tflops "$PEAK_TFLOPS")
 
-run model_eager 50 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --variants "${VARIANTS[@]}" \
-    --json "$OUT/model_eager.json"
-run model_ncdhw 35 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --variants "${COMPILE_VARIANTS[@]}" \
-    --no-channels-last --json "$OUT/model_ncdhw.json"
-run model_compile 130 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --variants "${COMPILE_VARIANTS[@]}" \
-    --compile --json "$OUT/model_compile.json"
-run train_step_eager 50 "$PYTHON" bench/bench_train_step.py "${COMMON[@]}" --variants "${VARIANTS[@]}" \
-    --json "$OUT/train_step_eager.json"
-run train_step_compile 130 "$PYTHON" bench/bench_train_step.py "${COMMON[@]}" \
-    --variants "${COMPILE_VARIANTS[@]}" --compile --json "$OUT/train_step_compile.json"
-run scaling 60 "$PYTHON" bench/bench_scaling.py --device cuda --steps 3 --timeout-s 30 --budget-s 45 \
-    --json "$OUT/scaling_cuda.json" --plot "$OUT/scaling_cuda.png"
+run model_eager 60 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --steps 10 --variants "${VARIANTS[@]}" \
+    --json "$RESULTS/model_eager.json" || { echo "model step failed: environment broken, stopping"; exit 1; }
+run train_step_eager 60 "$PYTHON" bench/bench_train_step.py "${COMMON[@]}" --steps 10 \
+    --variants "${VARIANTS[@]}" --json "$RESULTS/train_step_eager.json"
+run scaling 75 "$PYTHON" bench/bench_scaling.py --device cuda --steps 5 --budget-s 60 \
+    --json "$RESULTS/scaling_cuda.json" --plot "$RESULTS/scaling_cuda.png"
+if [ -n "$TRAIN_CSV" ]; then
+    run encode 45 "$PYTHON" bench/bench_encode.py --csv "$TRAIN_CSV" --rows 16 --batch_sizes 1 4 \
+        --num_workers 0 8 --device cuda
+    run data_loader 45 "$PYTHON" bench/bench_data.py --split "$TRAIN_CSV" --limit 16 --augment --workers 0 8
+fi
+if [ -n "$TRAIN_CSV" ] && [ -n "$VAL_CSV" ]; then
+    run train 70 "$PYTHON" train.py --config_file config.json --set train.run_name='"gpu_check"' \
+        --set data.train_csv="\"$TRAIN_CSV\"" --set data.val_csv="\"$VAL_CSV\"" --set data.num_workers=8 \
+        --set train.num_epochs=4 --set train.gan_start_epoch=2 --set train.val_every=2 \
+        --set train.runs_dir="\"$RESULTS/runs\"" --set train.best_runs_dir="\"$RESULTS/best_runs\""
+fi
+run model_ncdhw 30 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --steps 10 --variants ours maisi monai_kl \
+    --no-channels-last --json "$RESULTS/model_ncdhw.json"
+run model_compile 90 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --steps 10 --variants ours monai_kl \
+    --compile --json "$RESULTS/model_compile.json"
 
 echo
-echo "== summary ($OUT)"
-"$PYTHON" - "$OUT" <<'EOF'
+echo "== summary ($RESULTS)"
+"$PYTHON" - "$RESULTS" <<'EOF'
 import json, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-print(f"{'run':20s} {'variant':12s} {'s/step':>8s} {'peak MiB':>9s} {'MFU':>7s}")
-for name in ("model_eager", "model_ncdhw", "model_compile", "train_step_eager", "train_step_compile"):
+print(f"{'run':18s} {'variant':10s} {'s/step':>8s} {'peak MiB':>9s} {'MFU':>7s}")
+for name in ("model_eager", "train_step_eager", "model_ncdhw", "model_compile"):
     path = out / f"{name}.json"
     if not path.exists():
-        print(f"{name:20s} (no result: see {name}.log)")
+        print(f"{name:18s} (no result: see {name}.log)")
         continue
     for variant, r in json.loads(path.read_text())["results"].items():
         mfu = f"{100 * r['mfu']:6.2f}%" if "mfu" in r else "      -"
-        print(f"{name:20s} {variant:12s} {r['s_per_step']:8.4f} {r['peak_mib']:9.0f} {mfu}")
+        print(f"{name:18s} {variant:10s} {r['s_per_step']:8.4f} {r['peak_mib']:9.0f} {mfu}")
 path = out / "scaling_cuda.json"
 if path.exists():
     for r in json.loads(path.read_text())["records"]:
         shape = "x".join(map(str, r["shape"]))
         value = f"{r['s_per_step']:.4f} s {r['peak_mib']:.0f} MiB" if r["status"] == "ok" else r["status"]
-        print(f"{'scaling':20s} {r['model']:12s} {shape} x{r['batch']}: {value}")
+        print(f"{'scaling':18s} {r['model']:10s} {shape} x{r['batch']}: {value}")
+for csv in sorted(out.glob("runs/*/metrics.csv")):
+    print(f"train metrics: {csv}")
+    print(csv.read_text())
 EOF
-cat "$OUT/status.txt"
+cat "$RESULTS/status.txt"
