@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# GPU check of the VAE benchmarks: about 8 minutes at most on one H100/H200. Downloads nothing.
+# GPU check of the VAE benchmarks: at most 9 minutes on one H100/H200 (about 6 when nothing stalls).
+# Downloads nothing.
 #
 #   bash bench/gpu_check.sh [RESULTS_DIR]      # logs + JSON + PNG to RESULTS_DIR (default bench/results/gpu)
-#   TRAIN_CSV=… VAL_CSV=… bash bench/gpu_check.sh   # real volumes for steps 4-6 (default: ../shared/data/ixi)
+#   TRAIN_CSV=… VAL_CSV=… bash bench/gpu_check.sh   # real volumes for steps 3-5 (default: ../shared/data/ixi)
+#   STEPS="train scaling" bash bench/gpu_check.sh   # only these steps (names below)
 #
-# Each step runs under its own `timeout` (limits below: 475 s in all, + start-up, even if something hangs);
-# the most important first, so a cut-short run still has them:
+# Each step runs under its own `timeout` (limits: 570 s in all, + start-up, even if something hangs); the
+# most important first, so a cut-short run still has them:
 #   1. model_eager          bench_model.py: model-only step, bf16 autocast, channels_last_3d, eager, MFU
 #                           (ours, ours + activation checkpointing, MONAI AutoencoderKlMaisi, AutoencoderKL).
 #                           If this fails the environment is broken: the script stops here.
 #   2. train_step_eager     bench_train_step.py: full GAN step (VAE + LPIPS3D + PatchGAN, AdamW), MFU
-#   3. scaling              bench_scaling.py: step time / peak memory vs volume and batch size + plot
+#   3. train                train.py, default config, 4 epochs incl. 2 in the GAN stage   (needs both CSVs)
 #   4. encode               bench_encode.py: save_latent.py throughput, I/O included      (needs TRAIN_CSV)
 #   5. data_loader          bench_data.py: loader throughput per cache mode / workers     (needs TRAIN_CSV)
-#   6. train                train.py, default config, a few epochs incl. the GAN stage    (needs both CSVs)
-#   7. model_ncdhw          as 1 without channels_last_3d (memory-format check)
-#   8. model_compile        as 1 with torch.compile (ours, AutoencoderKL; compile time is in the warm-up)
+#   6. model_compile        as 1 with torch.compile (ours, AutoencoderKL; compile time is in the warm-up)
+#   7. scaling              bench_scaling.py: step time / peak memory vs volume and batch size + plot
+#   8. model_ncdhw          as 1 without channels_last_3d (memory-format check)
 # then prints one summary table. MFU uses PEAK_TFLOPS (default 989 = H100/H200 SXM dense bf16).
 set -uo pipefail
 
@@ -53,28 +55,33 @@ run() {
 
 COMMON=(--device cuda --peak-tflops "$PEAK_TFLOPS")
 VARIANTS=(ours ours_ckpt maisi monai_kl)
+# wanted NAME: true when STEPS is unset or names NAME
+wanted() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 
-run model_eager 60 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --steps 10 --variants "${VARIANTS[@]}" \
-    --json "$RESULTS/model_eager.json" || { echo "model step failed: environment broken, stopping"; exit 1; }
-run train_step_eager 60 "$PYTHON" bench/bench_train_step.py "${COMMON[@]}" --steps 10 \
-    --variants "${VARIANTS[@]}" --json "$RESULTS/train_step_eager.json"
-run scaling 75 "$PYTHON" bench/bench_scaling.py --device cuda --steps 5 --budget-s 60 \
-    --json "$RESULTS/scaling_cuda.json" --plot "$RESULTS/scaling_cuda.png"
-if [ -n "$TRAIN_CSV" ]; then
-    run encode 45 "$PYTHON" bench/bench_encode.py --csv "$TRAIN_CSV" --rows 16 --batch_sizes 1 4 \
-        --num_workers 0 8 --device cuda
-    run data_loader 45 "$PYTHON" bench/bench_data.py --split "$TRAIN_CSV" --limit 16 --augment --workers 0 8
+if wanted model_eager; then
+    run model_eager 60 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --steps 10 --variants "${VARIANTS[@]}" \
+        --json "$RESULTS/model_eager.json" || { echo "model step failed: environment broken, stopping"; exit 1; }
 fi
-if [ -n "$TRAIN_CSV" ] && [ -n "$VAL_CSV" ]; then
-    run train 70 "$PYTHON" train.py --config_file config.json --set train.run_name='"gpu_check"' \
+wanted train_step_eager && run train_step_eager 75 "$PYTHON" bench/bench_train_step.py "${COMMON[@]}" \
+    --steps 10 --variants "${VARIANTS[@]}" --json "$RESULTS/train_step_eager.json"
+if [ -n "$TRAIN_CSV" ] && [ -n "$VAL_CSV" ] && wanted train; then
+    run train 75 "$PYTHON" train.py --config_file config.json --set train.run_name='"gpu_check"' \
         --set data.train_csv="\"$TRAIN_CSV\"" --set data.val_csv="\"$VAL_CSV\"" --set data.num_workers=8 \
         --set train.num_epochs=4 --set train.gan_start_epoch=2 --set train.val_every=2 \
         --set train.runs_dir="\"$RESULTS/runs\"" --set train.best_runs_dir="\"$RESULTS/best_runs\""
 fi
-run model_ncdhw 30 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --steps 10 --variants ours maisi monai_kl \
-    --no-channels-last --json "$RESULTS/model_ncdhw.json"
-run model_compile 90 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --steps 10 --variants ours monai_kl \
-    --compile --json "$RESULTS/model_compile.json"
+if [ -n "$TRAIN_CSV" ]; then
+    wanted encode && run encode 45 "$PYTHON" bench/bench_encode.py --csv "$TRAIN_CSV" --rows 16 \
+        --batch_sizes 1 4 --num_workers 0 8 --device cuda
+    wanted data_loader && run data_loader 45 "$PYTHON" bench/bench_data.py --split "$TRAIN_CSV" --limit 16 \
+        --augment --workers 0 8
+fi
+wanted model_compile && run model_compile 120 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --steps 10 \
+    --variants ours monai_kl --compile --json "$RESULTS/model_compile.json"
+wanted scaling && run scaling 110 "$PYTHON" bench/bench_scaling.py --device cuda --steps 5 --budget-s 95 \
+    --json "$RESULTS/scaling_cuda.json" --plot "$RESULTS/scaling_cuda.png"
+wanted model_ncdhw && run model_ncdhw 40 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --steps 10 \
+    --variants ours maisi monai_kl --no-channels-last --json "$RESULTS/model_ncdhw.json"
 
 echo
 echo "== summary ($RESULTS)"

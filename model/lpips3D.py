@@ -60,6 +60,7 @@ is first upsampled x2 to ~1 mm.)
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,15 +95,18 @@ def medicalnet_cache_path(depth: int) -> Path:
 
 
 def _deepbet_default_path() -> Path:
-    """Locate the deepbet TorchScript model via ``deepbet.utils.DATA_PATH``."""
-    try:
-        from deepbet.utils import DATA_PATH
-    except ImportError as err:
+    """Locate deepbet's TorchScript model, ``<site-packages>/data/models/model.pt`` (``deepbet.utils.DATA_PATH``).
+
+    Found via the package's location without importing it: ``import deepbet`` pulls in its brain-extraction
+    dependencies (fill_voids, fastremap, cc3d), which the perceptual loss does not need.
+    """
+    spec = importlib.util.find_spec("deepbet")
+    if spec is None or spec.origin is None:
         raise FileNotFoundError(
             "The deepbet backbone needs the `deepbet` package (pip install deepbet) or an explicit "
             "weights_path=<.../data/models/model.pt>."
-        ) from err
-    return Path(DATA_PATH) / "models" / "model.pt"
+        )
+    return Path(spec.origin).resolve().parents[1] / "data" / "models" / "model.pt"
 
 
 def _per_volume_zscore(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -7,7 +7,8 @@ tensors. Here every such "cheap prologue followed by a convolution" unit runs th
 :class:`_RecomputedInputConv`, which stores only the prologue's *input* and recomputes the prologue
 (normalisation, activation, zero padding or trilinear upsampling, all cheap next to a 3x3x3 convolution) in the
 backward pass. The convolution itself is never recomputed, and its backward is the native
-``aten.convolution_backward``, so results equal the plain PyTorch composition within fp32 rounding.
+``aten.convolution_backward``, so results equal the plain PyTorch composition within fp32 rounding. Under
+``torch.compile`` the plain composition is traced instead (see :func:`recomputed_input_conv`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ResBlock", "Downsample", "Upsample", "SpatialAttention", "conv_nd", "norm_act_conv"]
+__all__ = [
+    "ResBlock",
+    "Downsample",
+    "Upsample",
+    "SpatialAttention",
+    "conv_nd",
+    "norm_act_conv",
+    "recomputed_input_conv",
+]
 
 
 def conv_nd(spatial_dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
@@ -110,6 +119,35 @@ class _RecomputedInputConv(torch.autograd.Function):
         return None, None, None, grad_x, grad_weight, grad_bias, *grad_params
 
 
+def recomputed_input_conv(
+    prologue: Callable[..., torch.Tensor],
+    act: bool,
+    conv: nn.Conv2d | nn.Conv3d,
+    x: torch.Tensor,
+    *prologue_params: torch.Tensor,
+) -> torch.Tensor:
+    """``conv(silu?(prologue(x, *prologue_params)))`` storing only ``x`` for backward (eager mode).
+
+    Under ``torch.compile`` the plain composition is traced instead: dynamo cannot trace the custom autograd
+    function (it takes a closure and a module), and the compiler's own partitioner already recomputes cheap
+    pointwise prologues in the backward pass instead of storing them.
+
+    Args:
+        prologue: cheap function of ``x`` (normalisation, padding, upsampling); computed in fp32 by the caller.
+        act: apply SiLU after the prologue.
+        conv: the convolution (its weight and bias are used).
+        x: (B, C_in, *spatial) input.
+        prologue_params: tensors passed to ``prologue`` after ``x`` (e.g. GroupNorm weight and bias).
+
+    Returns:
+        (B, C_out, *spatial_out) tensor.
+    """
+    if torch.compiler.is_compiling():
+        conv_input = prologue(x, *prologue_params)
+        return conv(F.silu(conv_input) if act else conv_input)
+    return _RecomputedInputConv.apply(prologue, act, conv, x, conv.weight, conv.bias, *prologue_params)
+
+
 def norm_act_conv(
     x: torch.Tensor, norm: nn.GroupNorm, conv: nn.Conv2d | nn.Conv3d, act: bool = True
 ) -> torch.Tensor:
@@ -128,7 +166,7 @@ def norm_act_conv(
     def prologue(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return F.group_norm(t.float(), norm.num_groups, weight.float(), bias.float(), norm.eps)
 
-    return _RecomputedInputConv.apply(prologue, act, conv, x, conv.weight, conv.bias, norm.weight, norm.bias)
+    return recomputed_input_conv(prologue, act, conv, x, norm.weight, norm.bias)
 
 
 class ResBlock(nn.Module):
@@ -184,7 +222,7 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, *S) -> (B, C, *ceil((S - 1) / 2))."""
-        return _RecomputedInputConv.apply(_pad_high, False, self.conv, x, self.conv.weight, self.conv.bias)
+        return recomputed_input_conv(_pad_high, False, self.conv, x)
 
 
 def _upsample_x2(x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +253,7 @@ class Upsample(nn.Module):
         """(B, C, *S) -> (B, C, *2S)."""
         if self.mode == "transposed":
             return self.conv(x)
-        return _RecomputedInputConv.apply(_upsample_x2, False, self.conv, x, self.conv.weight, self.conv.bias)
+        return recomputed_input_conv(_upsample_x2, False, self.conv, x)
 
 
 class SpatialAttention(nn.Module):
