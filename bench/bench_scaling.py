@@ -158,8 +158,6 @@ def run_grid(
     """Run every (size, batch, model) of the grid, with the skip rules of the module docstring; calls
     ``save(records)`` after each record (a killed run keeps what it measured)."""
     max_mib = args.max_gib * 1024
-    if args.device == "cuda":
-        max_mib = min(max_mib, 0.9 * torch.cuda.get_device_properties(0).total_memory / 2**20)
     start = time.perf_counter()
     records: list[dict[str, object]] = []
     for shape, batch in grid():
@@ -265,6 +263,7 @@ def plot(payload: dict[str, object], path: Path) -> None:
                 ax.set(xscale="log", yscale="log")
                 ax.legend(fontsize=7)
             ax.grid(True, which="both", alpha=0.3)
+        axes[row, 0].xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels overlap
         if axes[row, 1].has_data():
             axes[row, 1].set_xticks([1, 2, 4], labels=["1", "2", "4"])
             axes[row, 1].xaxis.set_minor_formatter(NullFormatter())
@@ -291,7 +290,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps below 128^3 voxels x batch")
     parser.add_argument("--timeout-s", type=float, default=240.0, help="per-run limit (subprocess killed)")
     parser.add_argument("--budget-s", type=float, default=1500.0, help="start no run after this many seconds")
-    parser.add_argument("--max-gib", type=float, default=18.0, help="skip runs predicted above this")
+    parser.add_argument(
+        "--max-gib",
+        type=float,
+        default=None,
+        help="skip runs predicted above this (cpu 18, cuda 90%% of device)",
+    )
     parser.add_argument("--plot", type=Path, default=BENCH_DIR / "scaling.png")
     parser.add_argument("--plot-only", type=Path, default=None, help="re-plot an existing JSON result")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -310,6 +314,10 @@ def main() -> None:
         plot(json.loads(args.plot_only.read_text()), args.plot)
         return
     device = resolve_device(args.device)
+    if args.max_gib is None:
+        args.max_gib = (
+            0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30 if device.type == "cuda" else 18.0
+        )
     json_path = args.json or BENCH_DIR / "results" / f"scaling_{device.type}.json"
     info = bench_model.machine_info(device)
     settings = {
