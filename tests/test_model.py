@@ -117,6 +117,26 @@ def test_checkpointing_matches_plain():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_torch_compile_traces_without_graph_breaks_and_matches_eager():
+    """Under torch.compile the blocks trace the plain norm/act/conv composition (dynamo cannot trace the eager
+    path's custom autograd function): fullgraph=True fails on any graph break, and outputs and gradients must
+    equal eager. The aot_eager backend traces forward and backward like inductor but needs no C++ compiler."""
+    model = _tiny()
+    _randomise_norms(model)
+    x = torch.randn(1, 1, 16, 12, 8)
+    out_eager, grads_eager = _loss_and_grads(model, x)
+    grads_eager = {n: g.clone() for n, g in grads_eager.items()}
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    recon, mu, sigma = compiled(x)
+    loss = (recon - x).pow(2).mean() + 1e-3 * (mu.pow(2) + sigma.pow(2) - 2 * sigma.log() - 1).mean()
+    loss.backward()
+    torch.testing.assert_close(recon.detach(), out_eager, rtol=1e-4, atol=1e-5)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, grads_eager[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_channels_last_input_matches_contiguous():
     model = _tiny(in_channels=2)
     _randomise_norms(model)
