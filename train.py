@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch._functorch import config as functorch_config
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
@@ -319,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     # ---- wrappers (compile, DDP) around the bare modules that checkpoints hold
     vae_bare, discriminator_bare = vae, discriminator
     if train.compile:
+        if train.adaptive_adversarial_weight:
+            # The adaptive weight differentiates the generator loss twice (retain_graph=True), which compiled
+            # backward functions that donate their saved buffers refuse; keep those buffers instead.
+            functorch_config.donated_buffer = False
         vae = torch.compile(vae)
     if context.is_distributed:
         vae = DistributedDataParallel(vae, device_ids=[device.index] if device.type == "cuda" else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers import REPO_ROOT, run_train_subprocess, tiny_overrides
+from torch._functorch import config as functorch_config
 
 import train
 from config import ConfigError
@@ -233,3 +235,20 @@ def test_adversarial_weight_fixed_or_adaptive(tmp_path, tiny_split):
     ]
     assert fixed_weight == pytest.approx(0.1)
     assert np.isfinite(adaptive_weight) and adaptive_weight > 0 and adaptive_weight != pytest.approx(0.1)
+
+
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile (inductor) needs a C++ compiler"
+)
+def test_compiled_vae_trains_through_the_adaptive_gan_stage(tmp_path, tiny_split, monkeypatch):
+    """train.compile=true from pretraining into the GAN stage, whose adaptive adversarial weight differentiates
+    the generator loss twice: the compiled backward must allow it (it failed with "donated buffers" before), and
+    the checkpoint holds the bare model's weights. Inductor, with its cache under tmp_path."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_cache"))
+    monkeypatch.setattr(functorch_config, "donated_buffer", True)  # train.py changes it; restored afterwards
+    args = tiny_overrides(tmp_path, tiny_split, num_epochs=2, gan_start_epoch=1, compile=True)
+    assert train.main(args) == 0
+    last = load_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt")
+    assert [record["stage"] for record in last["history"]] == ["pretrain", "gan"]
+    assert last["history"][1]["train/adversarial_weight"] > 0
+    assert not any(key.startswith("_orig_mod") for key in last["vae"])
