@@ -324,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
             # The adaptive weight differentiates the generator loss twice (retain_graph=True), which compiled
             # backward functions that donate their saved buffers refuse; keep those buffers instead.
             functorch_config.donated_buffer = False
-        vae = torch.compile(vae)
+        # Static shapes: preprocessing fixes the volume shape, so only a smaller last batch recompiles. Dynamic
+        # shapes (what dynamo switches to on a second shape) failed to lower in inductor here.
+        vae = torch.compile(vae, dynamic=False)
     if context.is_distributed:
         vae = DistributedDataParallel(vae, device_ids=[device.index] if device.type == "cuda" else None)
         discriminator = DistributedDataParallel(

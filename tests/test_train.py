@@ -246,7 +246,8 @@ def test_compiled_vae_trains_through_the_adaptive_gan_stage(tmp_path, tiny_split
     the checkpoint holds the bare model's weights. Inductor, with its cache under tmp_path."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_cache"))
     monkeypatch.setattr(functorch_config, "donated_buffer", True)  # train.py changes it; restored afterwards
-    args = tiny_overrides(tmp_path, tiny_split, num_epochs=2, gan_start_epoch=1, compile=True)
+    # batch 3 of 4 volumes: a full and a partial batch, two input shapes
+    args = tiny_overrides(tmp_path, tiny_split, num_epochs=2, gan_start_epoch=1, compile=True, batch_size=3)
     assert train.main(args) == 0
     last = load_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt")
     assert [record["stage"] for record in last["history"]] == ["pretrain", "gan"]
