@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +43,7 @@ from config import AugmentationConfig, DataConfig, PreprocessingConfig
 __all__ = [
     "DataError",
     "InverseInfo",
+    "PreprocessedRows",
     "PreprocessedVolume",
     "VolumeDataset",
     "build_augmentation",
@@ -51,6 +53,8 @@ __all__ = [
     "ensure_demo_data",
     "make_demo_cohort",
     "preflight",
+    "preflight_failures",
+    "preprocessed_batches",
     "preprocess_volume",
     "preprocessing_cache_dir",
     "read_split",
@@ -664,6 +668,54 @@ def build_dataset(
 ) -> VolumeDataset:
     """A :class:`VolumeDataset`; pass ``augmentation=None`` for validation / inference."""
     return VolumeDataset(frame, prep, augmentation, cache, cache_dir, seed)
+
+
+def preflight_failures(frame: pd.DataFrame) -> dict[int, str]:
+    """Row index -> "<image>: <problem>" for every row that fails :func:`check_files` (as in training)."""
+    report = check_files(frame)
+    return {
+        i: f"{image}: {problem}"
+        for i, (image, problem) in enumerate(zip(report["image"], report["problem"], strict=True))
+        if problem
+    }
+
+
+class PreprocessedRows(torch.utils.data.Dataset):
+    """Row ``i`` of a split frame -> ``{"index": i, "volume": PreprocessedVolume | None, "error": str}``.
+
+    For inference and latent saving (no cache, no augmentation). Preprocessing errors are returned, not
+    raised, so one bad file does not stop a DataLoader.
+    """
+
+    def __init__(self, frame: pd.DataFrame, prep: PreprocessingConfig, indices: list[int]) -> None:
+        self.images, self.masks = list(frame["image"]), list(frame["mask"])
+        self.prep, self.indices = prep, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        index = self.indices[position]
+        try:
+            volume = preprocess_volume(self.images[index], self.prep, self.masks[index])
+        except (DataError, OSError, ValueError, RuntimeError) as error:
+            return {"index": index, "volume": None, "error": f"{self.images[index]}: {error}"}
+        return {"index": index, "volume": volume, "error": ""}
+
+
+def preprocessed_batches(
+    frame: pd.DataFrame, prep: PreprocessingConfig, indices: list[int], batch_size: int, num_workers: int
+) -> Iterator[list[dict[str, Any]]]:
+    """Batches (lists) of :class:`PreprocessedRows` items in row order, preprocessed in worker processes."""
+    loader = torch.utils.data.DataLoader(
+        PreprocessedRows(frame, prep, indices),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=list,
+        prefetch_factor=2 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    yield from loader
 
 
 # -------------------------------------------------------------------------------------------- demo data

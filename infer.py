@@ -32,50 +32,24 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from checkpoints import CheckpointError
 from config import ConfigError
-from dataset import DataError, read_split, restore_to_input_grid
-from metrics import image_metrics
-from model import build_perceptual_loss
-from save_latent import (
+from dataset import DataError, preflight_failures, preprocessed_batches, read_split, restore_to_input_grid
+from latents import (
     LATENT_FORMATS,
-    LoadedModel,
     add_model_arguments,
+    decode_latent_file,
     encode_batch,
     latent_affine,
-    latent_suffix,
     load_model,
+    maisi_model_config,
     output_paths,
-    preflight_failures,
-    preprocessed_affine_from_latent,
-    preprocessed_batches,
-    read_latent,
     row_seed,
     write_latent,
 )
-from utils import CheckpointError, autocast
-
-
-@torch.no_grad()
-def decode_latent(model: LoadedModel, latent_path: Path, output_dir: Path) -> Path:
-    """Decode one latent file into ``<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1]."""
-    latent, affine = read_latent(latent_path)
-    if affine is None:
-        raise DataError(f"{latent_path}: --decode needs a .nii.gz latent (its affine locates the image)")
-    target_shape = tuple(model.config.preprocessing.target_shape)
-    expected = (model.vae.latent_channels, *model.vae.latent_shape(target_shape))
-    if tuple(latent.shape) != expected:
-        raise DataError(
-            f"{latent_path}: latent shape (C, d, h, w) {tuple(latent.shape)} does not fit this model and "
-            f"preprocessing.target_shape {target_shape} (expected {expected})"
-        )
-    with autocast(model.device, model.amp_dtype):
-        image = model.vae.decode(latent[None].to(model.device), target_shape)
-    image = image.float().clamp(0.0, 1.0)[0, 0].cpu().numpy()
-    affine = preprocessed_affine_from_latent(affine, model.vae.downsample_factor)
-    name = Path(latent_path).name[: -len(latent_suffix(latent_path)) - 1]
-    path = output_dir / f"{name}_decoded.nii.gz"
-    nib.save(nib.Nifti1Image(image, affine), path)
-    return path
+from metrics import image_metrics
+from model import build_perceptual_loss
+from utils import autocast
 
 
 def summary_table(metrics: pd.DataFrame) -> str:
@@ -109,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
     output_dir = Path(args.output_dir)
     try:
-        model = load_model(args)
+        model = load_model(args.model_checkpoint, args.device, args.amp, maisi_model_config(args))
         output_dir.mkdir(parents=True, exist_ok=True)
         if args.decode:
-            print(f"decoded image: {decode_latent(model, Path(args.decode), output_dir)}")
+            print(f"decoded image: {decode_latent_file(model, Path(args.decode), output_dir)}")
             return 0
         frame = read_split(args.input_data)
         recon_paths = output_paths(frame, output_dir, "_recon.nii.gz")

@@ -7,7 +7,7 @@ Used by training validation, ``infer.py``, ``save_latent.py``, the notebook and 
   over the whole volume and inside the brain mask (``*_brain``).
   In-brain definitions: MSE/PSNR over mask voxels; SSIM = mean of the SSIM map over mask voxels;
   MS-SSIM and LPIPS3D on both volumes multiplied by the mask, cropped to the mask's bounding box.
-* KL divergence of N(mu, sigma²) from N(0, 1): :func:`kl_divergence`, summed over latent elements.
+* KL divergence of N(mu, sigma²) from N(0, 1): ``losses.kl_divergence`` (one definition for loss and report).
 * Latent statistics, streamed (never holding all latents): :class:`LatentStatistics`.
 """
 
@@ -23,25 +23,12 @@ from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
 if TYPE_CHECKING:
     from model.lpips3D import LPIPS3D
 
-__all__ = ["LatentStatistics", "image_metrics", "kl_divergence", "ms_ssim_scales"]
+__all__ = ["LatentStatistics", "image_metrics", "ms_ssim_scales"]
 
 SSIM_KERNEL = 11
 MS_SSIM_KERNEL = 7
 KERNEL_SIGMA = 1.5
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363)
-
-
-def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, sigma²) || N(0, 1)) per sample, summed over all latent elements.
-
-    Args:
-        mu, sigma: (B, C, *spatial).
-    Returns:
-        (B,) float32.
-    """
-    mu, sigma = mu.float(), sigma.float()
-    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - 2.0 * torch.log(sigma) - 1.0)
-    return kl.flatten(1).sum(1)
 
 
 def ms_ssim_scales(spatial_shape: tuple[int, ...]) -> int:

@@ -17,245 +17,38 @@ statistics are streamed over every latent of the manifest, read back from disk i
 resumed run ends with the same latents, manifest and statistics as an uninterrupted one. Files that fail the pre-flight check or preprocessing are listed at the end (exit code 1); every other
 latent is still written.
 
-The helpers in the "shared with infer.py" section (model flags and loading, the worker-process data loader,
-seeded sampling, latent files and their affine) are the one implementation that ``infer.py`` imports.
+Model loading, encoding and latent files: ``latents.py``; preprocessing and the pre-flight check: ``dataset.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
-import os
 import sys
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
-import numpy as np
-import pandas as pd
-import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from config import Config, ConfigError, ModelConfig, PreprocessingConfig
-from dataset import DataError, PreprocessedVolume, check_files, preprocess_volume, read_split
+from checkpoints import CheckpointError
+from config import ConfigError
+from dataset import DataError, preflight_failures, preprocessed_batches, read_split
+from latents import (
+    LATENT_FORMATS,
+    add_model_arguments,
+    encode_batch,
+    latent_affine,
+    load_model,
+    maisi_model_config,
+    output_paths,
+    read_latent,
+    row_seed,
+    sha256_file,
+    write_latent,
+)
 from metrics import LatentStatistics
-from model import MaisiVAE, load_vae
-from utils import CheckpointError, autocast, resolve_amp_dtype, resolve_device
 
-LATENT_FORMATS = ("npy", "nii.gz", "pt")
 SETTINGS_FILE = ".save_latent_settings.json"
-
-# ------------------------------------------------------------------------------------- shared with infer.py
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Checkpoint, MAISI model flags, device, AMP, batch size and loader workers."""
-    parser.add_argument(
-        "--model_checkpoint", required=True, help="best_model.pt / last.pt, or a MAISI state dict"
-    )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
-    parser.add_argument("--batch_size", type=positive_int, default=2, help="volumes per forward pass")
-    parser.add_argument(
-        "--num_workers", type=int, default=2, help="DataLoader processes that preprocess volumes"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="base seed of sampled latents")
-    maisi = parser.add_argument_group("MAISI state dict (a bare state dict carries no config)")
-    maisi.add_argument("--maisi_channels", type=int, nargs="+", help="e.g. 64 128 256")
-    maisi.add_argument("--maisi_num_res_blocks", type=int, nargs="+", help="e.g. 2 2 2")
-    maisi.add_argument("--maisi_latent_channels", type=int, default=4)
-    maisi.add_argument("--maisi_norm_num_groups", type=int, default=32)
-    maisi.add_argument("--maisi_attention_levels", type=int, nargs="+", help="0/1 per level (default all 0)")
-
-
-def maisi_model_config(args: argparse.Namespace) -> ModelConfig | None:
-    """The ModelConfig given by the ``--maisi_*`` flags, or None when ``--maisi_channels`` is absent."""
-    if args.maisi_channels is None:
-        return None
-    levels = len(args.maisi_channels)
-    model = ModelConfig(
-        channels=tuple(args.maisi_channels),
-        num_res_blocks=tuple(args.maisi_num_res_blocks or [1] * levels),
-        attention_levels=tuple(bool(a) for a in (args.maisi_attention_levels or [0] * levels)),
-        latent_channels=args.maisi_latent_channels,
-        norm_num_groups=args.maisi_norm_num_groups,
-    )
-    model.validate()
-    return model
-
-
-def preflight_failures(frame: pd.DataFrame) -> dict[int, str]:
-    """Row index -> "<image>: <problem>" for every row that fails ``dataset.check_files`` (as in training)."""
-    report = check_files(frame)
-    return {
-        i: f"{image}: {problem}"
-        for i, (image, problem) in enumerate(zip(report["image"], report["problem"], strict=True))
-        if problem
-    }
-
-
-def output_paths(frame: pd.DataFrame, output_dir: Path, suffix: str) -> list[Path]:
-    """One path ``<output_dir>/<subject_id><suffix>`` per row (subject ids must be unique)."""
-    ids = frame["subject_id"].astype(str)
-    duplicated = sorted(set(ids[ids.duplicated()]))
-    if duplicated:
-        raise DataError(f"subject_id must be unique to name the output files; duplicated: {duplicated}")
-    return [output_dir / f"{sid.replace(os.sep, '_')}{suffix}" for sid in ids]
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@dataclass
-class LoadedModel:
-    vae: MaisiVAE
-    config: Config
-    checkpoint: dict[str, Any]
-    device: torch.device
-    amp_dtype: torch.dtype | None
-
-
-def load_model(args: argparse.Namespace) -> LoadedModel:
-    """``model.load_vae`` (weights_only) on ``--device``; raises CheckpointError / ConfigError naming the file."""
-    device = resolve_device(args.device)
-    vae, config, checkpoint = load_vae(args.model_checkpoint, device, maisi_model_config(args))
-    return LoadedModel(vae, config, checkpoint, device, resolve_amp_dtype(args.amp, device))
-
-
-class PreprocessedRows(Dataset):
-    """Row ``i`` of a split frame -> ``{"index": i, "volume": PreprocessedVolume | None, "error": str}``.
-
-    Preprocessing errors are returned, not raised, so one bad file does not stop a DataLoader.
-    """
-
-    def __init__(self, frame: pd.DataFrame, prep: PreprocessingConfig, indices: list[int]) -> None:
-        self.images, self.masks = list(frame["image"]), list(frame["mask"])
-        self.prep, self.indices = prep, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        index = self.indices[position]
-        try:
-            volume = preprocess_volume(self.images[index], self.prep, self.masks[index])
-        except (DataError, OSError, ValueError, RuntimeError) as error:
-            return {"index": index, "volume": None, "error": f"{self.images[index]}: {error}"}
-        return {"index": index, "volume": volume, "error": ""}
-
-
-def preprocessed_batches(
-    frame: pd.DataFrame, prep: PreprocessingConfig, indices: list[int], batch_size: int, num_workers: int
-) -> Iterator[list[dict[str, Any]]]:
-    """Batches (lists) of :class:`PreprocessedRows` items in row order, preprocessed in worker processes."""
-    loader = DataLoader(
-        PreprocessedRows(frame, prep, indices),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=list,
-        prefetch_factor=2 if num_workers > 0 else None,
-        persistent_workers=False,
-    )
-    yield from loader
-
-
-def row_seed(seed: int, subject_id: str) -> int:
-    """A per-row seed from the base seed and the subject id (independent of row order and batching)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{subject_id}".encode()).digest()[:8], "little") >> 1
-
-
-@torch.no_grad()
-def encode_batch(
-    model: LoadedModel, volumes: list[PreprocessedVolume], sample: bool, seeds: list[int]
-) -> torch.Tensor:
-    """Latents (B, C, d, h, w) float32 on the CPU: ``mu``, or ``mu + sigma * eps`` with eps drawn per row on the
-    CPU from ``seeds`` (so a draw is the same on every device and in every batch)."""
-    images = torch.stack([v.image for v in volumes]).to(model.device)
-    with autocast(model.device, model.amp_dtype):
-        mu, sigma = model.vae.encode(images)
-    latents = mu.float().cpu()
-    if sample:
-        noise = torch.stack(
-            [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
-        )
-        latents = latents + sigma.float().cpu() * noise
-    return latents
-
-
-def latent_affine(preprocessed_affine: np.ndarray, factor: int) -> np.ndarray:
-    """Affine of the latent grid: latent voxel i is the centre of preprocessed voxels [f·i, f·i + f)."""
-    block = np.diag([factor, factor, factor, 1.0])
-    block[:3, 3] = (factor - 1) / 2
-    return np.asarray(preprocessed_affine, dtype=np.float64) @ block
-
-
-def preprocessed_affine_from_latent(affine: np.ndarray, factor: int) -> np.ndarray:
-    """Inverse of :func:`latent_affine`."""
-    return np.asarray(affine, dtype=np.float64) @ np.linalg.inv(latent_affine(np.eye(4), factor))
-
-
-def latent_suffix(path: str | Path) -> str:
-    name = Path(path).name.lower()
-    for suffix in LATENT_FORMATS:
-        if name.endswith("." + suffix):
-            return suffix
-    raise ValueError(f"{path}: unknown latent format (expected .{', .'.join(LATENT_FORMATS)})")
-
-
-def write_latent(latent: torch.Tensor, path: str | Path, affine: np.ndarray) -> None:
-    """Write a latent (C, d, h, w) atomically (temporary file + rename) as .npy, .pt or .nii.gz (d, h, w, C)."""
-    path = Path(path)
-    suffix = latent_suffix(path)
-    array = latent.detach().float().cpu().contiguous()
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix="." + suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        if suffix == "npy":
-            np.save(temp, array.numpy())
-        elif suffix == "pt":
-            torch.save(array, temp)
-        else:
-            nib.save(nib.Nifti1Image(np.moveaxis(array.numpy(), 0, -1), affine), temp)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-
-
-def read_latent(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None]:
-    """(latent (C, d, h, w) float32, affine or None for .npy/.pt) of a file written by :func:`write_latent`."""
-    suffix = latent_suffix(path)
-    if suffix == "npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False)).float(), None
-    if suffix == "pt":
-        return torch.load(path, map_location="cpu", weights_only=True).float(), None
-    image = nib.load(str(path))
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    if data.ndim == 3:
-        data = data[..., None]
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(data, -1, 0))), np.asarray(image.affine)
-
-
-# --------------------------------------------------------------------------------------------------- main
 
 
 def check_settings(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
@@ -285,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        model = load_model(args)
+        model = load_model(args.model_checkpoint, args.device, args.amp, maisi_model_config(args))
         frame = read_split(args.dataset)
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,15 @@
-"""Run-time plumbing shared by every script: device, AMP, seeding, RNG state, DDP, checkpoint I/O.
+"""Run-time plumbing shared by every script: device, AMP, seeding, RNG state, DDP.
 
-Checkpoints are written atomically (temporary file in the same folder, fsync, ``os.replace``) and read only
-with ``torch.load(weights_only=True)``: a file that needs code execution to load is refused.
+Checkpoint files are owned by ``checkpoints.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import random
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,23 +17,17 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "CheckpointError",
     "DistributedContext",
     "autocast",
     "cleanup_distributed",
+    "gather_rng_states",
     "get_rng_state",
-    "load_checkpoint",
     "resolve_amp_dtype",
     "resolve_device",
-    "save_checkpoint",
     "seed_everything",
     "set_rng_state",
     "setup_distributed",
 ]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or safely read."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -120,6 +110,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gather_rng_states(context: DistributedContext) -> list[dict[str, Any]]:
+    """Every rank's :func:`get_rng_state`, in rank order (collective under DDP: all ranks must call it)."""
+    if not context.is_distributed:
+        return [get_rng_state()]
+    states: list[Any] = [None] * context.world_size
+    dist.all_gather_object(states, get_rng_state())
+    return states
+
+
 def _as_tuples(value: Any) -> Any:
     """``random.setstate`` needs tuples all the way down; a checkpoint round trip may give lists."""
     if isinstance(value, list | tuple):
@@ -165,60 +164,6 @@ def setup_distributed(device_name: str = "auto") -> DistributedContext:
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write ``payload`` atomically: a kill or a full disk at any moment leaves the old file intact.
-
-    Raises CheckpointError (naming the path and the cause) when the write fails; the partial temporary
-    file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed mid-write
-        stale.unlink(missing_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        if isinstance(error, OSError):
-            raise CheckpointError(
-                f"could not write checkpoint {path}: {error.strerror or error}; the previous file (if any) "
-                "is unchanged"
-            ) from error
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; refuse anything that needs code execution."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"refusing to load {path}: it contains pickled Python objects that would need code execution "
-            f"to load (torch.load(weights_only=True) failed: {str(error).splitlines()[0]}). Only checkpoints "
-            "of plain tensors and JSON-like metadata are accepted."
-        ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"could not read checkpoint {path}: {error}") from None
-    if not isinstance(payload, dict):
-        raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary")
-    return payload
 
 
 @contextlib.contextmanager

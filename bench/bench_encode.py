@@ -26,10 +26,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import save_latent  # noqa: E402
+from checkpoints import inference_checkpoint, save_checkpoint  # noqa: E402
 from config import Config  # noqa: E402
 from dataset import read_split  # noqa: E402
-from model import build_vae, inference_checkpoint  # noqa: E402
-from utils import resolve_device, save_checkpoint  # noqa: E402
+from model import build_vae  # noqa: E402
+from utils import resolve_device  # noqa: E402
 
 
 def cpu_name() -> str:

@@ -6,9 +6,11 @@ reported numbers are medians over ``--steps`` rounds.
 
 Peak memory
     cuda: ``torch.cuda.max_memory_allocated`` during the step minus the allocated memory before it.
-    cpu:  the process's peak resident set size during the step minus its resident size before it. Linux lets
-          a process reset its own peak (``echo 5 > /proc/self/clear_refs`` resets ``VmHWM``), and the script
-          re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc serves every tensor buffer of
+    cpu:  the process's peak resident set size during the step minus its resident size before it, measured in
+          a SEPARATE process from the times (``--measure both``, the default, runs a plain process for the
+          times, then a memory process). Linux lets
+          a process reset its own peak (``echo 5 > /proc/self/clear_refs`` resets ``VmHWM``), and the memory
+          process runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc serves every tensor buffer of
           >= 64 KiB with its own mmap and returns it to the OS when freed: the RSS then follows the live tensor
           memory (plus oneDNN scratch buffers, which are real memory too) instead of the malloc arena high-water.
           Parameters, gradients of the previous step (set to None before each step) and Adam state exist before
@@ -31,7 +33,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,6 +139,66 @@ def count_step_flops(x: torch.Tensor, autocast: bool) -> int:
     return counter.get_total_flops()
 
 
+TIME_KEYS = ("s_per_step", "steps_per_s", "s_all")
+
+
+def add_measure_arg(parser: argparse.ArgumentParser) -> None:
+    """``--measure time|memory|both``: on CPU, time and peak memory come from separate processes."""
+    parser.add_argument(
+        "--measure",
+        choices=("both", "time", "memory"),
+        default="both",
+        help="cpu: 'both' runs a plain process for the times and a second one with the glibc mmap threshold "
+        "lowered for the peak memory (the lowered threshold slows allocation-heavy models); cuda: one process",
+    )
+
+
+def prepare_process(argv: list[str], measure: str, device: str) -> None:
+    """Re-execute so that a CPU memory run has the lowered mmap threshold and a timing run has not."""
+    if device != "cpu" or not sys.platform.startswith("linux"):
+        return
+    wanted = "65536" if measure == "memory" else None
+    if os.environ.get(MALLOC_ENV) != wanted:
+        env = {k: v for k, v in os.environ.items() if k != MALLOC_ENV}
+        if wanted:
+            env[MALLOC_ENV] = wanted
+        os.execve(sys.executable, [sys.executable, *argv], env)
+
+
+def run_time_and_memory_processes(argv: list[str]) -> dict[str, object]:
+    """Run this script twice (``--measure time``, then ``--measure memory``) and merge their JSON: times from
+    the plain process, peak memory from the one with the lowered mmap threshold."""
+    outputs = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for measure in ("time", "memory"):
+            path = Path(folder) / f"{measure}.json"
+            command = [sys.executable, *_without_options(argv, ("--json", "--measure"))]
+            subprocess.run([*command, "--measure", measure, "--json", str(path)], check=True)
+            outputs[measure] = json.loads(path.read_text())
+    merged = outputs["time"]
+    for variant, result in merged["results"].items():
+        result["peak_mib"] = outputs["memory"]["results"][variant]["peak_mib"]
+        result["peak_mib_all"] = outputs["memory"]["results"][variant].get("peak_mib_all")
+    merged["settings"]["measure"] = (
+        "times from a plain process; peak memory from a second process (mmap threshold 64 KiB)"
+    )
+    merged["settings"]["load_average_memory_run"] = outputs["memory"]["settings"].get("load_average_end")
+    return merged
+
+
+def _without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """``argv`` without ``--name value`` pairs for the given option names."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in names:
+            skip = True
+        elif not any(item.startswith(name + "=") for name in names):
+            out.append(item)
+    return out
+
+
 def machine_info(device: torch.device) -> dict[str, object]:
     cpu = platform.processor()
     with contextlib.suppress(OSError, StopIteration):
@@ -153,6 +217,51 @@ def machine_info(device: torch.device) -> dict[str, object]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def run_rounds(
+    steps: dict[str, Callable[[], object]], rounds: int, device: torch.device
+) -> dict[str, dict[str, object]]:
+    """One warm-up round, then ``rounds`` rounds of one step per variant (alternating); medians.
+
+    Returns ``{variant: {"s_per_step", "steps_per_s", "peak_mib", "s_all", "peak_mib_all"}}``.
+    """
+    times: dict[str, list[float]] = {v: [] for v in steps}
+    mems: dict[str, list[int]] = {v: [] for v in steps}
+    for round_index in range(rounds + 1):
+        for variant, step in steps.items():
+            seconds, peak = measure(step, device)
+            if round_index > 0:
+                times[variant].append(seconds)
+                mems[variant].append(peak)
+            label = "warm-up" if round_index == 0 else f"round {round_index}"
+            print(f"  {label:8s} {variant:15s} {seconds:7.2f} s  {peak / 2**20:8.0f} MiB", flush=True)
+    return {
+        variant: {
+            "s_per_step": statistics.median(times[variant]),
+            "steps_per_s": 1 / statistics.median(times[variant]),
+            "peak_mib": statistics.median(mems[variant]) / 2**20,
+            "s_all": times[variant],
+            "peak_mib_all": [m / 2**20 for m in mems[variant]],
+        }
+        for variant in steps
+    }
+
+
+def print_table(results: dict[str, dict], refs: tuple[str, ...] = ("maisi", "monai_kl")) -> None:
+    """Print s/step, steps/s, peak MiB, ratios to each reference present, MFU when known (adds the ratios)."""
+    refs = tuple(r for r in refs if r in results)
+    has_mfu = any("mfu" in r for r in results.values())
+    header = f"{'variant':15s} {'s/step':>8s} {'steps/s':>8s} {'peak MiB':>9s}"
+    header += "".join(f" {'t/' + r:>10s} {'mem/' + r:>12s}" for r in refs)
+    print(header + (f" {'MFU':>7s}" if has_mfu else ""))
+    for variant, r in results.items():
+        line = f"{variant:15s} {r['s_per_step']:8.3f} {r['steps_per_s']:8.3f} {r['peak_mib']:9.0f}"
+        for ref in refs:
+            r[f"time_vs_{ref}"] = r["s_per_step"] / results[ref]["s_per_step"]
+            r[f"mem_vs_{ref}"] = r["peak_mib"] / results[ref]["peak_mib"]
+            line += f" {r[f'time_vs_{ref}']:10.2f} {r[f'mem_vs_{ref}']:12.2f}"
+        print(line + (f" {100 * r['mfu']:6.2f}%" if "mfu" in r else ""))
 
 
 def main() -> None:
@@ -176,7 +285,16 @@ def main() -> None:
     )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--json", type=Path, default=None, help="write results to this JSON file")
+    add_measure_arg(parser)
     args = parser.parse_args()
+    if args.device == "cpu" and args.measure == "both":
+        merged = run_time_and_memory_processes(sys.argv)
+        print("merged (times: plain process; memory: mmap-threshold process):")
+        print_table(merged["results"])
+        if args.json is not None:
+            args.json.write_text(json.dumps(merged, indent=2))
+        return
+    prepare_process(sys.argv, args.measure, args.device)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -207,47 +325,22 @@ def main() -> None:
         "inputs_and_monai_models_channels_last_3d": channels_last,
         "ours_weights_channels_last_3d": True,
         "compile": args.compile and gpu,
+        "measure": args.measure,
         "memory": "cuda max_memory_allocated delta"
         if gpu
-        else "peak RSS delta (VmHWM reset, mmap threshold 64 KiB)",
+        else "peak RSS delta (VmHWM reset, mmap threshold 64 KiB in the memory run)",
+        "load_average_start": [round(v, 2) for v in os.getloadavg()],
     }
     info = machine_info(device)
     print("machine:", json.dumps(info))
     print("settings:", json.dumps(settings))
-
-    times: dict[str, list[float]] = {v: [] for v in runs}
-    mems: dict[str, list[int]] = {v: [] for v in runs}
-    for round_index in range(args.steps + 1):
-        for variant, step in runs.items():
-            seconds, peak = measure(step, device)
-            if round_index > 0:
-                times[variant].append(seconds)
-                mems[variant].append(peak)
-            label = "warm-up" if round_index == 0 else f"round {round_index}"
-            print(f"  {label:8s} {variant:10s} {seconds:7.2f} s  {peak / 2**20:8.0f} MiB", flush=True)
-
+    results = run_rounds(runs, args.steps, device)
+    settings["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     flops = count_step_flops(x, gpu) if gpu else None
-    results = {}
-    for variant in runs:
-        sec, mem = statistics.median(times[variant]), statistics.median(mems[variant])
-        results[variant] = {"s_per_step": sec, "steps_per_s": 1 / sec, "peak_mib": mem / 2**20}
-        if flops is not None:
-            results[variant]["mfu"] = flops / sec / (args.peak_tflops * 1e12)
-
-    header = f"{'variant':10s} {'s/step':>8s} {'steps/s':>8s} {'peak MiB':>9s}"
-    refs = [r for r in ("maisi", "monai_kl") if r in results]
-    header += "".join(f" {'t/' + r:>10s} {'mem/' + r:>10s}" for r in refs)
-    header += f" {'MFU':>7s}" if flops is not None else ""
-    print(header)
-    for variant, r in results.items():
-        line = f"{variant:10s} {r['s_per_step']:8.3f} {r['steps_per_s']:8.3f} {r['peak_mib']:9.0f}"
-        for ref in refs:
-            r[f"time_vs_{ref}"] = r["s_per_step"] / results[ref]["s_per_step"]
-            r[f"mem_vs_{ref}"] = r["peak_mib"] / results[ref]["peak_mib"]
-            line += f" {r[f'time_vs_{ref}']:10.2f} {r[f'mem_vs_{ref}']:10.2f}"
-        if flops is not None:
-            line += f" {100 * r['mfu']:6.2f}%"
-        print(line)
+    if flops is not None:
+        for r in results.values():
+            r["mfu"] = flops / r["s_per_step"] / (args.peak_tflops * 1e12)
+    print_table(results)
     if flops is not None:
         print(f"step FLOPs (conv+matmul, fwd+bwd, FlopCounterMode): {flops / 1e12:.3f} TFLOP")
     if args.json is not None:
@@ -257,6 +350,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.platform.startswith("linux") and MALLOC_ENV not in os.environ:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, MALLOC_ENV: "65536"})
     main()

@@ -39,9 +39,11 @@ sys.path.insert(0, str(REPO_ROOT))
 import dataset  # noqa: E402
 import infer  # noqa: E402
 import train  # noqa: E402
+from checkpoints import load_vae  # noqa: E402
 from config import Config, load_config  # noqa: E402
-from metrics import image_metrics, kl_divergence  # noqa: E402
-from model import build_perceptual_loss, load_vae  # noqa: E402
+from losses import kl_divergence  # noqa: E402
+from metrics import image_metrics  # noqa: E402
+from model import build_perceptual_loss  # noqa: E402
 from plotting import orthogonal_slices_figure  # noqa: E402
 from utils import autocast, resolve_amp_dtype, seed_everything  # noqa: E402
 

@@ -1,9 +1,8 @@
-"""3D PatchGAN discriminator, adversarial losses and the VQGAN adaptive adversarial weight.
+"""3D PatchGAN discriminator (its losses and the VQGAN adaptive weight live in ``losses.py``).
 
 The discriminator is the pix2pix / taming-transformers ``NLayerDiscriminator`` in 3D: every output logit
 judges one overlapping receptive-field patch of the input volume (realness of local texture), which is what
-a VAE's adversarial term should sharpen. The adaptive weight follows Esser et al., "Taming Transformers"
-(VQGAN, ``calculate_adaptive_weight``).
+a VAE's adversarial term should sharpen.
 """
 
 from __future__ import annotations
@@ -11,18 +10,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "PatchDiscriminator3D",
-    "generator_adversarial_loss",
-    "discriminator_adversarial_loss",
-    "adaptive_adversarial_weight",
-]
-
-AdversarialKind = Literal["least_squares", "hinge"]
-_KINDS = ("least_squares", "hinge")
+__all__ = ["PatchDiscriminator3D"]
 
 
 class PatchDiscriminator3D(nn.Module):
@@ -115,86 +105,3 @@ class PatchDiscriminator3D(nn.Module):
             features.append(x)
         logits = self.head(x)
         return (logits, features) if return_features else logits
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}.")
-
-
-def generator_adversarial_loss(
-    fake_logits: torch.Tensor, kind: AdversarialKind = "least_squares"
-) -> torch.Tensor:
-    """Generator's adversarial loss on the discriminator's logits for generated volumes.
-
-    Args:
-        fake_logits: (B, 1, d, h, w) discriminator logits of reconstructions (any shape works).
-        kind: ``"least_squares"`` (LSGAN, mean((fake - 1)^2)) or ``"hinge"`` (-mean(fake)).
-
-    Returns:
-        Scalar loss.
-    """
-    _check_kind(kind)
-    if kind == "least_squares":
-        return (fake_logits - 1.0).pow(2).mean()
-    return -fake_logits.mean()
-
-
-def discriminator_adversarial_loss(
-    real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: AdversarialKind = "least_squares"
-) -> torch.Tensor:
-    """Discriminator loss, averaged over the real and fake terms.
-
-    Args:
-        real_logits: (B, 1, d, h, w) logits of real volumes.
-        fake_logits: (B, 1, d, h, w) logits of generated volumes (detach them from the generator).
-        kind: ``"least_squares"``: 0.5 (mean((real - 1)^2) + mean(fake^2));
-            ``"hinge"``: 0.5 (mean(relu(1 - real)) + mean(relu(1 + fake))).
-
-    Returns:
-        Scalar loss; 0 for a perfect discriminator (LS: real = 1, fake = 0; hinge: real >= 1, fake <= -1).
-    """
-    _check_kind(kind)
-    if kind == "least_squares":
-        return 0.5 * ((real_logits - 1.0).pow(2).mean() + fake_logits.pow(2).mean())
-    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
-
-
-def adaptive_adversarial_weight(
-    recon_loss: torch.Tensor,
-    adversarial_loss: torch.Tensor,
-    last_layer_weight: torch.Tensor,
-    max_weight: float = 1e4,
-) -> torch.Tensor:
-    """VQGAN adaptive weight balancing the adversarial against the reconstruction gradient.
-
-    ``||d recon / d w|| / (||d adv / d w|| + 1e-4)``, clamped to [0, max_weight], where ``w`` is the
-    decoder's last convolution weight. Both gradients are taken with ``retain_graph=True`` and do not
-    populate ``.grad``, so the caller can still back-propagate the weighted total loss.
-
-    Args:
-        recon_loss: scalar reconstruction (e.g. L1 + perceptual) loss, connected to ``last_layer_weight``.
-        adversarial_loss: scalar generator adversarial loss, connected to ``last_layer_weight``.
-        last_layer_weight: the decoder's output-conv weight tensor (a leaf with requires_grad).
-        max_weight: upper clamp (> 0).
-
-    Returns:
-        Detached 0-dim tensor.
-    """
-    if max_weight <= 0:
-        raise ValueError(f"max_weight must be > 0, got {max_weight}.")
-    for name, loss in (("recon_loss", recon_loss), ("adversarial_loss", adversarial_loss)):
-        if loss.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got shape {tuple(loss.shape)}.")
-        if not loss.requires_grad:
-            raise ValueError(f"{name} does not require grad (computed under no_grad or detached?).")
-    if not last_layer_weight.requires_grad:
-        raise ValueError("last_layer_weight must require grad.")
-    grads = []
-    for name, loss in (("recon_loss", recon_loss), ("adversarial_loss", adversarial_loss)):
-        (grad,) = torch.autograd.grad(loss, last_layer_weight, retain_graph=True, allow_unused=True)
-        if grad is None:
-            raise ValueError(f"{name} does not depend on last_layer_weight.")
-        grads.append(grad)
-    weight = torch.linalg.vector_norm(grads[0]) / (torch.linalg.vector_norm(grads[1]) + 1e-4)
-    return weight.clamp(0.0, max_weight).detach()

@@ -17,9 +17,9 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
+from checkpoints import inference_checkpoint, save_checkpoint
 from config import Config
-from model import build_vae, inference_checkpoint
-from utils import save_checkpoint
+from model import build_vae
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (24, 28, 20)  # the tiny training volumes (2 mm) and preprocessing.target_shape of the train tests

@@ -44,10 +44,9 @@ import dataset
 import infer
 import save_latent
 import train
+from checkpoints import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from dataset import DataError
-from model import CHECKPOINT_FORMAT
 from model.maisi_vae import MaisiVAE
-from utils import CheckpointError, load_checkpoint, save_checkpoint
 
 FAST = {"perceptual_weight": 0.0}
 

@@ -13,9 +13,9 @@ import torch
 from helpers import oblique_affine, tiny_checkpoint, write_volume
 
 import infer
+from checkpoints import CHECKPOINT_FORMAT
 from config import Config
 from dataset import preprocess_volume
-from model import CHECKPOINT_FORMAT
 
 
 def assert_same_grid(recon_path: Path, input_path: Path) -> None:

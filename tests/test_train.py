@@ -18,9 +18,9 @@ from helpers import REPO_ROOT, run_train_subprocess, tiny_overrides
 from torch._functorch import config as functorch_config
 
 import train
+from checkpoints import CheckpointError, load_checkpoint
 from config import ConfigError
 from model.maisi_vae import MaisiVAE
-from utils import CheckpointError, load_checkpoint
 
 
 def test_two_epochs_cross_the_gan_stage(tmp_path, tiny_split):

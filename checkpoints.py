@@ -1,0 +1,279 @@
+"""Checkpoints, in one place: the format, atomic save, safe load, resume, and the inference checkpoint.
+
+Two kinds of file share one format tag (:data:`CHECKPOINT_FORMAT`):
+
+* the **training checkpoint** ``runs/<run>/checkpoints/last.pt`` (:func:`training_checkpoint`): weights of the
+  VAE and the discriminator, optimisers, scalers, counters, stage, every rank's RNG state, the config and the
+  metric history; :func:`resume` restores all of it into a ``train.TrainState``;
+* the **inference checkpoint** ``best_runs/<run>/best_model.pt`` (:func:`inference_checkpoint`): VAE weights,
+  config (model + preprocessing), latent statistics and metrics; :func:`load_vae` turns it (or a bare MAISI
+  state dict) into a ready model.
+
+Every file is written atomically (temporary file in the same folder, fsync, ``os.replace``) and read only with
+``torch.load(weights_only=True)``: a file that needs code execution to load is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from config import Config, ConfigError, ModelConfig
+from model import build_vae
+from model.maisi_vae import MaisiVAE, convert_maisi_state_dict
+from utils import DistributedContext, gather_rng_states, set_rng_state
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "inference_checkpoint",
+    "load_checkpoint",
+    "load_state_dict_strictly",
+    "load_vae",
+    "model_config_differences",
+    "resume",
+    "save_checkpoint",
+    "training_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "brain-vae3d/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or safely read."""
+
+
+class ResumableState(Protocol):
+    """What a training checkpoint holds: the fields of ``train.TrainState``."""
+
+    vae: nn.Module
+    discriminator: nn.Module
+    optimizer_g: torch.optim.Optimizer
+    optimizer_d: torch.optim.Optimizer
+    scaler_g: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
+    epoch: int
+    step_in_epoch: int
+    global_step: int
+    history: list[dict[str, Any]]
+    best_value: float | None
+    skipped_steps: int
+
+
+# ------------------------------------------------------------------------------------------- file I/O
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """Write ``payload`` atomically: a kill or a full disk at any moment leaves the old file intact.
+
+    Raises CheckpointError (naming the path and the cause) when the write fails; the partial temporary
+    file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed mid-write
+        stale.unlink(missing_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        if isinstance(error, OSError):
+            raise CheckpointError(
+                f"could not write checkpoint {path}: {error.strerror or error}; the previous file (if any) "
+                "is unchanged"
+            ) from error
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; refuse anything that needs code execution."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains pickled Python objects that would need code execution "
+            f"to load (torch.load(weights_only=True) failed: {str(error).splitlines()[0]}). Only checkpoints "
+            "of plain tensors and JSON-like metadata are accepted."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"could not read checkpoint {path}: {error}") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary")
+    return payload
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def training_checkpoint(
+    state: ResumableState,
+    config: Config,
+    context: DistributedContext,
+    stage: str,
+    latent_stats: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The payload of ``last.pt`` (collective under DDP: every rank must call it; rank 0 saves it)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": config.to_dict(),
+        "vae": state.vae.state_dict(),
+        "discriminator": state.discriminator.state_dict(),
+        "optimizer_g": state.optimizer_g.state_dict(),
+        "optimizer_d": state.optimizer_d.state_dict(),
+        "scaler_g": state.scaler_g.state_dict(),
+        "scaler_d": state.scaler_d.state_dict(),
+        "epoch": state.epoch,
+        "step_in_epoch": state.step_in_epoch,
+        "global_step": state.global_step,
+        "stage": stage,
+        "rng": gather_rng_states(context),
+        "world_size": context.world_size,
+        "history": state.history,
+        "best_value": state.best_value,
+        "skipped_steps": state.skipped_steps,
+        "latent_stats": latent_stats,
+    }
+
+
+def resume(state: ResumableState, path: Path, config: Config, context: DistributedContext) -> bool:
+    """Restore ``state`` (weights, optimisers, scalers, counters, history) and this rank's RNG from ``path``.
+
+    Returns whether the RNG streams were restored (only when the world size is unchanged). Raises
+    CheckpointError for a file that is not a training checkpoint, ConfigError when its model config differs.
+    """
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT or "optimizer_g" not in checkpoint:
+        raise CheckpointError(f"{path} is not a training checkpoint of this project (cannot resume)")
+    differences = model_config_differences(checkpoint["config"]["model"], config.to_dict()["model"])
+    if differences:
+        raise ConfigError(f"{path} was trained with another model config: " + "; ".join(differences))
+    state.vae.load_state_dict(checkpoint["vae"])
+    state.discriminator.load_state_dict(checkpoint["discriminator"])
+    state.optimizer_g.load_state_dict(checkpoint["optimizer_g"])
+    state.optimizer_d.load_state_dict(checkpoint["optimizer_d"])
+    state.scaler_g.load_state_dict(checkpoint["scaler_g"])
+    state.scaler_d.load_state_dict(checkpoint["scaler_d"])
+    state.epoch, state.step_in_epoch = checkpoint["epoch"], checkpoint["step_in_epoch"]
+    state.global_step, state.history = checkpoint["global_step"], checkpoint["history"]
+    state.best_value, state.skipped_steps = checkpoint["best_value"], checkpoint["skipped_steps"]
+    if checkpoint["world_size"] != context.world_size:
+        return False
+    set_rng_state(checkpoint["rng"][context.rank])
+    return True
+
+
+# ------------------------------------------------------------------------------------------- inference
+
+
+def inference_checkpoint(
+    vae: MaisiVAE,
+    config: Config,
+    latent_stats: dict[str, Any] | None,
+    metrics: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The self-contained checkpoint that ``infer.py`` and ``save_latent.py`` need (``best_model.pt``).
+
+    Holds the VAE weights, the effective config (model + preprocessing), the latent statistics
+    (per-channel mean/std, ``scale_factor``) and metrics; loads with ``torch.load(weights_only=True)``.
+    """
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": config.to_dict(),
+        "vae": vae.state_dict(),
+        "latent_stats": latent_stats,
+        "metrics": metrics or {},
+        **extra,
+    }
+
+
+def model_config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable ``key: saved → current`` lines for every model key that differs."""
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{key}: {saved.get(key)!r} → {current.get(key)!r}"
+        for key in keys
+        if saved.get(key) != current.get(key)
+    ]
+
+
+def load_state_dict_strictly(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` with an error that names the missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = [
+        f"{key}: {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}"
+        for key in sorted(set(own) & set(state_dict))
+        if own[key].shape != state_dict[key].shape
+    ]
+    if missing or unexpected or mismatched:
+
+        def head(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f" … (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+        parts = [
+            f"missing keys [{head(missing)}]" if missing else "",
+            f"unexpected keys [{head(unexpected)}]" if unexpected else "",
+            f"shape mismatches [{head(mismatched)}]" if mismatched else "",
+        ]
+        raise CheckpointError(f"{source} does not fit the model config: " + "; ".join(p for p in parts if p))
+    module.load_state_dict(state_dict)
+
+
+def load_vae(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    maisi_model: ModelConfig | None = None,
+) -> tuple[MaisiVAE, Config, dict[str, Any]]:
+    """Load a VAE for inference from one of our checkpoints, or from a MAISI state dict.
+
+    Args:
+        path: our checkpoint (``last.pt`` or ``best_model.pt``: weights + config + latent statistics), or a
+            MONAI ``AutoencoderKlMaisi`` state dict (e.g. NVIDIA's ``autoencoder_v1.pt``).
+        maisi_model: the model config of a MAISI state dict (it carries none); ignored for our checkpoints.
+    Returns:
+        (vae in eval mode on ``device``, the effective config, the raw checkpoint dict).
+    """
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("format") == CHECKPOINT_FORMAT:
+        config = Config.from_dict(checkpoint["config"])
+        vae = build_vae(config.model)
+        load_state_dict_strictly(vae, checkpoint["vae"], str(path))
+    elif all(isinstance(value, torch.Tensor) for value in checkpoint.values()) or "state_dict" in checkpoint:
+        if maisi_model is None:
+            raise ConfigError(
+                f"{path} is a bare state dict (MAISI layout?): give its model config "
+                "(e.g. infer.py --maisi_channels 64 128 256 --maisi_num_res_blocks 2 2 2)"
+            )
+        config = Config(model=maisi_model)
+        vae = build_vae(maisi_model)
+        converted = convert_maisi_state_dict(checkpoint)
+        load_state_dict_strictly(vae, converted, f"{path} (converted from the MAISI layout)")
+    else:
+        raise CheckpointError(
+            f"{path} is neither a brain-vae3d checkpoint (format {CHECKPOINT_FORMAT!r}) nor a state dict"
+        )
+    return vae.to(device).eval(), config, checkpoint

@@ -1,0 +1,243 @@
+"""Using a trained VAE: load it, encode batches, and read/write latent files with their affines.
+
+Shared by ``infer.py``, ``save_latent.py`` and the notebook (scripts never import each other):
+
+* :func:`add_model_arguments` / :func:`load_model`: the checkpoint (ours, or a bare MAISI state dict with
+  ``--maisi_*`` flags), device and AMP options of both scripts;
+* :func:`encode_batch`: posterior mean, or a draw seeded per row (:func:`row_seed`), so reruns match;
+* :func:`decode_latent_file`: a latent ``.nii.gz`` back to an image on the preprocessed grid;
+* latent files (``.npy``, ``.pt``, ``.nii.gz``) written atomically by :func:`write_latent`, read by
+  :func:`read_latent`; a NIfTI latent (d, h, w, C) carries :func:`latent_affine`: latent voxel i is the centre
+  of preprocessed voxels [f·i, f·i + f).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from checkpoints import load_vae
+from config import Config, ModelConfig
+from dataset import DataError, PreprocessedVolume
+from model import MaisiVAE
+from utils import autocast, resolve_amp_dtype, resolve_device
+
+__all__ = [
+    "LATENT_FORMATS",
+    "LoadedModel",
+    "add_model_arguments",
+    "decode_latent_file",
+    "encode_batch",
+    "latent_affine",
+    "latent_suffix",
+    "load_model",
+    "maisi_model_config",
+    "output_paths",
+    "preprocessed_affine_from_latent",
+    "read_latent",
+    "row_seed",
+    "sha256_file",
+    "write_latent",
+]
+
+LATENT_FORMATS = ("npy", "nii.gz", "pt")
+
+
+# ------------------------------------------------------------------------------------------- the model
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Checkpoint, MAISI model flags, device, AMP, batch size, loader workers and sampling seed."""
+    parser.add_argument(
+        "--model_checkpoint", required=True, help="best_model.pt / last.pt, or a MAISI state dict"
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
+    parser.add_argument("--batch_size", type=_positive_int, default=2, help="volumes per forward pass")
+    parser.add_argument(
+        "--num_workers", type=int, default=2, help="DataLoader processes that preprocess volumes"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="base seed of sampled latents")
+    maisi = parser.add_argument_group("MAISI state dict (a bare state dict carries no config)")
+    maisi.add_argument("--maisi_channels", type=int, nargs="+", help="e.g. 64 128 256")
+    maisi.add_argument("--maisi_num_res_blocks", type=int, nargs="+", help="e.g. 2 2 2")
+    maisi.add_argument("--maisi_latent_channels", type=int, default=4)
+    maisi.add_argument("--maisi_norm_num_groups", type=int, default=32)
+    maisi.add_argument("--maisi_attention_levels", type=int, nargs="+", help="0/1 per level (default all 0)")
+
+
+def maisi_model_config(args: argparse.Namespace) -> ModelConfig | None:
+    """The ModelConfig given by the ``--maisi_*`` flags, or None when ``--maisi_channels`` is absent."""
+    if args.maisi_channels is None:
+        return None
+    levels = len(args.maisi_channels)
+    model = ModelConfig(
+        channels=tuple(args.maisi_channels),
+        num_res_blocks=tuple(args.maisi_num_res_blocks or [1] * levels),
+        attention_levels=tuple(bool(a) for a in (args.maisi_attention_levels or [0] * levels)),
+        latent_channels=args.maisi_latent_channels,
+        norm_num_groups=args.maisi_norm_num_groups,
+    )
+    model.validate()
+    return model
+
+
+@dataclass
+class LoadedModel:
+    """A VAE ready for inference, with the config it was trained with and where/how it runs."""
+
+    vae: MaisiVAE
+    config: Config
+    checkpoint: dict[str, Any]
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+
+def load_model(
+    checkpoint: str | Path, device: str = "auto", amp: str = "auto", maisi_model: ModelConfig | None = None
+) -> LoadedModel:
+    """``checkpoints.load_vae`` (weights_only) on ``device``; raises CheckpointError / ConfigError naming the file."""
+    resolved = resolve_device(device)
+    vae, config, raw = load_vae(checkpoint, resolved, maisi_model)
+    return LoadedModel(vae, config, raw, resolved, resolve_amp_dtype(amp, resolved))
+
+
+def row_seed(seed: int, subject_id: str) -> int:
+    """A per-row seed from the base seed and the subject id (independent of row order and batching)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{subject_id}".encode()).digest()[:8], "little") >> 1
+
+
+@torch.no_grad()
+def encode_batch(
+    model: LoadedModel, volumes: list[PreprocessedVolume], sample: bool, seeds: list[int]
+) -> torch.Tensor:
+    """Latents (B, C, d, h, w) float32 on the CPU: ``mu``, or ``mu + sigma * eps`` with eps drawn per row on the
+    CPU from ``seeds`` (so a draw is the same on every device and in every batch)."""
+    images = torch.stack([v.image for v in volumes]).to(model.device)
+    with autocast(model.device, model.amp_dtype):
+        mu, sigma = model.vae.encode(images)
+    latents = mu.float().cpu()
+    if sample:
+        noise = torch.stack(
+            [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
+        )
+        latents = latents + sigma.float().cpu() * noise
+    return latents
+
+
+@torch.no_grad()
+def decode_latent_file(model: LoadedModel, latent_path: Path, output_dir: Path) -> Path:
+    """Decode one latent file into ``<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1]."""
+    latent, affine = read_latent(latent_path)
+    if affine is None:
+        raise DataError(f"{latent_path}: --decode needs a .nii.gz latent (its affine locates the image)")
+    target_shape = tuple(model.config.preprocessing.target_shape)
+    expected = (model.vae.latent_channels, *model.vae.latent_shape(target_shape))
+    if tuple(latent.shape) != expected:
+        raise DataError(
+            f"{latent_path}: latent shape (C, d, h, w) {tuple(latent.shape)} does not fit this model and "
+            f"preprocessing.target_shape {target_shape} (expected {expected})"
+        )
+    with autocast(model.device, model.amp_dtype):
+        image = model.vae.decode(latent[None].to(model.device), target_shape)
+    image = image.float().clamp(0.0, 1.0)[0, 0].cpu().numpy()
+    affine = preprocessed_affine_from_latent(affine, model.vae.downsample_factor)
+    name = Path(latent_path).name[: -len(latent_suffix(latent_path)) - 1]
+    path = output_dir / f"{name}_decoded.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def output_paths(frame: pd.DataFrame, output_dir: Path, suffix: str) -> list[Path]:
+    """One path ``<output_dir>/<subject_id><suffix>`` per row (subject ids must be unique)."""
+    ids = frame["subject_id"].astype(str)
+    duplicated = sorted(set(ids[ids.duplicated()]))
+    if duplicated:
+        raise DataError(f"subject_id must be unique to name the output files; duplicated: {duplicated}")
+    return [output_dir / f"{sid.replace(os.sep, '_')}{suffix}" for sid in ids]
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def latent_affine(preprocessed_affine: np.ndarray, factor: int) -> np.ndarray:
+    """Affine of the latent grid: latent voxel i is the centre of preprocessed voxels [f·i, f·i + f)."""
+    block = np.diag([factor, factor, factor, 1.0])
+    block[:3, 3] = (factor - 1) / 2
+    return np.asarray(preprocessed_affine, dtype=np.float64) @ block
+
+
+def preprocessed_affine_from_latent(affine: np.ndarray, factor: int) -> np.ndarray:
+    """Inverse of :func:`latent_affine`."""
+    return np.asarray(affine, dtype=np.float64) @ np.linalg.inv(latent_affine(np.eye(4), factor))
+
+
+def latent_suffix(path: str | Path) -> str:
+    """The latent format of a file name (one of :data:`LATENT_FORMATS`); ValueError for anything else."""
+    name = Path(path).name.lower()
+    for suffix in LATENT_FORMATS:
+        if name.endswith("." + suffix):
+            return suffix
+    raise ValueError(f"{path}: unknown latent format (expected .{', .'.join(LATENT_FORMATS)})")
+
+
+def write_latent(latent: torch.Tensor, path: str | Path, affine: np.ndarray) -> None:
+    """Write a latent (C, d, h, w) atomically (temporary file + rename) as .npy, .pt or .nii.gz (d, h, w, C)."""
+    path = Path(path)
+    suffix = latent_suffix(path)
+    array = latent.detach().float().cpu().contiguous()
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix="." + suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        if suffix == "npy":
+            np.save(temp, array.numpy())
+        elif suffix == "pt":
+            torch.save(array, temp)
+        else:
+            nib.save(nib.Nifti1Image(np.moveaxis(array.numpy(), 0, -1), affine), temp)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def read_latent(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None]:
+    """(latent (C, d, h, w) float32, affine or None for .npy/.pt) of a file written by :func:`write_latent`."""
+    suffix = latent_suffix(path)
+    if suffix == "npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False)).float(), None
+    if suffix == "pt":
+        return torch.load(path, map_location="cpu", weights_only=True).float(), None
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if data.ndim == 3:
+        data = data[..., None]
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(data, -1, 0))), np.asarray(image.affine)

@@ -1,0 +1,86 @@
+"""checkpoints.py: atomic save, weights_only load, clear errors, resume into a TrainState, loading a VAE."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from utils import get_rng_state
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    payload = {"weights": torch.arange(5.0), "config": {"a": [1, 2], "b": None}, "rng": get_rng_state()}
+    save_checkpoint(payload, tmp_path / "c.pt")
+    loaded = load_checkpoint(tmp_path / "c.pt")
+    assert torch.equal(loaded["weights"], payload["weights"])
+    assert loaded["config"] == payload["config"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "c.pt"]  # no temporary file left behind
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"weights": torch.zeros(1), "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match="refusing to load .*evil.pt.*code execution"):
+        load_checkpoint(path)
+
+
+def test_missing_and_garbage_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        load_checkpoint(garbage)
+
+
+def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def disk_full(obj, file, *args, **kwargs):
+        file.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device.*unchanged"):
+        save_checkpoint({"step": torch.tensor(2)}, path)
+    monkeypatch.undo()
+    assert int(load_checkpoint(path)["step"]) == 1
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
+    """A process killed in the middle of writing leaves the old checkpoint loadable."""
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": torch.tensor(1)}, path)
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        import checkpoints
+        def killed_mid_write(obj, file, *args, **kwargs):
+            file.write(b"x" * 4096)
+            file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = killed_mid_write
+        checkpoints.save_checkpoint({{"step": torch.tensor(2)}}, {str(path)!r})
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert int(load_checkpoint(path)["step"]) == 1
