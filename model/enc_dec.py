@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from model.resnet_blocks import Downsample, ResBlock, SpatialAttention, Upsample, conv_nd, norm_act_conv
+from model.recompute import norm_act_conv
+from model.resnet_blocks import Downsample, ResBlock, SpatialAttention, Upsample, conv_nd
 
 __all__ = ["Encoder", "Decoder"]
 

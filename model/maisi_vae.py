@@ -22,7 +22,7 @@ class MaisiVAE(nn.Module):
 
     Layer for layer the same network as MAISI (``num_splits=1``, fp32 GroupNorm), so released MAISI weights load
     through :func:`convert_maisi_state_dict`; the GroupNorm/SiLU/resampling prologues of every convolution are
-    recomputed in backward instead of stored (see :mod:`model.resnet_blocks`), which lowers training memory.
+    recomputed in backward instead of stored (see :mod:`model.recompute`), which lowers training memory.
 
     Size rule: with ``f = downsample_factor = 2 ** (len(channels) - 1)``, an input of spatial shape ``S`` is
     zero-padded at the END (high side) of each spatial axis to ``ceil(S / f) * f`` inside the model; the latent has

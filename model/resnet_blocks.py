@@ -1,23 +1,17 @@
-"""Memory-lean building blocks of the MAISI-style KL-VAE.
+"""Building blocks of the MAISI-style KL-VAE: ResNet block, down/upsampling and spatial attention.
 
-The expensive part of a convolutional VAE's training memory is not the weights but the activations autograd
-keeps for the backward pass. A MAISI/MONAI ResNet block ``GroupNorm -> SiLU -> Conv`` stores, per unit, the
-GroupNorm input, the GroupNorm output (for SiLU) and the SiLU output (for the convolution): three full-size
-tensors. Here every such "cheap prologue followed by a convolution" unit runs through
-:class:`_RecomputedInputConv`, which stores only the prologue's *input* and recomputes the prologue
-(normalisation, activation, zero padding or trilinear upsampling, all cheap next to a 3x3x3 convolution) in the
-backward pass. The convolution itself is never recomputed, and its backward is the native
-``aten.convolution_backward``, so results equal the plain PyTorch composition within fp32 rounding. Under
-``torch.compile`` the plain composition is traced instead (see :func:`recomputed_input_conv`).
+Every "cheap prologue followed by a convolution" unit (GroupNorm/SiLU before a convolution, the zero pad before
+the stride-2 downsampling convolution, the trilinear upsampling before its convolution) runs through
+:mod:`model.recompute`, which stores only the prologue's input and recomputes the prologue in backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model.recompute import norm_act_conv, recomputed_input_conv
 
 __all__ = [
     "ResBlock",
@@ -25,8 +19,6 @@ __all__ = [
     "Upsample",
     "SpatialAttention",
     "conv_nd",
-    "norm_act_conv",
-    "recomputed_input_conv",
 ]
 
 
@@ -37,136 +29,6 @@ def conv_nd(spatial_dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
     if spatial_dims == 2:
         return nn.Conv2d
     raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
-
-
-class _RecomputedInputConv(torch.autograd.Function):
-    """``conv(act(prologue(x, *prologue_params)))`` that saves ``x`` instead of the convolution input.
-
-    ``act`` (SiLU or identity) is applied outside autograd, in place in forward and with ``aten.silu_backward`` in
-    backward, so the backward pass holds at most the pre-activation, the activation and their gradient at once.
-    Under autocast the prologue runs with autocast disabled (it upcasts to fp32 where it normalises) and its
-    result is cast to the autocast dtype for the convolution, like autocast would do for a plain ``nn.Conv``.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        prologue: Callable[..., torch.Tensor],
-        act: bool,
-        conv: nn.Conv2d | nn.Conv3d,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        *prologue_params: torch.Tensor,
-    ) -> torch.Tensor:
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        with torch.autocast(device_type, enabled=False):
-            conv_input = prologue(x, *prologue_params)
-            if act:
-                conv_input = F.silu(conv_input, inplace=True)
-            conv_input = conv_input.to(dtype)
-            out = F.conv3d if x.dim() == 5 else F.conv2d
-            out = out(
-                conv_input,
-                weight.to(dtype),
-                None if bias is None else bias.to(dtype),
-                conv.stride,
-                conv.padding,
-                conv.dilation,
-                conv.groups,
-            )
-        ctx.save_for_backward(x, weight, bias, *prologue_params)
-        ctx.prologue, ctx.act, ctx.conv, ctx.dtype = prologue, act, conv, dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, bias, *prologue_params = ctx.saved_tensors
-        conv: nn.Conv2d | nn.Conv3d = ctx.conv
-        needs = ctx.needs_input_grad[1:]  # aligned with forward's arguments after ``prologue``
-        with torch.autocast(x.device.type, enabled=False):
-            with torch.enable_grad():
-                x_ = x.detach().requires_grad_(needs[2])
-                params_ = [p.detach().requires_grad_(needs[5 + i]) for i, p in enumerate(prologue_params)]
-                pre_act = ctx.prologue(x_, *params_)
-            conv_input = (F.silu(pre_act.detach()) if ctx.act else pre_act.detach()).to(ctx.dtype)
-            grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad_out.to(ctx.dtype),
-                conv_input,
-                weight.to(ctx.dtype),
-                None if bias is None else [bias.shape[0]],
-                conv.stride,
-                conv.padding,
-                conv.dilation,
-                False,
-                [0] * (x.dim() - 2),
-                conv.groups,
-                [True, needs[3], bias is not None and needs[4]],
-            )
-            del conv_input
-            grad_input = grad_input.to(pre_act.dtype)
-            if ctx.act:
-                grad_input = torch.ops.aten.silu_backward(grad_input, pre_act.detach())
-            leaves = [t for t in (x_, *params_) if t.requires_grad]
-            leaf_grads = iter(torch.autograd.grad(pre_act, leaves, grad_input) if leaves else ())
-        grad_x = next(leaf_grads) if needs[2] else None
-        grad_params = [next(leaf_grads) if needs[5 + i] else None for i in range(len(prologue_params))]
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return None, None, None, grad_x, grad_weight, grad_bias, *grad_params
-
-
-def recomputed_input_conv(
-    prologue: Callable[..., torch.Tensor],
-    act: bool,
-    conv: nn.Conv2d | nn.Conv3d,
-    x: torch.Tensor,
-    *prologue_params: torch.Tensor,
-) -> torch.Tensor:
-    """``conv(silu?(prologue(x, *prologue_params)))`` storing only ``x`` for backward (eager mode).
-
-    Under ``torch.compile`` the plain composition is traced instead: dynamo cannot trace the custom autograd
-    function (it takes a closure and a module), and the compiler's own partitioner already recomputes cheap
-    pointwise prologues in the backward pass instead of storing them.
-
-    Args:
-        prologue: cheap function of ``x`` (normalisation, padding, upsampling); computed in fp32 by the caller.
-        act: apply SiLU after the prologue.
-        conv: the convolution (its weight and bias are used).
-        x: (B, C_in, *spatial) input.
-        prologue_params: tensors passed to ``prologue`` after ``x`` (e.g. GroupNorm weight and bias).
-
-    Returns:
-        (B, C_out, *spatial_out) tensor.
-    """
-    if torch.compiler.is_compiling():
-        conv_input = prologue(x, *prologue_params)
-        return conv(F.silu(conv_input) if act else conv_input)
-    return _RecomputedInputConv.apply(prologue, act, conv, x, conv.weight, conv.bias, *prologue_params)
-
-
-def norm_act_conv(
-    x: torch.Tensor, norm: nn.GroupNorm, conv: nn.Conv2d | nn.Conv3d, act: bool = True
-) -> torch.Tensor:
-    """``conv(silu(norm(x)))`` (``conv(norm(x))`` when ``act`` is False) keeping only ``x`` for backward.
-
-    Args:
-        x: (B, C_in, *spatial) input.
-        norm: GroupNorm over C_in channels (its ``num_groups``, ``eps``, ``weight`` and ``bias`` are used).
-        conv: convolution C_in -> C_out.
-        act: apply SiLU between normalisation and convolution.
-
-    Returns:
-        (B, C_out, *spatial_out) tensor.
-    """
-
-    def prologue(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(t.float(), norm.num_groups, weight.float(), bias.float(), norm.eps)
-
-    return recomputed_input_conv(prologue, act, conv, x, norm.weight, norm.bias)
 
 
 class ResBlock(nn.Module):
