@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from helpers import make_split, tiny_checkpoint
 
-import latents
 import save_latent
+from latents import read_latent, sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_manifest_columns_and_reproducible_sampling(tmp_path: Path) -> None:
     assert list(manifest["age"]) == list(source["age"]) and manifest["site"].isna().sum() == 2
     latents = {
         name: [
-            latents.read_latent(p)[0] for p in pd.read_csv(tmp_path / name / "manifest.csv")["latent_path"]
+            read_latent(p)[0] for p in pd.read_csv(tmp_path / name / "manifest.csv")["latent_path"]
         ]
         for name in runs
     }
@@ -102,7 +102,7 @@ def test_manifest_columns_and_reproducible_sampling(tmp_path: Path) -> None:
         assert not np.allclose(a.numpy(), mean.numpy())
     stats = json.loads((tmp_path / "sample_a" / "latent_stats.json").read_text())
     assert stats["mode"] == "sample" and len(stats["channel_std"]) == 2
-    assert stats["checkpoint_sha256"] == latents.sha256_file(checkpoint)
+    assert stats["checkpoint_sha256"] == sha256_file(checkpoint)
 
 
 def test_failures_are_listed_and_written_latents_kept(
