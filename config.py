@@ -170,7 +170,7 @@ class AugmentationConfig:
 class DataConfig:
     """Split CSVs (or folders / single files). Relative paths are relative to the working directory.
 
-    ``train_csv`` / ``val_csv`` default to the built-in demo cohort, which ``dataset.py`` synthesises on
+    ``train_csv`` / ``val_csv`` default to the built-in demo cohort, which ``demo_cohort.py`` synthesises on
     first use when ``demo_dir`` does not hold it yet.
     """
 

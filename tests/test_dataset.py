@@ -1,12 +1,10 @@
-"""Tests for dataset.py: split reading, pre-flight checks, preprocessing + inverse, datasets, demo cohort."""
+"""Tests for dataset.py: split reading, pre-flight checks, preprocessing + inverse, datasets."""
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -15,13 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from config import AugmentationConfig, DataConfig, PreprocessingConfig
+from config import AugmentationConfig, PreprocessingConfig
 from dataset import (
     DataError,
     build_dataset,
     check_files,
-    ensure_demo_data,
-    make_demo_cohort,
     preflight,
     preprocess_volume,
     preprocessing_cache_dir,
@@ -403,46 +399,6 @@ def test_augmentation_on_stays_in_unit_range(tmp_path):
     )
     torch.testing.assert_close(off[0]["image"], off[0]["image"])
     torch.testing.assert_close(off[0]["image"], preprocess_volume(tmp_path / "s0.nii.gz", SMALL_PREP).image)
-
-
-# ------------------------------------------------------------------------------------------ demo data
-
-
-def digest(folder: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
-
-
-def test_demo_cohort_deterministic_and_quick(tmp_path):
-    start = time.perf_counter()
-    csvs = make_demo_cohort(tmp_path / "a", n_train=2, n_val=1, n_test=1, seed=3)
-    assert time.perf_counter() - start < 30
-    make_demo_cohort(tmp_path / "b", n_train=2, n_val=1, n_test=1, seed=3)
-    assert digest(tmp_path / "a") == digest(tmp_path / "b")
-    train = read_split(csvs["train"])
-    assert len(train) == 2 and set(train["source"]) == {"demo (MNI152 template-derived)"}
-    assert preflight(train).equals(train)
-    first, second = (nib.load(p) for p in train["image"])
-    assert first.shape == (91, 109, 91) and np.allclose(
-        first.affine, [[-2, 0, 0, 90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1]]
-    )
-    assert not np.array_equal(first.get_fdata(), second.get_fdata())
-
-
-def test_ensure_demo_data_only_inside_demo_dir(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr("dataset.make_demo_cohort", lambda out_dir: calls.append(Path(out_dir)))
-    demo = tmp_path / "demo"
-    ensure_demo_data(
-        DataConfig(train_csv=str(demo / "train.csv"), val_csv=str(demo / "val.csv"), demo_dir=str(demo))
-    )
-    assert calls == [demo.resolve()]
-    ensure_demo_data(
-        DataConfig(train_csv=str(tmp_path / "x.csv"), val_csv=str(demo / "val.csv"), demo_dir=str(demo))
-    )
-    ensure_demo_data(DataConfig(demo_dir=None))
-    assert len(calls) == 1
 
 
 def test_dataset_with_masks_and_resampling(tmp_path):
