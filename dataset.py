@@ -38,7 +38,10 @@ from monai.data import Dataset as MonaiDataset
 from scipy import ndimage
 
 from config import AugmentationConfig, PreprocessingConfig
-from demo_cohort import make_demo_cohort
+from demo_cohort import (
+    ensure_demo_data,  # noqa: F401  re-export for train.py until it imports demo_cohort
+    make_demo_cohort,
+)
 
 __all__ = [
     "DataError",
