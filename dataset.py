@@ -4,6 +4,11 @@ Every script (train, infer, save_latent, notebook) preprocesses through :func:`p
 :func:`build_preprocessing` and maps results back with :func:`restore_to_input_grid`; nothing here is
 re-implemented elsewhere.
 
+Splits (:func:`read_split`): a CSV, a folder of NIfTI files or one NIfTI file. Every row gets a
+``subject_id``, by one rule: the CSV's ``subject_id`` cell when given, otherwise the file name without
+``.nii``/``.nii.gz`` and without a trailing BIDS ``_T1w`` (``sub-01_T1w.nii.gz`` -> ``sub-01``,
+``IXI014-HH-1236_T1.nii.gz`` -> ``IXI014-HH-1236_T1``).
+
 Preprocessing (MONAI transforms on a channel-first MetaTensor that carries the affine):
 load (nibabel) -> channel first -> reorient to ``prep.orientation`` -> resample to ``prep.target_spacing``
 (skipped when already there) -> centred pad/crop to ``prep.target_shape`` -> intensity to [0, 1]
@@ -62,6 +67,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+BIDS_T1W_SUFFIX = "_T1w"  # dropped from file names when deriving subject ids
 SPACING_TOLERANCE_MM = 0.01
 PIPELINE_VERSION = "1"  # bump when the preprocessing code changes, so disk caches are rebuilt
 
@@ -78,10 +84,14 @@ def _is_nifti(path: Path) -> bool:
 
 
 def _subject_id(path: str | Path) -> str:
+    """Subject id of a file: its name without ``.nii``/``.nii.gz`` and a trailing ``_T1w``."""
     name = Path(path).name
     for suffix in (".nii.gz", ".nii"):
         if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
+            name = name[: -len(suffix)]
+            break
+    if name.endswith(BIDS_T1W_SUFFIX) and len(name) > len(BIDS_T1W_SUFFIX):
+        name = name[: -len(BIDS_T1W_SUFFIX)]
     return name
 
 
@@ -97,7 +107,7 @@ def read_split(source: str | Path) -> pd.DataFrame:
     """Read a split: a CSV (``image`` column required), a folder of NIfTI files, or one NIfTI file.
 
     Returns columns ``subject_id``, ``image`` (absolute str), ``mask`` (absolute str or None), then every
-    other CSV column unchanged.
+    other CSV column unchanged. ``subject_id`` follows the rule in the module docstring.
     """
     source = Path(source).expanduser()
     if not source.exists():

@@ -24,6 +24,7 @@ from dataset import (
     read_split,
     restore_to_input_grid,
 )
+from demo_cohort import make_demo_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 IXI = REPO.parent / "shared" / "data" / "ixi"
@@ -74,6 +75,39 @@ def test_read_split_folder_and_single_file(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     assert list(read_split(tmp_path)["subject_id"]) == ["a", "b"]
     assert len(read_split(tmp_path / "b.nii")) == 1
+
+
+def test_subject_id_rule_for_folder_file_and_csv(tmp_path):
+    """subject_id cell when given, else the file name without .nii/.nii.gz and a trailing BIDS ``_T1w``."""
+    names = ["sub-01_T1w.nii.gz", "IXI014-HH-1236_T1.nii.gz", "x_T1w.nii", "plain.NII.GZ"]
+    expected = ["sub-01", "IXI014-HH-1236_T1", "x", "plain"]
+    for name in names:
+        write(tmp_path / name, brain_like())
+    assert sorted(read_split(tmp_path)["subject_id"]) == sorted(expected)
+    for name, subject_id in zip(names, expected, strict=True):
+        assert list(read_split(tmp_path / name)["subject_id"]) == [subject_id]
+    no_id_column = write_csv(tmp_path / "split.csv", [{"image": name} for name in names])
+    assert list(read_split(no_id_column)["subject_id"]) == expected
+    with_ids = write_csv(
+        tmp_path / "ids.csv",
+        [{"subject_id": "given", "image": names[0]}, {"subject_id": None, "image": names[2]}],
+    )
+    assert list(read_split(with_ids)["subject_id"]) == ["given", "x"]
+
+
+def test_demo_file_has_one_subject_id_as_file_folder_and_csv_row(tmp_path):
+    csv = make_demo_cohort(tmp_path, n_train=1, n_val=0, n_test=0)["train"]
+    row = read_split(csv)
+    image = Path(row.loc[0, "image"])
+    assert image.name == "demo000_T1w.nii.gz"
+    bare_csv = write_csv(tmp_path / "bare.csv", [{"image": str(image)}])
+    ids = {
+        "csv row": row.loc[0, "subject_id"],
+        "file": read_split(image).loc[0, "subject_id"],
+        "folder": read_split(image.parent).loc[0, "subject_id"],
+        "csv row without subject_id": read_split(bare_csv).loc[0, "subject_id"],
+    }
+    assert set(ids.values()) == {"demo000"}, ids
 
 
 def test_csv_without_image_column(tmp_path):
