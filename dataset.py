@@ -7,7 +7,8 @@ re-implemented elsewhere.
 Splits (:func:`read_split`): a CSV, a folder of NIfTI files or one NIfTI file. Every row gets a
 ``subject_id``, by one rule: the CSV's ``subject_id`` cell when given, otherwise the file name without
 ``.nii``/``.nii.gz`` and without a trailing BIDS ``_T1w`` (``sub-01_T1w.nii.gz`` -> ``sub-01``,
-``IXI014-HH-1236_T1.nii.gz`` -> ``IXI014-HH-1236_T1``).
+``IXI014-HH-1236_T1.nii.gz`` -> ``IXI014-HH-1236_T1``). Subject ids must be unique within a split: they name
+every per-row output (reconstructions, latents, metrics rows).
 
 Preprocessing (MONAI transforms on a channel-first MetaTensor that carries the affine):
 load (nibabel) -> channel first -> reorient to ``prep.orientation`` -> resample to ``prep.target_spacing``
@@ -68,6 +69,7 @@ log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 BIDS_T1W_SUFFIX = "_T1w"  # dropped from file names when deriving subject ids
+MAX_LISTED_IDS = 5  # duplicated subject ids named in full in the error message
 SPACING_TOLERANCE_MM = 0.01
 PIPELINE_VERSION = "1"  # bump when the preprocessing code changes, so disk caches are rebuilt
 
@@ -107,7 +109,8 @@ def read_split(source: str | Path) -> pd.DataFrame:
     """Read a split: a CSV (``image`` column required), a folder of NIfTI files, or one NIfTI file.
 
     Returns columns ``subject_id``, ``image`` (absolute str), ``mask`` (absolute str or None), then every
-    other CSV column unchanged. ``subject_id`` follows the rule in the module docstring.
+    other CSV column unchanged. ``subject_id`` follows the rule in the module docstring; a split whose
+    images or subject ids repeat is refused (:class:`DataError` naming them and their files).
     """
     source = Path(source).expanduser()
     if not source.exists():
@@ -134,8 +137,23 @@ def read_split(source: str | Path) -> pd.DataFrame:
     duplicated = frame["image"][frame["image"].duplicated(keep=False)]
     if len(duplicated):
         raise DataError(f"{source}: duplicate rows for image(s) {sorted(set(duplicated))}")
+    _refuse_duplicate_ids(frame, source)
     others = [c for c in frame.columns if c not in ("subject_id", "image", "mask")]
     return frame[["subject_id", "image", "mask", *others]].reset_index(drop=True)
+
+
+def _refuse_duplicate_ids(frame: pd.DataFrame, source: Path) -> None:
+    """Raise :class:`DataError` naming every repeated subject id with its files (they name the outputs)."""
+    repeated = frame[frame["subject_id"].duplicated(keep=False)]
+    if repeated.empty:
+        return
+    files = [(sid, list(images)) for sid, images in repeated.groupby("subject_id", sort=True)["image"]]
+    listed = "; ".join(f"{sid!r} ({', '.join(images)})" for sid, images in files[:MAX_LISTED_IDS])
+    more = f"; (+{len(files) - MAX_LISTED_IDS} more)" if len(files) > MAX_LISTED_IDS else ""
+    raise DataError(
+        f"{source}: subject_id must be unique (it names each row's outputs); duplicated: {listed}{more}. "
+        "Give each row its own subject_id (CSV column) or rename the files"
+    )
 
 
 def _read_csv(path: Path) -> pd.DataFrame:

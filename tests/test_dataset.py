@@ -24,6 +24,7 @@ from dataset import (
     read_split,
     restore_to_input_grid,
 )
+from dataset import main as dataset_main
 from demo_cohort import make_demo_cohort
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +109,38 @@ def test_demo_file_has_one_subject_id_as_file_folder_and_csv_row(tmp_path):
         "csv row without subject_id": read_split(bare_csv).loc[0, "subject_id"],
     }
     assert set(ids.values()) == {"demo000"}, ids
+
+
+def test_duplicate_subject_ids_are_refused_naming_the_files(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write(folder / "a.nii", brain_like())
+    write(folder / "a.nii.gz", brain_like())
+    write(folder / "b.nii.gz", brain_like())
+    with pytest.raises(DataError) as error:
+        read_split(folder)
+    message = str(error.value)
+    assert "\n" not in message and "subject_id" in message and "'a'" in message
+    folder = folder.resolve()
+    assert f"'a' ({folder / 'a.nii'}, {folder / 'a.nii.gz'})" in message
+    assert "b.nii.gz" not in message
+    csv = write_csv(
+        tmp_path / "split.csv",
+        [{"subject_id": "s1", "image": "folder/a.nii"}, {"subject_id": "s1", "image": "folder/b.nii.gz"}],
+    )
+    with pytest.raises(DataError, match=r"split.csv: .*'s1'.*a\.nii.*b\.nii\.gz"):
+        read_split(csv)
+
+
+def test_cli_check_refuses_duplicate_subject_ids(tmp_path, capsys):
+    write(tmp_path / "a.nii", brain_like())
+    write(tmp_path / "a.nii.gz", brain_like())
+    assert dataset_main(["--check", str(tmp_path)]) != 0
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ERROR: ") and "Traceback" not in captured.err
+    folder = tmp_path.resolve()
+    assert f"'a' ({folder / 'a.nii'}, {folder / 'a.nii.gz'})" in lines[0]
 
 
 def test_csv_without_image_column(tmp_path):
