@@ -85,3 +85,44 @@ def test_file_errors_name_the_file(tmp_path):
     unknown.write_text(json.dumps({"training": {}}))
     with pytest.raises(ConfigError, match=r"unknown.json: unknown config section\(s\) \['training'\]"):
         load_config(unknown)
+
+
+def test_override_errors_name_the_override_not_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(Config().to_dict()))
+    cases = {
+        "train.num_epochs=one": "train.num_epochs: 'one' is not allowed; expected int",
+        "train.epochs=1": "unknown key(s) ['epochs'] in section 'train'",
+        "train.beta=-1": "train.beta must be >= 0",
+        "augmentation.noise_prob=1.5": "augmentation.noise_prob must be a probability in [0, 1]",
+    }
+    for override, problem in cases.items():
+        with pytest.raises(ConfigError) as error:
+            load_config(path, ["train.seed=3", override])
+        assert str(error.value).startswith(f"--set {override}: {problem}"), str(error.value)
+        assert str(path) not in str(error.value)
+
+
+def test_file_value_errors_still_name_the_file(tmp_path):
+    raw = Config().to_dict()
+    raw["train"]["num_epochs"] = "one"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ["train.seed=3"])
+    assert str(error.value).startswith(f"{path}: train.num_epochs: 'one' is not allowed; expected int")
+    assert "--set" not in str(error.value)
+
+
+def test_cross_key_errors_name_every_source(tmp_path):
+    """A check between two keys names the file and the override when one value came from each."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(Config().to_dict()))
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ["train.seed=3", "model.num_res_blocks=[1,1]"])
+    expected = f"{path}, --set model.num_res_blocks=[1,1]: model.num_res_blocks must have one entry per level"
+    assert str(error.value).startswith(expected), str(error.value)
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["model.channels=[16,32]"])  # the other keys keep their defaults
+    expected = "--set model.channels=[16,32]: model.num_res_blocks must have one entry per level (2,"
+    assert str(error.value).startswith(expected), str(error.value)
