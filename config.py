@@ -8,6 +8,10 @@ A config is JSON with one object per section (``model``, ``discriminator``, ``pe
 * rejects unknown keys, wrong types and out-of-range values with an error that lists what is allowed and
   names where the value came from: the file, or the ``--set section.key=value`` override.
 
+Presets (``configs/*.json``) are overrides on top of these defaults: they list only the keys they change.
+``config.json`` is the full reference (every key at its default). A changed default here changes every
+preset that does not list that key.
+
 The effective config (``Config.to_dict()``) is saved into the run folder and into every checkpoint, so a
 checkpoint alone is enough to rebuild the model and reproduce the preprocessing.
 """

@@ -126,3 +126,30 @@ def test_cross_key_errors_name_every_source(tmp_path):
         load_config(None, ["model.channels=[16,32]"])  # the other keys keep their defaults
     expected = "--set model.channels=[16,32]: model.num_res_blocks must have one entry per level (2,"
     assert str(error.value).startswith(expected), str(error.value)
+
+
+def test_config_json_is_the_full_reference():
+    assert json.loads((REPO_ROOT / "config.json").read_text()) == Config().to_dict()
+
+
+@pytest.mark.parametrize("path", sorted(REPO_ROOT.glob("configs/*.json")), ids=lambda p: p.name)
+def test_presets_list_only_what_they_change(path):
+    """A preset = overrides on top of the schema defaults: every key it lists differs from its default."""
+    preset = json.loads(path.read_text())
+    defaults = Config().to_dict()
+    same = [f"{s}.{k}" for s, values in preset.items() for k, v in values.items() if v == defaults[s][k]]
+    assert not same, f"{path.name} repeats default values: {same}"
+    expected = {s: {**values, **preset.get(s, {})} for s, values in defaults.items()}
+    assert load_config(path).to_dict() == expected
+
+
+def test_cpu_preset_is_the_documented_run():
+    """What README promises for configs/cpu.json (a changed schema default would change the preset too)."""
+    config = load_config(REPO_ROOT / "configs" / "cpu.json")
+    assert config.preprocessing.target_spacing == (4.0, 4.0, 4.0)
+    assert config.preprocessing.target_shape == (46, 55, 46)
+    assert config.model.channels == (16, 32) and config.model.latent_channels == 4
+    assert config.train.batch_size == 1 and config.train.learning_rate == 1e-3 and config.train.amp == "bf16"
+    assert config.train.num_epochs == 60 and config.train.gan_start_epoch == 50
+    assert config.train.val_every == 10 and config.train.run_name == "cpu_demo"
+    assert not config.augmentation.enabled and config.data.num_workers == 0
