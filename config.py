@@ -5,7 +5,12 @@ A config is JSON with one object per section (``model``, ``discriminator``, ``pe
 
 * starts from the defaults below,
 * applies the file's values, then ``--set section.key=value`` overrides,
-* rejects unknown keys, wrong types and out-of-range values with an error that lists what is allowed.
+* rejects unknown keys, wrong types and out-of-range values with an error that lists what is allowed and
+  names where the value came from: the file, or the ``--set section.key=value`` override.
+
+Presets (``configs/*.json``) are overrides on top of these defaults: they list only the keys they change.
+``config.json`` is the full reference (every key at its default). A changed default here changes every
+preset that does not list that key.
 
 The effective config (``Config.to_dict()``) is saved into the run folder and into every checkpoint, so a
 checkpoint alone is enough to rebuild the model and reproduce the preprocessing.
@@ -36,12 +41,17 @@ __all__ = [
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+    """A config file or override that does not fit the schema; ``keys``: the dotted keys it concerns."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
-def _check(condition: bool, message: str) -> None:
+def _check(condition: bool, message: str, *keys: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` about ``keys`` (``section.key``) unless ``condition``."""
     if not condition:
-        raise ConfigError(message)
+        raise ConfigError(message, keys)
 
 
 @dataclass
@@ -62,22 +72,30 @@ class ModelConfig:
     upsample_mode: Literal["trilinear", "transposed"] = "trilinear"
 
     def validate(self) -> None:
-        _check(self.spatial_dims == 3, "model.spatial_dims: only 3 is supported")
-        _check(len(self.channels) >= 1, "model.channels: give at least one level")
+        _check(self.spatial_dims == 3, "model.spatial_dims: only 3 is supported", "model.spatial_dims")
+        _check(len(self.channels) >= 1, "model.channels: give at least one level", "model.channels")
         for name in ("num_res_blocks", "attention_levels"):
             _check(
                 len(getattr(self, name)) == len(self.channels),
                 f"model.{name} must have one entry per level ({len(self.channels)}, like model.channels)",
+                f"model.{name}",
+                "model.channels",
             )
         for c in self.channels:
             _check(
                 c > 0 and c % self.norm_num_groups == 0,
                 f"model.channels: every entry must be a positive multiple of model.norm_num_groups "
                 f"({self.norm_num_groups}); got {list(self.channels)}",
+                "model.channels",
+                "model.norm_num_groups",
             )
-        _check(self.latent_channels >= 1, "model.latent_channels must be >= 1")
-        _check(all(n >= 1 for n in self.num_res_blocks), "model.num_res_blocks: every entry must be >= 1")
-        _check(self.norm_eps > 0, "model.norm_eps must be > 0")
+        _check(self.latent_channels >= 1, "model.latent_channels must be >= 1", "model.latent_channels")
+        _check(
+            all(n >= 1 for n in self.num_res_blocks),
+            "model.num_res_blocks: every entry must be >= 1",
+            "model.num_res_blocks",
+        )
+        _check(self.norm_eps > 0, "model.norm_eps must be > 0", "model.norm_eps")
 
 
 @dataclass
@@ -91,9 +109,15 @@ class DiscriminatorConfig:
     loss: Literal["least_squares", "hinge"] = "least_squares"
 
     def validate(self) -> None:
-        _check(self.channels >= 1, "discriminator.channels must be >= 1")
-        _check(1 <= self.num_layers <= 6, "discriminator.num_layers must be in [1, 6]")
-        _check(self.learning_rate > 0, "discriminator.learning_rate must be > 0")
+        _check(self.channels >= 1, "discriminator.channels must be >= 1", "discriminator.channels")
+        _check(
+            1 <= self.num_layers <= 6,
+            "discriminator.num_layers must be in [1, 6]",
+            "discriminator.num_layers",
+        )
+        _check(
+            self.learning_rate > 0, "discriminator.learning_rate must be > 0", "discriminator.learning_rate"
+        )
 
 
 @dataclass
@@ -123,19 +147,24 @@ class PreprocessingConfig:
         _check(
             len(self.orientation) == 3 and set(self.orientation.upper()) <= set("RLAPSI"),
             f"preprocessing.orientation must be a 3-letter axis code like 'RAS'; got {self.orientation!r}",
+            "preprocessing.orientation",
         )
         if self.target_spacing is not None:
             _check(
                 len(self.target_spacing) == 3 and all(s > 0 for s in self.target_spacing),
                 "preprocessing.target_spacing must be null or three positive numbers (mm)",
+                "preprocessing.target_spacing",
             )
         _check(
             len(self.target_shape) == 3 and all(s >= 1 for s in self.target_shape),
             "preprocessing.target_shape must be three positive integers",
+            "preprocessing.target_shape",
         )
         _check(
             0.0 <= self.lower_percentile < self.upper_percentile <= 100.0,
             "preprocessing: need 0 <= lower_percentile < upper_percentile <= 100",
+            "preprocessing.lower_percentile",
+            "preprocessing.upper_percentile",
         )
 
 
@@ -158,19 +187,24 @@ class AugmentationConfig:
     def validate(self) -> None:
         for name in ("affine_prob", "bias_field_prob", "gamma_prob", "noise_prob", "flip_left_right_prob"):
             value = getattr(self, name)
-            _check(0.0 <= value <= 1.0, f"augmentation.{name} must be a probability in [0, 1]; got {value}")
+            _check(
+                0.0 <= value <= 1.0,
+                f"augmentation.{name} must be a probability in [0, 1]; got {value}",
+                f"augmentation.{name}",
+            )
         _check(
             0 < self.gamma_range[0] <= self.gamma_range[1],
             "augmentation.gamma_range must be [low, high] with 0 < low <= high",
+            "augmentation.gamma_range",
         )
-        _check(self.noise_std >= 0, "augmentation.noise_std must be >= 0")
+        _check(self.noise_std >= 0, "augmentation.noise_std must be >= 0", "augmentation.noise_std")
 
 
 @dataclass
 class DataConfig:
     """Split CSVs (or folders / single files). Relative paths are relative to the working directory.
 
-    ``train_csv`` / ``val_csv`` default to the built-in demo cohort, which ``dataset.py`` synthesises on
+    ``train_csv`` / ``val_csv`` default to the built-in demo cohort, which ``demo_cohort.py`` synthesises on
     first use when ``demo_dir`` does not hold it yet.
     """
 
@@ -183,7 +217,7 @@ class DataConfig:
     skip_bad_files: bool = False
 
     def validate(self) -> None:
-        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0", "data.num_workers")
 
 
 @dataclass
@@ -219,28 +253,43 @@ class TrainConfig:
     best_runs_dir: str = "best_runs"
 
     def validate(self) -> None:
-        _check(self.batch_size >= 1, "train.batch_size must be >= 1")
-        _check(self.learning_rate > 0, "train.learning_rate must be > 0")
-        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
-        _check(self.num_epochs >= 1, "train.num_epochs must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size must be >= 1", "train.batch_size")
+        _check(self.learning_rate > 0, "train.learning_rate must be > 0", "train.learning_rate")
+        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0", "train.weight_decay")
+        _check(self.num_epochs >= 1, "train.num_epochs must be >= 1", "train.num_epochs")
         _check(
             self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
             "train.max_steps_per_epoch must be null or >= 1",
+            "train.max_steps_per_epoch",
         )
         for name in ("beta", "perceptual_weight", "adversarial_weight"):
-            _check(getattr(self, name) >= 0, f"train.{name} must be >= 0")
-        _check(self.gan_start_epoch >= 0, "train.gan_start_epoch must be >= 0 (an epoch index)")
-        _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip must be null or > 0")
-        _check(self.val_every >= 1, "train.val_every must be >= 1")
+            _check(getattr(self, name) >= 0, f"train.{name} must be >= 0", f"train.{name}")
+        _check(
+            self.gan_start_epoch >= 0,
+            "train.gan_start_epoch must be >= 0 (an epoch index)",
+            "train.gan_start_epoch",
+        )
+        _check(
+            self.grad_clip is None or self.grad_clip > 0,
+            "train.grad_clip must be null or > 0",
+            "train.grad_clip",
+        )
+        _check(self.val_every >= 1, "train.val_every must be >= 1", "train.val_every")
         _check(
             self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
             "train.checkpoint_every_steps must be null or >= 1",
+            "train.checkpoint_every_steps",
         )
-        _check(self.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be >= 1")
-        _check(self.log_every_steps >= 1, "train.log_every_steps must be >= 1")
+        _check(
+            self.max_consecutive_nonfinite >= 1,
+            "train.max_consecutive_nonfinite must be >= 1",
+            "train.max_consecutive_nonfinite",
+        )
+        _check(self.log_every_steps >= 1, "train.log_every_steps must be >= 1", "train.log_every_steps")
         _check(
             self.run_name and "/" not in self.run_name and self.run_name not in (".", ".."),
             f"train.run_name must be a plain folder name; got {self.run_name!r}",
+            "train.run_name",
         )
 
 
@@ -278,7 +327,9 @@ class Config:
             raise ConfigError(f"a config must be a JSON object with sections {sorted(SECTIONS)}")
         unknown = sorted(set(raw) - set(SECTIONS))
         if unknown:
-            raise ConfigError(f"unknown config section(s) {unknown}; allowed sections: {sorted(SECTIONS)}")
+            raise ConfigError(
+                f"unknown config section(s) {unknown}; allowed sections: {sorted(SECTIONS)}", tuple(unknown)
+            )
         sections = {
             name: _section_from_dict(name, section_type, raw.get(name, {}))
             for name, section_type in SECTIONS.items()
@@ -346,42 +397,55 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
     elif tp is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{where}: {value!r} is not allowed; expected {_describe_type(tp)}")
+    raise ConfigError(f"{where}: {value!r} is not allowed; expected {_describe_type(tp)}", (where,))
 
 
 def _section_from_dict(name: str, section_type: type, raw: Any) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"config section '{name}' must be an object")
+        raise ConfigError(f"config section '{name}' must be an object", (name,))
     hints = typing.get_type_hints(section_type)
     allowed = [f.name for f in dataclasses.fields(section_type)]
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in section '{name}'; allowed keys: {allowed}")
+        raise ConfigError(
+            f"unknown key(s) {unknown} in section '{name}'; allowed keys: {allowed}",
+            tuple(f"{name}.{key}" for key in unknown),
+        )
     values = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in raw.items()}
     return section_type(**values)
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value); ``value`` parsed as JSON, else a plain string."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.num_epochs=2)")
+    dotted, text = item.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    if section not in SECTIONS:
+        raise ConfigError(f"override {item!r}: unknown section {section!r}; allowed: {sorted(SECTIONS)}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return section, key, value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings; ``value`` is parsed as JSON, else taken as a plain string."""
     raw = json.loads(json.dumps(raw))
     for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.num_epochs=2)")
-        dotted, text = item.split("=", 1)
-        section, key = dotted.strip().split(".", 1)
-        if section not in SECTIONS:
-            raise ConfigError(f"override {item!r}: unknown section {section!r}; allowed: {sorted(SECTIONS)}")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
+        section, key, value = _parse_override(item)
         raw.setdefault(section, {})[key] = value
     return raw
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a JSON config file (or only defaults when ``path`` is None) and apply ``--set`` overrides."""
+    """Read a JSON config file (or only defaults when ``path`` is None) and apply ``--set`` overrides.
+
+    An error names where the values it concerns came from: the file and/or the ``--set`` override(s).
+    """
     raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # "section" / "section.key" -> the file or "--set section.key=value"
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -390,9 +454,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}: not valid JSON ({error})") from error
-    raw = apply_overrides(raw, overrides or [])
+        for section, values in raw.items() if isinstance(raw, dict) else ():
+            sources[section] = str(path)
+            if isinstance(values, dict):
+                sources.update({f"{section}.{key}": str(path) for key in values})
+    overrides = overrides or []
+    raw = apply_overrides(raw, overrides)
+    for item in overrides:
+        section, key, _ = _parse_override(item)
+        sources[f"{section}.{key}"] = f"--set {item}"
     try:
         return Config.from_dict(raw)
     except ConfigError as error:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{error}") from None
+        involved = {sources[key] for key in error.keys if key in sources}
+        everywhere = ([str(path)] if path is not None else []) + [f"--set {item}" for item in overrides]
+        named = [source for source in dict.fromkeys(everywhere) if source in involved]
+        if not named and path is not None:  # e.g. the file is not a JSON object
+            named = [str(path)]
+        prefix = f"{', '.join(named)}: " if named else ""
+        raise ConfigError(f"{prefix}{error}", error.keys) from None

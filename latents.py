@@ -170,11 +170,8 @@ def decode_latent_file(model: LoadedModel, latent_path: Path, output_dir: Path) 
 
 
 def output_paths(frame: pd.DataFrame, output_dir: Path, suffix: str) -> list[Path]:
-    """One path ``<output_dir>/<subject_id><suffix>`` per row (subject ids must be unique)."""
+    """One path ``<output_dir>/<subject_id><suffix>`` per row (``dataset.read_split`` makes ids unique)."""
     ids = frame["subject_id"].astype(str)
-    duplicated = sorted(set(ids[ids.duplicated()]))
-    if duplicated:
-        raise DataError(f"subject_id must be unique to name the output files; duplicated: {duplicated}")
     return [output_dir / f"{sid.replace(os.sep, '_')}{suffix}" for sid in ids]
 
 

@@ -32,10 +32,17 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363)
 
 
 def ms_ssim_scales(spatial_shape: tuple[int, ...]) -> int:
-    """How many MS-SSIM scales (at most 4) fit a volume, by MONAI's size rule."""
+    """How many MS-SSIM scales (at most 4) fit a volume.
+
+    Both MONAI's size check (``size // max(1, scales - 1) ** 2 > kernel - 1``) and the computation itself
+    (the coarsest scale, halved ``scales - 1`` times, still at least the kernel size) must pass: MONAI's
+    check alone allows 2 scales for 7-13 voxels, whose second scale is smaller than the window.
+    """
     for scales in range(len(MS_SSIM_WEIGHTS), 0, -1):
         divisor = max(1, scales - 1) ** 2
-        if all(size // divisor > MS_SSIM_KERNEL - 1 for size in spatial_shape):
+        passes_monai_check = all(size // divisor > MS_SSIM_KERNEL - 1 for size in spatial_shape)
+        coarsest_fits = all(size // 2 ** (scales - 1) >= MS_SSIM_KERNEL for size in spatial_shape)
+        if passes_monai_check and coarsest_fits:
             return scales
     raise ValueError(f"volume {tuple(spatial_shape)} is too small for MS-SSIM (need > {MS_SSIM_KERNEL - 1})")
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 import dataset
+import demo_cohort
 from checkpoints import (
     CheckpointError,
     inference_checkpoint,
@@ -185,7 +186,7 @@ def make_loaders(
     generator that orders the shuffle."""
     data = config.data
     with main_process_first(context):
-        dataset.ensure_demo_data(data)
+        demo_cohort.ensure_demo_data(data)
     train_frame = dataset.preflight(dataset.read_split(data.train_csv), skip_bad_files=data.skip_bad_files)
     val_frame = dataset.preflight(dataset.read_split(data.val_csv), skip_bad_files=data.skip_bad_files)
     augmentation = config.augmentation if config.augmentation.enabled else None

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import AugmentationConfig, DataConfig, PreprocessingConfig  # noqa: E402
-from dataset import build_dataset, ensure_demo_data, read_split  # noqa: E402
+from dataset import build_dataset, read_split  # noqa: E402
+from demo_cohort import ensure_demo_data  # noqa: E402
 
 IXI_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "ixi" / "train.csv"
 

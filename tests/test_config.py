@@ -85,3 +85,71 @@ def test_file_errors_name_the_file(tmp_path):
     unknown.write_text(json.dumps({"training": {}}))
     with pytest.raises(ConfigError, match=r"unknown.json: unknown config section\(s\) \['training'\]"):
         load_config(unknown)
+
+
+def test_override_errors_name_the_override_not_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(Config().to_dict()))
+    cases = {
+        "train.num_epochs=one": "train.num_epochs: 'one' is not allowed; expected int",
+        "train.epochs=1": "unknown key(s) ['epochs'] in section 'train'",
+        "train.beta=-1": "train.beta must be >= 0",
+        "augmentation.noise_prob=1.5": "augmentation.noise_prob must be a probability in [0, 1]",
+    }
+    for override, problem in cases.items():
+        with pytest.raises(ConfigError) as error:
+            load_config(path, ["train.seed=3", override])
+        assert str(error.value).startswith(f"--set {override}: {problem}"), str(error.value)
+        assert str(path) not in str(error.value)
+
+
+def test_file_value_errors_still_name_the_file(tmp_path):
+    raw = Config().to_dict()
+    raw["train"]["num_epochs"] = "one"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ["train.seed=3"])
+    assert str(error.value).startswith(f"{path}: train.num_epochs: 'one' is not allowed; expected int")
+    assert "--set" not in str(error.value)
+
+
+def test_cross_key_errors_name_every_source(tmp_path):
+    """A check between two keys names the file and the override when one value came from each."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(Config().to_dict()))
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ["train.seed=3", "model.num_res_blocks=[1,1]"])
+    expected = f"{path}, --set model.num_res_blocks=[1,1]: model.num_res_blocks must have one entry per level"
+    assert str(error.value).startswith(expected), str(error.value)
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["model.channels=[16,32]"])  # the other keys keep their defaults
+    expected = "--set model.channels=[16,32]: model.num_res_blocks must have one entry per level (2,"
+    assert str(error.value).startswith(expected), str(error.value)
+
+
+def test_config_json_is_the_full_reference():
+    assert json.loads((REPO_ROOT / "config.json").read_text()) == Config().to_dict()
+
+
+@pytest.mark.parametrize("path", sorted(REPO_ROOT.glob("configs/*.json")), ids=lambda p: p.name)
+def test_presets_list_only_what_they_change(path):
+    """A preset = overrides on top of the schema defaults: every key it lists differs from its default."""
+    preset = json.loads(path.read_text())
+    defaults = Config().to_dict()
+    same = [f"{s}.{k}" for s, values in preset.items() for k, v in values.items() if v == defaults[s][k]]
+    assert not same, f"{path.name} repeats default values: {same}"
+    expected = {s: {**values, **preset.get(s, {})} for s, values in defaults.items()}
+    assert load_config(path).to_dict() == expected
+
+
+def test_cpu_preset_is_the_documented_run():
+    """What README promises for configs/cpu.json (a changed schema default would change the preset too)."""
+    config = load_config(REPO_ROOT / "configs" / "cpu.json")
+    assert config.preprocessing.target_spacing == (4.0, 4.0, 4.0)
+    assert config.preprocessing.target_shape == (46, 55, 46)
+    assert config.model.channels == (16, 32) and config.model.latent_channels == 4
+    assert config.train.batch_size == 1 and config.train.learning_rate == 1e-3 and config.train.amp == "bf16"
+    assert config.train.num_epochs == 60 and config.train.gan_start_epoch == 50
+    assert config.train.val_every == 10 and config.train.run_name == "cpu_demo"
+    assert not config.augmentation.enabled and config.data.num_workers == 0

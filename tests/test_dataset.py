@@ -1,12 +1,10 @@
-"""Tests for dataset.py: split reading, pre-flight checks, preprocessing + inverse, datasets, demo cohort."""
+"""Tests for dataset.py: split reading, pre-flight checks, preprocessing + inverse, datasets."""
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -15,19 +13,19 @@ import pandas as pd
 import pytest
 import torch
 
-from config import AugmentationConfig, DataConfig, PreprocessingConfig
+from config import AugmentationConfig, PreprocessingConfig
 from dataset import (
     DataError,
     build_dataset,
     check_files,
-    ensure_demo_data,
-    make_demo_cohort,
     preflight,
     preprocess_volume,
     preprocessing_cache_dir,
     read_split,
     restore_to_input_grid,
 )
+from dataset import main as dataset_main
+from demo_cohort import make_demo_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 IXI = REPO.parent / "shared" / "data" / "ixi"
@@ -78,6 +76,71 @@ def test_read_split_folder_and_single_file(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     assert list(read_split(tmp_path)["subject_id"]) == ["a", "b"]
     assert len(read_split(tmp_path / "b.nii")) == 1
+
+
+def test_subject_id_rule_for_folder_file_and_csv(tmp_path):
+    """subject_id cell when given, else the file name without .nii/.nii.gz and a trailing BIDS ``_T1w``."""
+    names = ["sub-01_T1w.nii.gz", "IXI014-HH-1236_T1.nii.gz", "x_T1w.nii", "plain.NII.GZ"]
+    expected = ["sub-01", "IXI014-HH-1236_T1", "x", "plain"]
+    for name in names:
+        write(tmp_path / name, brain_like())
+    assert sorted(read_split(tmp_path)["subject_id"]) == sorted(expected)
+    for name, subject_id in zip(names, expected, strict=True):
+        assert list(read_split(tmp_path / name)["subject_id"]) == [subject_id]
+    no_id_column = write_csv(tmp_path / "split.csv", [{"image": name} for name in names])
+    assert list(read_split(no_id_column)["subject_id"]) == expected
+    with_ids = write_csv(
+        tmp_path / "ids.csv",
+        [{"subject_id": "given", "image": names[0]}, {"subject_id": None, "image": names[2]}],
+    )
+    assert list(read_split(with_ids)["subject_id"]) == ["given", "x"]
+
+
+def test_demo_file_has_one_subject_id_as_file_folder_and_csv_row(tmp_path):
+    csv = make_demo_cohort(tmp_path, n_train=1, n_val=0, n_test=0)["train"]
+    row = read_split(csv)
+    image = Path(row.loc[0, "image"])
+    assert image.name == "demo000_T1w.nii.gz"
+    bare_csv = write_csv(tmp_path / "bare.csv", [{"image": str(image)}])
+    ids = {
+        "csv row": row.loc[0, "subject_id"],
+        "file": read_split(image).loc[0, "subject_id"],
+        "folder": read_split(image.parent).loc[0, "subject_id"],
+        "csv row without subject_id": read_split(bare_csv).loc[0, "subject_id"],
+    }
+    assert set(ids.values()) == {"demo000"}, ids
+
+
+def test_duplicate_subject_ids_are_refused_naming_the_files(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write(folder / "a.nii", brain_like())
+    write(folder / "a.nii.gz", brain_like())
+    write(folder / "b.nii.gz", brain_like())
+    with pytest.raises(DataError) as error:
+        read_split(folder)
+    message = str(error.value)
+    assert "\n" not in message and "subject_id" in message and "'a'" in message
+    folder = folder.resolve()
+    assert f"'a' ({folder / 'a.nii'}, {folder / 'a.nii.gz'})" in message
+    assert "b.nii.gz" not in message
+    csv = write_csv(
+        tmp_path / "split.csv",
+        [{"subject_id": "s1", "image": "folder/a.nii"}, {"subject_id": "s1", "image": "folder/b.nii.gz"}],
+    )
+    with pytest.raises(DataError, match=r"split.csv: .*'s1'.*a\.nii.*b\.nii\.gz"):
+        read_split(csv)
+
+
+def test_cli_check_refuses_duplicate_subject_ids(tmp_path, capsys):
+    write(tmp_path / "a.nii", brain_like())
+    write(tmp_path / "a.nii.gz", brain_like())
+    assert dataset_main(["--check", str(tmp_path)]) != 0
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ERROR: ") and "Traceback" not in captured.err
+    folder = tmp_path.resolve()
+    assert f"'a' ({folder / 'a.nii'}, {folder / 'a.nii.gz'})" in lines[0]
 
 
 def test_csv_without_image_column(tmp_path):
@@ -403,46 +466,6 @@ def test_augmentation_on_stays_in_unit_range(tmp_path):
     )
     torch.testing.assert_close(off[0]["image"], off[0]["image"])
     torch.testing.assert_close(off[0]["image"], preprocess_volume(tmp_path / "s0.nii.gz", SMALL_PREP).image)
-
-
-# ------------------------------------------------------------------------------------------ demo data
-
-
-def digest(folder: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
-
-
-def test_demo_cohort_deterministic_and_quick(tmp_path):
-    start = time.perf_counter()
-    csvs = make_demo_cohort(tmp_path / "a", n_train=2, n_val=1, n_test=1, seed=3)
-    assert time.perf_counter() - start < 30
-    make_demo_cohort(tmp_path / "b", n_train=2, n_val=1, n_test=1, seed=3)
-    assert digest(tmp_path / "a") == digest(tmp_path / "b")
-    train = read_split(csvs["train"])
-    assert len(train) == 2 and set(train["source"]) == {"demo (MNI152 template-derived)"}
-    assert preflight(train).equals(train)
-    first, second = (nib.load(p) for p in train["image"])
-    assert first.shape == (91, 109, 91) and np.allclose(
-        first.affine, [[-2, 0, 0, 90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1]]
-    )
-    assert not np.array_equal(first.get_fdata(), second.get_fdata())
-
-
-def test_ensure_demo_data_only_inside_demo_dir(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr("dataset.make_demo_cohort", lambda out_dir: calls.append(Path(out_dir)))
-    demo = tmp_path / "demo"
-    ensure_demo_data(
-        DataConfig(train_csv=str(demo / "train.csv"), val_csv=str(demo / "val.csv"), demo_dir=str(demo))
-    )
-    assert calls == [demo.resolve()]
-    ensure_demo_data(
-        DataConfig(train_csv=str(tmp_path / "x.csv"), val_csv=str(demo / "val.csv"), demo_dir=str(demo))
-    )
-    ensure_demo_data(DataConfig(demo_dir=None))
-    assert len(calls) == 1
 
 
 def test_dataset_with_masks_and_resampling(tmp_path):

@@ -92,9 +92,7 @@ def test_manifest_columns_and_reproducible_sampling(tmp_path: Path) -> None:
     assert set(source.columns) | {"mask", "latent_path"} == set(manifest.columns)
     assert list(manifest["age"]) == list(source["age"]) and manifest["site"].isna().sum() == 2
     latents = {
-        name: [
-            read_latent(p)[0] for p in pd.read_csv(tmp_path / name / "manifest.csv")["latent_path"]
-        ]
+        name: [read_latent(p)[0] for p in pd.read_csv(tmp_path / name / "manifest.csv")["latent_path"]]
         for name in runs
     }
     for a, b, mean in zip(latents["sample_a"], latents["sample_b"], latents["mean"], strict=True):
