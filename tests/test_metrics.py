@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from metrics import LatentStatistics, image_metrics, kl_divergence, ms_ssim_scales
+from metrics import LatentStatistics, image_metrics, ms_ssim_scales
 
 SHAPE = (16, 18, 14)  # smallest axis 14: two MS-SSIM scales
 
@@ -136,28 +134,6 @@ def test_image_metrics_run_on_every_small_size(size):
     values = image_metrics(target, target)
     assert values["ms_ssim"].item() == pytest.approx(1.0, abs=1e-5)
     assert values["ms_ssim_brain"].item() == pytest.approx(1.0, abs=1e-5)
-
-
-# --------------------------------------------------------------------------------------------------- KL
-
-
-def test_kl_is_zero_for_the_standard_normal():
-    mu, sigma = torch.zeros(3, 4, 2, 3, 2), torch.ones(3, 4, 2, 3, 2)
-    assert kl_divergence(mu, sigma).tolist() == [0.0, 0.0, 0.0]
-
-
-def test_kl_closed_form_summed_over_elements():
-    mu = torch.tensor([[[1.0, 0.0]], [[-2.0, 0.0]]])  # (B=2, C=1, 2)
-    sigma = torch.tensor([[[1.0, 2.0]], [[0.5, 1.0]]])
-    # 0.5 * (mu^2 + sigma^2 - ln sigma^2 - 1) per element, summed per sample
-    first = 0.5 * (1 + 1 - 0 - 1) + 0.5 * (0 + 4 - math.log(4) - 1)
-    second = 0.5 * (4 + 0.25 - math.log(0.25) - 1) + 0.0
-    kl = kl_divergence(mu, sigma)
-    assert kl.shape == (2,) and kl.dtype == torch.float32
-    assert kl.tolist() == pytest.approx([first, second], rel=1e-6)
-    normal = torch.distributions.Normal
-    oracle = torch.distributions.kl_divergence(normal(mu, sigma), normal(0.0, 1.0)).flatten(1).sum(1)
-    torch.testing.assert_close(kl, oracle)
 
 
 # ---------------------------------------------------------------------------------------- latent statistics
