@@ -498,8 +498,8 @@ def make_bad_file(kind: str, folder: Path) -> tuple[str, str]:
         (folder / "notes.nii").write_text("this is not an image\n" * 30)
         return "notes.nii", "notes.nii: unreadable: "
     if kind == "not_nifti_gz":
-        (folder / "notes.nii.gz").write_bytes(gzip.compress(b"not an image either" * 40))
-        return "notes.nii.gz", "notes.nii.gz: unreadable: "
+        (folder / "notes_gz.nii.gz").write_bytes(gzip.compress(b"not an image either" * 40))
+        return "notes_gz.nii.gz", "notes_gz.nii.gz: unreadable: "
     if kind == "4d":
         write_nifti(folder / "multi.nii.gz", np.stack([good_array()] * 3, axis=-1))
         return "multi.nii.gz", "multi.nii.gz: 3 volumes (4D); give one 3D volume per file"
