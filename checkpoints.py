@@ -9,6 +9,8 @@ Two kinds of file share one format tag (:data:`CHECKPOINT_FORMAT`):
   config (model + preprocessing), latent statistics and metrics; :func:`load_vae` turns it (or a bare MAISI
   state dict) into a ready model.
 
+Either (or a MAISI state dict) can seed a new run's VAE: :func:`init_vae_weights` (``train.init_from``).
+
 Every file is written atomically (temporary file in the same folder, fsync, ``os.replace``) and read only with
 ``torch.load(weights_only=True)``: a file that needs code execution to load is refused.
 """
@@ -33,7 +35,9 @@ from utils import DistributedContext, gather_rng_states, set_rng_state
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "check_init_from",
     "inference_checkpoint",
+    "init_vae_weights",
     "load_checkpoint",
     "load_state_dict_strictly",
     "load_vae",
@@ -243,6 +247,11 @@ def load_state_dict_strictly(module: nn.Module, state_dict: dict[str, torch.Tens
     module.load_state_dict(state_dict)
 
 
+def _is_state_dict(checkpoint: dict[str, Any]) -> bool:
+    """A bare state dict (tensors only) or one wrapped under ``"state_dict"``, e.g. a MAISI release."""
+    return all(isinstance(value, torch.Tensor) for value in checkpoint.values()) or "state_dict" in checkpoint
+
+
 def load_vae(
     path: str | Path,
     device: torch.device | str = "cpu",
@@ -262,7 +271,7 @@ def load_vae(
         config = Config.from_dict(checkpoint["config"])
         vae = build_vae(config.model)
         load_state_dict_strictly(vae, checkpoint["vae"], str(path))
-    elif all(isinstance(value, torch.Tensor) for value in checkpoint.values()) or "state_dict" in checkpoint:
+    elif _is_state_dict(checkpoint):
         if maisi_model is None:
             raise ConfigError(
                 f"{path} is a bare state dict (MAISI layout?): give its model config "
@@ -277,3 +286,55 @@ def load_vae(
             f"{path} is neither a brain-vae3d checkpoint (format {CHECKPOINT_FORMAT!r}) nor a state dict"
         )
     return vae.to(device).eval(), config, checkpoint
+
+
+# ------------------------------------------------------------------------------------------- fine-tuning
+
+
+def check_init_from(path: str | Path) -> Path:
+    """The ``train.init_from`` file; CheckpointError naming the key and the path when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"train.init_from: no checkpoint or MAISI state dict at {path}")
+    return path
+
+
+def init_vae_weights(vae: nn.Module, path: str | Path, model_config: ModelConfig) -> str:
+    """Load the weights of ``train.init_from`` into ``vae`` (built from ``model_config``) to start a new run.
+
+    Args:
+        vae: the run's fresh VAE; only its parameters change (optimisers, counters, discriminator are not here).
+        path: one of our checkpoints (``best_model.pt`` / ``last.pt``: its VAE weights only; its model config
+            must equal ``model_config``), or a MONAI ``AutoencoderKlMaisi`` state dict (NVIDIA's MAISI VAE
+            layout; bare or under ``"state_dict"``, ``"module."`` prefixes allowed), converted to our layout.
+        model_config: the run's ``model`` section.
+    Returns:
+        the kind of file: ``"brain-vae3d checkpoint"`` or ``"MAISI state dict"``.
+    Raises:
+        CheckpointError for a missing or unreadable file or weights that do not fit ``vae`` (naming the keys);
+        ConfigError for one of our checkpoints trained with another model config (naming the keys).
+    """
+    path = check_init_from(path)
+    checkpoint = load_checkpoint(path)
+    source = f"train.init_from {path}"
+    if checkpoint.get("format") == CHECKPOINT_FORMAT:
+        differences = model_config_differences(
+            checkpoint["config"]["model"], Config(model=model_config).to_dict()["model"]
+        )
+        if differences:
+            raise ConfigError(
+                f"{source} was trained with another model config (saved → this run): "
+                + "; ".join(differences)
+            )
+        load_state_dict_strictly(vae, checkpoint["vae"], source)
+        return "brain-vae3d checkpoint"
+    if not _is_state_dict(checkpoint):
+        raise CheckpointError(
+            f"{source} is neither a brain-vae3d checkpoint (format {CHECKPOINT_FORMAT!r}) nor a state dict"
+        )
+    try:
+        converted = convert_maisi_state_dict(checkpoint)
+    except (ValueError, NotImplementedError) as error:
+        raise CheckpointError(f"{source} is not a MAISI AutoencoderKlMaisi state dict: {error}") from None
+    load_state_dict_strictly(vae, converted, f"{source} (converted from the MAISI layout)")
+    return "MAISI state dict"

@@ -222,9 +222,14 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, stages, AMP, checkpointing and validation."""
+    """Optimisation, stages, AMP, checkpointing and validation.
+
+    ``init_from``: start a new run from existing VAE weights — one of our checkpoints or a MAISI state dict
+    (``checkpoints.init_vae_weights``); ignored by ``--resume``.
+    """
 
     run_name: str = "vae_default"
+    init_from: str | None = None
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = 2
@@ -290,6 +295,11 @@ class TrainConfig:
             self.run_name and "/" not in self.run_name and self.run_name not in (".", ".."),
             f"train.run_name must be a plain folder name; got {self.run_name!r}",
             "train.run_name",
+        )
+        _check(
+            self.init_from is None or self.init_from.strip() != "",
+            "train.init_from must be null or the path of a checkpoint / MAISI state dict",
+            "train.init_from",
         )
 
 

@@ -37,7 +37,9 @@ import dataset
 import demo_cohort
 from checkpoints import (
     CheckpointError,
+    check_init_from,
     inference_checkpoint,
+    init_vae_weights,
     resume,
     save_checkpoint,
     training_checkpoint,
@@ -607,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config_file, args.overrides)
     train = config.train
+    if train.init_from is not None and args.resume is None:
+        check_init_from(train.init_from)  # a mistyped path fails before any set-up
     context = setup_distributed(train.device)
     seed_everything(train.seed + context.rank)
     run = open_run(config, context, args.resume)
@@ -614,6 +618,14 @@ def main(argv: list[str] | None = None) -> int:
     loader, val_set, shuffle_generator = make_loaders(config, context)
     log.info("train: %d volumes, val: %d volumes", len(loader.dataset), len(val_set))
     state = build_state(config, context.device)
+    if train.init_from is not None and run.resume_path is None:
+        kind = init_vae_weights(state.vae, train.init_from, config.model)
+        log.info("initialised the VAE from %s (%s)", train.init_from, kind)
+    elif train.init_from is not None:
+        log.info(
+            "train.init_from %s not applied: --resume continues with the weights of its checkpoint",
+            train.init_from,
+        )
     lpips = build_perceptual_loss(config.perceptual).to(context.device)
     log.info("perceptual loss: %s", lpips.description)
     loss = VAEGANLoss.from_config(config, lpips)

@@ -23,19 +23,21 @@ from model import build_vae
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (24, 28, 20)  # the tiny training volumes (2 mm) and preprocessing.target_shape of the train tests
+# the tiny 2-level VAE (f = 2, 2 latent channels) of tiny_checkpoint and tiny_overrides
+TINY_MODEL = {
+    "channels": [8, 16],
+    "latent_channels": 2,
+    "num_res_blocks": [1, 1],
+    "attention_levels": [False, False],
+    "norm_num_groups": 4,
+}
 
 
 def tiny_checkpoint(path: Path, target_shape: tuple[int, int, int] = (24, 28, 20)) -> Path:
     """A random-weight 2-level VAE (f = 2, 2 latent channels) checkpoint with a small preprocessing grid."""
     config = Config.from_dict(
         {
-            "model": {
-                "channels": [8, 16],
-                "latent_channels": 2,
-                "num_res_blocks": [1, 1],
-                "attention_levels": [False, False],
-                "norm_num_groups": 4,
-            },
+            "model": TINY_MODEL,
             "preprocessing": {"target_shape": list(target_shape)},
             "perceptual": {"backbone": "random"},
         }
@@ -43,6 +45,42 @@ def tiny_checkpoint(path: Path, target_shape: tuple[int, int, int] = (24, 28, 20
     torch.manual_seed(0)
     save_checkpoint(inference_checkpoint(build_vae(config.model), config, None), path)
     return path
+
+
+def tiny_maisi(channels: tuple[int, ...] = (8, 16), seed: int = 0) -> torch.nn.Module:
+    """A MONAI ``AutoencoderKlMaisi`` with TINY_MODEL's layout (``channels`` aside), in eval mode.
+
+    Random weights from ``seed``, GroupNorm affines randomised too (MONAI initialises them to 1 / 0), so that
+    a converted copy is checked on every parameter.
+    """
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    torch.manual_seed(seed)
+    model = AutoencoderKlMaisi(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        num_res_blocks=TINY_MODEL["num_res_blocks"],
+        num_channels=channels,
+        attention_levels=TINY_MODEL["attention_levels"],
+        latent_channels=TINY_MODEL["latent_channels"],
+        norm_num_groups=TINY_MODEL["norm_num_groups"],
+        norm_eps=1e-6,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+        use_checkpointing=False,
+        use_convtranspose=False,
+        num_splits=1,
+        dim_split=1,
+        norm_float16=False,
+        save_mem=False,
+    )
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return model.eval()
 
 
 def write_volume(path: Path, shape: tuple[int, int, int], affine: np.ndarray, seed: int = 0) -> Path:
@@ -112,11 +150,7 @@ def tiny_overrides(
         "data.demo_dir": None,
         "data.num_workers": 0,
         "data.cache": "memory",
-        "model.channels": [8, 16],
-        "model.num_res_blocks": [1, 1],
-        "model.attention_levels": [False, False],
-        "model.norm_num_groups": 4,
-        "model.latent_channels": 2,
+        **{f"model.{key}": value for key, value in TINY_MODEL.items()},
         "discriminator.channels": 8,
         "discriminator.num_layers": 2,
         "preprocessing.target_shape": list(SHAPE),

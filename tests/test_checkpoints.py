@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_MODEL, tiny_checkpoint, tiny_maisi
 
-from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from checkpoints import CheckpointError, init_vae_weights, load_checkpoint, save_checkpoint
+from config import Config, ConfigError, ModelConfig
+from model import build_vae
 from utils import get_rng_state
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,3 +87,68 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert result.returncode == -signal.SIGKILL
     assert int(load_checkpoint(path)["step"]) == 1
+
+
+# ------------------------------------------------------------------------------------------- train.init_from
+
+
+def tiny_model(**changes) -> ModelConfig:
+    return Config.from_dict({"model": {**TINY_MODEL, **changes}}).model
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["bare", "state_dict+module."])
+def test_init_from_a_maisi_state_dict_gives_monais_outputs(tmp_path, wrapped):
+    """MONAI's AutoencoderKlMaisi is the oracle: after init_vae_weights our VAE encodes and decodes like it."""
+    maisi = tiny_maisi()
+    state_dict = maisi.state_dict()
+    if wrapped:  # how released checkpoints often come: under "state_dict", saved from a DDP-wrapped model
+        state_dict = {"state_dict": {f"module.{key}": value for key, value in state_dict.items()}}
+    torch.save(state_dict, tmp_path / "maisi.pt")
+    model = tiny_model()
+    torch.manual_seed(1)
+    vae = build_vae(model).eval()
+    assert init_vae_weights(vae, tmp_path / "maisi.pt", model) == "MAISI state dict"
+    x = torch.rand(2, 1, 16, 12, 10)
+    with torch.no_grad():
+        mu_ref, sigma_ref = maisi.encode(x)
+        mu, sigma = vae.encode(x)
+        decoded_ref, decoded = maisi.decode(mu_ref), vae.decode(mu)
+    assert mu.shape == (2, 2, 8, 6, 5) and decoded.shape == x.shape
+    for ours, reference in ((mu, mu_ref), (sigma, sigma_ref), (decoded, decoded_ref)):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+def test_init_from_our_checkpoint_copies_its_vae_weights(tmp_path):
+    path = tiny_checkpoint(tmp_path / "best_model.pt")
+    model = tiny_model()
+    torch.manual_seed(1)
+    vae = build_vae(model)
+    assert init_vae_weights(vae, path, model) == "brain-vae3d checkpoint"
+    saved = load_checkpoint(path)["vae"]
+    assert vae.state_dict().keys() == saved.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(vae.state_dict()[name], tensor), name
+
+
+def test_init_from_mismatches_are_clear_errors(tmp_path):
+    ours = tiny_checkpoint(tmp_path / "best_model.pt")  # latent_channels 2
+    with pytest.raises(ConfigError, match=r"train\.init_from .*best_model\.pt .*latent_channels: 2 → 3"):
+        init_vae_weights(build_vae(tiny_model(latent_channels=3)), ours, tiny_model(latent_channels=3))
+
+    torch.save(tiny_maisi(channels=(8, 32)).state_dict(), tmp_path / "wide.pt")  # the run has (8, 16)
+    with pytest.raises(CheckpointError) as error:
+        init_vae_weights(build_vae(tiny_model()), tmp_path / "wide.pt", tiny_model())
+    message = str(error.value)
+    assert "train.init_from" in message and "wide.pt (converted from the MAISI layout)" in message
+    assert "shape mismatches [" in message
+    assert "decoder.conv_in.weight: (32, 2, 3, 3, 3) vs model (16, 2, 3, 3, 3)" in message
+
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"train\.init_from .*other\.pt is not a MAISI AutoencoderKlMaisi state dict: encoder",
+    ):
+        init_vae_weights(build_vae(tiny_model()), tmp_path / "other.pt", tiny_model())
+
+    with pytest.raises(CheckpointError, match=r"train\.init_from: no checkpoint .* at .*nope\.pt"):
+        init_vae_weights(build_vae(tiny_model()), tmp_path / "nope.pt", tiny_model())

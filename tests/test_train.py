@@ -14,13 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import REPO_ROOT, run_train_subprocess, tiny_overrides
+from helpers import REPO_ROOT, TINY_MODEL, run_train_subprocess, tiny_checkpoint, tiny_maisi, tiny_overrides
 from torch._functorch import config as functorch_config
 
 import train
-from checkpoints import CheckpointError, load_checkpoint
-from config import ConfigError
-from model.maisi_vae import MaisiVAE
+from checkpoints import CheckpointError, init_vae_weights, load_checkpoint
+from config import Config, ConfigError
+from model import build_vae
+from model.maisi_vae import MaisiVAE, convert_maisi_state_dict
 
 
 def test_two_epochs_cross_the_gan_stage(tmp_path, tiny_split):
@@ -253,3 +254,102 @@ def test_compiled_vae_trains_through_the_adaptive_gan_stage(tmp_path, tiny_split
     assert [record["stage"] for record in last["history"]] == ["pretrain", "gan"]
     assert last["history"][1]["train/adversarial_weight"] > 0
     assert not any(key.startswith("_orig_mod") for key in last["vae"])
+
+
+# ------------------------------------------------------------------------------------------- train.init_from
+
+
+def assert_one_adamw_step_from(weights: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> None:
+    """After one AdamW step (lr 1e-3) every weight is within ~lr of where it started: the run started there."""
+    assert weights.keys() == initial.keys()
+    for name, tensor in initial.items():
+        assert (weights[name] - tensor).abs().max() <= 1.01e-3, name
+
+
+def test_init_from_a_maisi_state_dict_starts_a_new_run(tmp_path, tiny_split):
+    maisi = tiny_maisi()
+    torch.save(maisi.state_dict(), tmp_path / "maisi.pt")
+    args = tiny_overrides(
+        tmp_path,
+        tiny_split,
+        run_name="from_maisi",
+        num_epochs=1,
+        max_steps_per_epoch=1,
+        init_from=str(tmp_path / "maisi.pt"),
+    )
+    assert train.main(args) == 0
+    run_dir = tmp_path / "runs" / "from_maisi"
+    log_text = (run_dir / "train.log").read_text()
+    assert f"initialised the VAE from {tmp_path / 'maisi.pt'} (MAISI state dict)" in log_text
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert last["global_step"] == 1 and last["config"]["train"]["init_from"] == str(tmp_path / "maisi.pt")
+    # fresh MaisiVAE weights are far from MONAI's (e.g. GroupNorm affines 1 / 0 here, randomised there)
+    assert_one_adamw_step_from(last["vae"], convert_maisi_state_dict(maisi.state_dict()))
+
+
+def test_init_from_a_project_checkpoint_keeps_only_its_weights(tmp_path, tiny_split):
+    # 2 steps from another seed than the new run's, so that the new run's own initial weights are far from these
+    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1, seed=3)) == 0
+    best = tmp_path / "best_runs" / "tiny" / "best_model.pt"
+    model = Config.from_dict({"model": TINY_MODEL}).model
+    for path in (best, tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt"):
+        vae = build_vae(model)  # before any step, the new VAE holds exactly the checkpoint's weights
+        assert init_vae_weights(vae, path, model) == "brain-vae3d checkpoint"
+        for name, tensor in load_checkpoint(path)["vae"].items():
+            assert torch.equal(vae.state_dict()[name], tensor), name
+
+    args = tiny_overrides(
+        tmp_path, tiny_split, run_name="finetuned", num_epochs=1, max_steps_per_epoch=1, init_from=str(best)
+    )
+    assert train.main(args) == 0
+    run_dir = tmp_path / "runs" / "finetuned"
+    assert f"initialised the VAE from {best} (brain-vae3d checkpoint)" in (run_dir / "train.log").read_text()
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert last["global_step"] == 1 and [record["epoch"] for record in last["history"]] == [0]
+    # fresh optimisers: one step of state each (the source run's had 2), the discriminator not yet trained
+    assert {int(state["step"]) for state in last["optimizer_g"]["state"].values()} == {1}
+    assert last["optimizer_d"]["state"] == {}
+    assert_one_adamw_step_from(last["vae"], load_checkpoint(best)["vae"])
+
+
+def test_init_from_errors_are_clear(tmp_path, tiny_split):
+    def cli(path, **overrides) -> subprocess.CompletedProcess:
+        args = tiny_overrides(tmp_path, tiny_split, init_from=str(path), **overrides)
+        command = [sys.executable, str(REPO_ROOT / "train.py"), *args]
+        return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+
+    missing = cli(tmp_path / "nope.pt", run_name="missing")
+    assert missing.returncode == 2
+    assert (
+        missing.stderr
+        == f"error: train.init_from: no checkpoint or MAISI state dict at {tmp_path / 'nope.pt'}\n"
+    )
+    assert not (tmp_path / "runs" / "missing").exists()  # refused before any set-up
+
+    torch.save(tiny_maisi(channels=(8, 32)).state_dict(), tmp_path / "wide.pt")  # the run has (8, 16)
+    wide = cli(tmp_path / "wide.pt", run_name="wide")
+    assert wide.returncode == 2 and "Traceback" not in wide.stderr
+    last_line = wide.stderr.splitlines()[-1]
+    assert last_line.startswith(
+        f"error: train.init_from {tmp_path / 'wide.pt'} (converted from the MAISI layout)"
+    )
+    assert "shape mismatches [" in last_line and "decoder.conv_in.weight: (32, 2, 3, 3, 3)" in last_line
+
+    ours = tiny_checkpoint(tmp_path / "best_model.pt")  # latent_channels 2
+    args = [*tiny_overrides(tmp_path, tiny_split, init_from=str(ours)), "--set", "model.latent_channels=3"]
+    with pytest.raises(ConfigError, match=r"train\.init_from .*best_model\.pt .*latent_channels: 2 → 3"):
+        train.main(args)
+
+
+def test_resume_does_not_apply_init_from(tmp_path, tiny_split):
+    source = tiny_checkpoint(tmp_path / "source.pt")
+    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1, init_from=str(source))) == 0
+    source.unlink()  # re-initialising (or even checking the file) would now fail
+    args = [*tiny_overrides(tmp_path, tiny_split, num_epochs=2, init_from=str(source)), "--resume"]
+    assert train.main(args) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert last["global_step"] == 4 and [record["epoch"] for record in last["history"]] == [0, 1]
+    log_text = (run_dir / "train.log").read_text()
+    assert log_text.count("initialised the VAE from") == 1
+    assert f"train.init_from {source} not applied: --resume continues" in log_text
