@@ -205,7 +205,9 @@ class DataConfig:
     """Split CSVs (or folders / single files). Relative paths are relative to the working directory.
 
     ``train_csv`` / ``val_csv`` default to the built-in demo cohort, which ``demo_cohort.py`` synthesises on
-    first use when ``demo_dir`` does not hold it yet.
+    first use when ``demo_dir`` does not hold it yet. ``device_cache``: keep the preprocessed volumes on the
+    training device and augment them there in batch (``auto``: on CUDA when they fit, else the ``cache`` path;
+    ``on``: always, also on CPU; ``off``: never).
     """
 
     train_csv: str = "data/demo/train.csv"
@@ -215,6 +217,7 @@ class DataConfig:
     cache_dir: str = "data/cache"
     num_workers: int = 2
     skip_bad_files: bool = False
+    device_cache: Literal["auto", "on", "off"] = "auto"
 
     def validate(self) -> None:
         _check(self.num_workers >= 0, "data.num_workers must be >= 0", "data.num_workers")
@@ -224,8 +227,17 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, stages, AMP, checkpointing and validation.
 
-    ``init_from``: start a new run from existing VAE weights — one of our checkpoints or a MAISI state dict
-    (``checkpoints.init_vae_weights``); ignored by ``--resume``.
+    * ``init_from``: start a new run from existing VAE weights — one of our checkpoints or a MAISI state dict
+      (``checkpoints.init_vae_weights``); ignored by ``--resume``.
+    * ``lr_schedule``: ``constant``, or ``cosine`` decay to ``min_lr_fraction`` × ``learning_rate`` over the run
+      (over ``time_budget_s`` when that is set); both after ``warmup_steps`` of linear warm-up.
+    * ``ema_decay``: keep an exponential moving average of the VAE weights; validation, the best model and
+      the inference checkpoint then use the average.
+    * ``time_budget_s``: stop after this much wall-clock time since the start (validate and save first).
+    * ``recompute``: the memory-saving recompute of ``model/recompute.py`` — ``auto``: on for CPU, off on
+      CUDA unless the estimated training memory would not fit.
+    * ``compile_mode``: the ``torch.compile`` mode when ``compile`` is true.
+    * ``val_batch_size``: volumes per validation forward pass (default: ``batch_size``).
     """
 
     run_name: str = "vae_default"
@@ -243,12 +255,20 @@ class TrainConfig:
     adversarial_weight: float = 0.1
     adaptive_adversarial_weight: bool = True
     gan_start_epoch: int = 50
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_fraction: float = 0.1
+    ema_decay: float | None = None
+    time_budget_s: float | None = None
     grad_clip: float | None = 1.0
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    recompute: Literal["auto", "on", "off"] = "auto"
     gradient_checkpointing: bool = False
     channels_last: bool = False
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     val_every: int = 1
+    val_batch_size: int | None = None
     checkpoint_every_steps: int | None = None
     best_metric: str = "val/psnr_brain"
     best_metric_mode: Literal["max", "min"] = "max"
@@ -280,6 +300,27 @@ class TrainConfig:
             "train.grad_clip",
         )
         _check(self.val_every >= 1, "train.val_every must be >= 1", "train.val_every")
+        _check(
+            self.val_batch_size is None or self.val_batch_size >= 1,
+            "train.val_batch_size must be null or >= 1",
+            "train.val_batch_size",
+        )
+        _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0", "train.warmup_steps")
+        _check(
+            0.0 <= self.min_lr_fraction <= 1.0,
+            "train.min_lr_fraction must be in [0, 1]",
+            "train.min_lr_fraction",
+        )
+        _check(
+            self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
+            "train.ema_decay must be null or in (0, 1), e.g. 0.999",
+            "train.ema_decay",
+        )
+        _check(
+            self.time_budget_s is None or self.time_budget_s > 0,
+            "train.time_budget_s must be null or > 0 (seconds)",
+            "train.time_budget_s",
+        )
         _check(
             self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
             "train.checkpoint_every_steps must be null or >= 1",
