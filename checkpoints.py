@@ -63,6 +63,7 @@ class ResumableState(Protocol):
     optimizer_d: torch.optim.Optimizer
     scaler_g: torch.amp.GradScaler
     scaler_d: torch.amp.GradScaler
+    vae_ema: nn.Module | None
     epoch: int
     step_in_epoch: int
     global_step: int
@@ -158,6 +159,7 @@ def training_checkpoint(
         "best_value": state.best_value,
         "skipped_steps": state.skipped_steps,
         "latent_stats": latent_stats,
+        **({} if state.vae_ema is None else {"vae_ema": state.vae_ema.state_dict()}),
     }
 
 
@@ -175,6 +177,8 @@ def resume(state: ResumableState, path: Path, config: Config, context: Distribut
         raise ConfigError(f"{path} was trained with another model config: " + "; ".join(differences))
     state.vae.load_state_dict(checkpoint["vae"])
     state.discriminator.load_state_dict(checkpoint["discriminator"])
+    if state.vae_ema is not None:  # a run that switched the EMA on at resume starts it from the weights
+        state.vae_ema.load_state_dict(checkpoint.get("vae_ema", checkpoint["vae"]))
     state.optimizer_g.load_state_dict(checkpoint["optimizer_g"])
     state.optimizer_d.load_state_dict(checkpoint["optimizer_d"])
     state.scaler_g.load_state_dict(checkpoint["scaler_g"])

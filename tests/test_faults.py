@@ -228,10 +228,10 @@ def test_train_nan_and_inf_batches_are_skipped_and_logged(tmp_path, tiny_split, 
     poison_training_items(monkeypatch, {1: float("nan"), 3: float("inf")})
     assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1, **FAST)) == 0
     log = (run_dir_of(tmp_path) / "train.log").read_text()
-    assert "epoch 0 step 0: non-finite loss or gradient — step skipped (1 in a row, 1 in all)" in log
-    assert "epoch 0 step 1: non-finite loss or gradient — step skipped (2 in a row, 2 in all)" in log
+    assert "epoch 0 up to step 1: 2 non-finite loss or gradient step(s) skipped (2 in a row, 2 in all)" in log
     last = load_checkpoint(last_pt(tmp_path))
-    assert last["global_step"] == 0 and last["history"][-1]["train/skipped_steps"] == 2
+    # global_step counts batches; both were skipped
+    assert last["global_step"] == 2 and last["history"][-1]["train/skipped_steps"] == 2
     assert all(torch.isfinite(t).all() for t in last["vae"].values())
     assert np.isfinite(pd.read_csv(run_dir_of(tmp_path) / "metrics.csv")["val/psnr"]).all()
 
@@ -249,7 +249,7 @@ def test_train_inf_gradient_is_skipped_and_logged(tmp_path, tiny_split, monkeypa
 
     monkeypatch.setattr(MaisiVAE, "forward", forward)
     assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1, **FAST)) == 0
-    assert "non-finite loss or gradient — step skipped" in (run_dir_of(tmp_path) / "train.log").read_text()
+    assert "1 non-finite loss or gradient step(s) skipped" in (run_dir_of(tmp_path) / "train.log").read_text()
     last = load_checkpoint(last_pt(tmp_path))
     assert last["history"][-1]["train/skipped_steps"] == 1
     assert all(torch.isfinite(t).all() for t in last["vae"].values())
@@ -273,7 +273,7 @@ def test_train_persistent_nan_stops_cleanly_keeping_checkpoint(run_copy, tiny_sp
     assert_clean_error(
         result,
         2,
-        "error: 2 consecutive steps had NaN/Inf losses or gradients (epoch 1, step 1); training stopped. "
+        "error: 2 consecutive steps had NaN/Inf losses or gradients (epoch 1, up to step 1); training stopped. "
         f"The last good checkpoint is {path}.",
     )
     assert digest(path) == before
