@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -84,3 +85,27 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert result.returncode == -signal.SIGKILL
     assert int(load_checkpoint(path)["step"]) == 1
+
+
+def write_bad_checkpoint(kind: str, folder: Path) -> tuple[Path, str]:
+    """A file that is not a usable checkpoint; returns (path, expected message after the path)."""
+    path = folder / f"{kind}.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+        return path, f"{path} is empty (0 bytes)"
+    if kind == "text":  # what torch.load used to report as IndexError: pop from empty list
+        path.write_text("subject_id,image\nsub-01,sub-01.nii.gz\n")
+        return path, f"{path} is not a PyTorch checkpoint (not a zip/pickle file)"
+    torch.save({"format": "brain-vae3d/1", "config": argparse.Namespace(x=1), "payload": Evil()}, path)
+    return path, (
+        f"refusing to load {path}: it contains pickled Python objects (argparse.Namespace, posix.system) "
+        "that would need code execution to load; only plain tensors and JSON-like metadata are accepted"
+    )
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "pickled"])
+def test_bad_checkpoint_is_one_clear_line(tmp_path, kind):
+    path, expected = write_bad_checkpoint(kind, tmp_path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value) == expected
