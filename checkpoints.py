@@ -30,7 +30,7 @@ from torch import nn
 from config import Config, ConfigError, ModelConfig
 from model import build_vae
 from model.maisi_vae import MaisiVAE, convert_maisi_state_dict
-from utils import DistributedContext, gather_rng_states, set_rng_state
+from utils import DistributedContext, gather_rng_states, new_file_mode, set_rng_state
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -75,6 +75,8 @@ class ResumableState(Protocol):
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     """Write ``payload`` atomically: a kill or a full disk at any moment leaves the old file intact.
 
+    The file gets the mode of any new file under the process umask (e.g. 0644), not mkstemp's 0600.
+
     Raises CheckpointError (naming the path and the cause) when the write fails; the partial temporary
     file is removed.
     """
@@ -84,6 +86,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
         stale.unlink(missing_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, new_file_mode())  # mkstemp makes it 0600; give it the mode of any new file
         with os.fdopen(handle, "wb") as file:
             torch.save(payload, file)
             file.flush()

@@ -31,7 +31,7 @@ from checkpoints import load_vae
 from config import Config, ModelConfig
 from dataset import DataError, PreprocessedVolume
 from model import MaisiVAE
-from utils import autocast, resolve_amp_dtype, resolve_device
+from utils import autocast, new_file_mode, resolve_amp_dtype, resolve_device
 
 __all__ = [
     "LATENT_FORMATS",
@@ -206,13 +206,17 @@ def latent_suffix(path: str | Path) -> str:
 
 
 def write_latent(latent: torch.Tensor, path: str | Path, affine: np.ndarray) -> None:
-    """Write a latent (C, d, h, w) atomically (temporary file + rename) as .npy, .pt or .nii.gz (d, h, w, C)."""
+    """Write a latent (C, d, h, w) atomically (temporary file + rename) as .npy, .pt or .nii.gz (d, h, w, C).
+
+    The file gets the mode of any new file under the process umask (e.g. 0644), as reconstructions do.
+    """
     path = Path(path)
     suffix = latent_suffix(path)
     array = latent.detach().float().cpu().contiguous()
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix="." + suffix, dir=path.parent)
     os.close(handle)
     try:
+        os.chmod(temp, new_file_mode())  # mkstemp makes it 0600; give it the mode of any new file
         if suffix == "npy":
             np.save(temp, array.numpy())
         elif suffix == "pt":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -109,3 +110,13 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path, kind):
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(path)
     assert str(error.value) == expected
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask022", "umask002"])
+def test_checkpoint_file_mode_follows_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_checkpoint({"step": torch.tensor(1)}, tmp_path / "c.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.pt").stat().st_mode) == 0o666 & ~umask

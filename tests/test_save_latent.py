@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -118,3 +119,18 @@ def test_failures_are_listed_and_written_latents_kept(
     assert list(pd.read_csv(out / "manifest.csv")["subject_id"]) == ["sub00", "sub01", "sub02"]
     assert json.loads((out / "latent_stats.json").read_text())["num_volumes"] == 3
     assert run(checkpoint, split, out, "--mode", "sample") == 2  # other settings than the latents there
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask022", "umask002"])
+@pytest.mark.parametrize("latent_format", ["npy", "nii.gz", "pt"])
+def test_latent_file_mode_follows_umask(tmp_path: Path, umask: int, latent_format: str) -> None:
+    """Latents are written atomically but with the mode of any new file (0o666 & ~umask), not 0600."""
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    split = make_split(tmp_path / "data", 1)
+    old = os.umask(umask)
+    try:
+        assert run(checkpoint, split, tmp_path / "out", "--format", latent_format) == 0
+    finally:
+        os.umask(old)
+    latent = tmp_path / "out" / f"sub00.{latent_format}"
+    assert stat.S_IMODE(latent.stat().st_mode) == 0o666 & ~umask
