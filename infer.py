@@ -12,8 +12,9 @@ Per input file, into ``--output_dir``:
 * ``<subject_id>_latent.<nii.gz|npy|pt>``: the latent (posterior mean; ``--sample`` for a draw seeded by
   ``--seed`` and the subject id) (C, d, h, w); as NIfTI (d, h, w, C) with the latent affine = preprocessed-grid
   affine @ [[f,0,0,(f-1)/2],[0,f,0,(f-1)/2],[0,0,f,(f-1)/2],[0,0,0,1]] (latent voxel = centre of its f-block);
-* ``metrics.csv``: MSE, PSNR, SSIM, MS-SSIM, LPIPS3D and their in-brain variants per file (computed on the
-  preprocessed grid; brain = the CSV's mask, else the foreground), and a mean ± std table on stdout.
+* ``metrics.csv``: per file, every input column (subject_id, image, mask and the CSV's extra columns), then
+  MSE, PSNR, SSIM, MS-SSIM, LPIPS3D and their in-brain variants (computed on the preprocessed grid; brain =
+  the CSV's mask, else the foreground), then recon_path and latent_path; a mean ± std table on stdout.
 
 The reconstruction is the decoded saved latent, so ``--decode`` of that latent gives the same image (on the
 preprocessed grid: affine recovered from the latent's affine, shape = the config's preprocessing.target_shape,
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = preflight_failures(frame)
     todo = [i for i in range(len(frame)) if i not in failures]
     ids = list(frame["subject_id"].astype(str))
-    rows = []
+    rows, metric_names = [], []
     batches = preprocessed_batches(frame, prep, todo, args.batch_size, args.num_workers)
     with tqdm(total=len(todo), desc="infer", unit="vol") as progress:
         for batch in batches:
@@ -118,14 +119,14 @@ def main(argv: list[str] | None = None) -> int:
                 targets = torch.stack([v.image for v in volumes]).to(model.device)
                 masks = torch.stack([v.mask for v in volumes]).to(model.device)
                 values = image_metrics(recons, targets, masks, lpips=lpips)
+                metric_names = list(values)
                 for b, (item, volume) in enumerate(zip(loaded, volumes, strict=True)):
                     recon_path, latent_path = recon_paths[item["index"]], latent_paths[item["index"]]
                     nib.save(restore_to_input_grid(recons[b], volume.inverse, args.intensity), recon_path)
                     write_latent(latents[b], latent_path, latent_affine(volume.inverse.output_affine, factor))
                     rows.append(
                         {
-                            "subject_id": ids[item["index"]],
-                            "image": frame["image"][item["index"]],
+                            **frame.iloc[item["index"]].to_dict(),  # every input column, extras included
                             **{name: float(value[b]) for name, value in values.items()},
                             "recon_path": str(recon_path),
                             "latent_path": str(latent_path),
@@ -136,9 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         table = pd.DataFrame(rows)
         table.to_csv(output_dir / "metrics.csv", index=False)
-        metric_names = [
-            c for c in table.columns if c not in ("subject_id", "image", "recon_path", "latent_path")
-        ]
         print(summary_table(table[metric_names]))
         print(
             f"{len(rows)} reconstruction(s) and latent(s) in {output_dir}; per-file metrics: "

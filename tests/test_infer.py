@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import oblique_affine, tiny_checkpoint, write_volume
+from helpers import make_split, oblique_affine, tiny_checkpoint, write_volume
 
 import infer
 from checkpoints import CHECKPOINT_FORMAT
@@ -175,3 +175,21 @@ def test_maisi_state_dict_with_model_flags(tmp_path: Path, capsys: pytest.Captur
     assert infer.main([*argv, *flags, "--maisi_norm_num_groups", "4"]) == 0
     assert_same_grid(tmp_path / "out" / "a_recon.nii.gz", image)
     assert nib.load(tmp_path / "out" / "a_latent.nii.gz").shape == (46, 55, 46, 2)  # ceil((91, 109, 91) / 2)
+
+
+def run_infer(checkpoint: Path, source: Path, out: Path, *extra: str) -> int:
+    argv = ["--model_checkpoint", str(checkpoint), "--input_data", str(source), "--output_dir", str(out)]
+    return infer.main([*argv, "--device", "cpu", "--num_workers", "0", *extra])
+
+
+def test_metrics_csv_carries_every_input_column(tmp_path: Path) -> None:
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    split = make_split(tmp_path / "data", 3)
+    assert run_infer(checkpoint, split, tmp_path / "out", "--no_lpips") == 0
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    source = pd.read_csv(split)
+    columns = list(metrics.columns)
+    assert columns[:5] == ["subject_id", "image", "mask", "age", "site"]
+    assert columns[-2:] == ["recon_path", "latent_path"] and "psnr" in columns[5:-2]
+    assert list(metrics["subject_id"]) == list(source["subject_id"])
+    assert list(metrics["age"]) == list(source["age"]) and metrics["site"].isna().sum() == 2
