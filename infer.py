@@ -15,6 +15,9 @@ Per input file, into ``--output_dir``:
 * ``metrics.csv``: per file, every input column (subject_id, image, mask and the CSV's extra columns), then
   MSE, PSNR, SSIM, MS-SSIM, LPIPS3D and their in-brain variants (computed on the preprocessed grid; brain =
   the CSV's mask, else the foreground), then recon_path and latent_path; a mean ± std table on stdout.
+  LPIPS3D uses the checkpoint's backbone, with its default weights when the checkpoint's
+  ``perceptual.weights_path`` is not on this machine; without any weights (or with ``--no_lpips``) the
+  lpips columns are left out, with a warning.
 
 The reconstruction is the decoded saved latent, so ``--decode`` of that latent gives the same image (on the
 preprocessed grid: affine recovered from the latent's affine, shape = the config's preprocessing.target_shape,
@@ -39,6 +42,7 @@ from dataset import DataError, preflight_failures, preprocessed_batches, read_sp
 from latents import (
     LATENT_FORMATS,
     add_model_arguments,
+    build_metric_lpips,
     decode_latent_file,
     encode_batch,
     latent_affine,
@@ -49,7 +53,6 @@ from latents import (
     write_latent,
 )
 from metrics import image_metrics
-from model import build_perceptual_loss
 from utils import autocast
 
 
@@ -96,9 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR: {error}", file=sys.stderr)
         return 2
     vae, prep, factor = model.vae, model.config.preprocessing, model.vae.downsample_factor
-    lpips = None if args.no_lpips else build_perceptual_loss(model.config.perceptual).to(model.device)
-    if lpips is not None:
-        print(f"LPIPS3D: {lpips.description}")
+    lpips = None
+    if not args.no_lpips:
+        lpips, warning = build_metric_lpips(model.config.perceptual)
+        if warning:
+            print(f"WARNING: {warning}", file=sys.stderr)
+        if lpips is not None:
+            lpips = lpips.to(model.device)
+            print(f"LPIPS3D: {lpips.description}")
 
     failures = preflight_failures(frame)
     todo = [i for i in range(len(frame)) if i not in failures]

@@ -5,6 +5,8 @@ Shared by ``infer.py``, ``save_latent.py`` and the notebook (scripts never impor
 * :func:`add_model_arguments` / :func:`load_model`: the checkpoint (ours, or a bare MAISI state dict with
   ``--maisi_*`` flags), device and AMP options of both scripts;
 * :func:`encode_batch`: posterior mean, or a draw seeded per row (:func:`row_seed`), so reruns match;
+* :func:`build_metric_lpips`: the checkpoint's LPIPS3D for reporting, with the backbone's default weights
+  when the training machine's ``perceptual.weights_path`` is not here (or none, with a warning);
 * :func:`decode_latent_file`: a latent ``.nii.gz`` back to an image on the preprocessed grid;
 * latent files (``.npy``, ``.pt``, ``.nii.gz``) written atomically by :func:`write_latent`, read by
   :func:`read_latent`; a NIfTI latent (d, h, w, C) carries :func:`latent_affine`: latent voxel i is the centre
@@ -17,8 +19,9 @@ import argparse
 import contextlib
 import hashlib
 import os
+import pickle
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +31,16 @@ import pandas as pd
 import torch
 
 from checkpoints import load_vae
-from config import Config, ModelConfig
+from config import Config, ModelConfig, PerceptualConfig
 from dataset import DataError, PreprocessedVolume
-from model import MaisiVAE
+from model import LPIPS3D, MaisiVAE, build_perceptual_loss
 from utils import autocast, new_file_mode, resolve_amp_dtype, resolve_device
 
 __all__ = [
     "LATENT_FORMATS",
     "LoadedModel",
     "add_model_arguments",
+    "build_metric_lpips",
     "decode_latent_file",
     "encode_batch",
     "latent_affine",
@@ -118,6 +122,34 @@ def load_model(
     resolved = resolve_device(device)
     vae, config, raw = load_vae(checkpoint, resolved, maisi_model)
     return LoadedModel(vae, config, raw, resolved, resolve_amp_dtype(amp, resolved))
+
+
+def build_metric_lpips(perceptual: PerceptualConfig) -> tuple[LPIPS3D | None, str | None]:
+    """The checkpoint's LPIPS3D for reporting metrics, on a machine that may lack the training machine's files.
+
+    When ``perceptual.weights_path`` does not exist here, the backbone's default weights are used (deepbet: the
+    model of the installed ``deepbet`` package; MedicalNet: the torch-hub cache). Returns (the network, or None
+    when no weights load; a one-line warning when the weights differ from the checkpoint's or LPIPS is off).
+    """
+    try:
+        return build_perceptual_loss(perceptual), None
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        problem = _first_sentence(error)
+    configured = perceptual.weights_path
+    if configured is not None and not Path(configured).is_file():
+        missing = f"the checkpoint's perceptual.weights_path {configured} is not on this machine"
+        try:
+            lpips = build_perceptual_loss(replace(perceptual, weights_path=None))
+        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+            problem = f"{missing}, and {_first_sentence(error)}"
+        else:
+            return lpips, f"{missing}; LPIPS3D uses the default {perceptual.backbone} weights instead"
+    return None, f"LPIPS3D metrics not computed (no lpips/lpips_brain columns): {problem}"
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The first sentence of an error message (LPIPS3D's errors go on with advice for the Python API)."""
+    return str(error).strip().split(". ")[0].rstrip(".")
 
 
 def row_seed(seed: int, subject_id: str) -> int:

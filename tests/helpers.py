@@ -25,8 +25,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (24, 28, 20)  # the tiny training volumes (2 mm) and preprocessing.target_shape of the train tests
 
 
-def tiny_checkpoint(path: Path, target_shape: tuple[int, int, int] = (24, 28, 20)) -> Path:
-    """A random-weight 2-level VAE (f = 2, 2 latent channels) checkpoint with a small preprocessing grid."""
+def tiny_checkpoint(
+    path: Path, target_shape: tuple[int, int, int] = (24, 28, 20), perceptual: dict | None = None
+) -> Path:
+    """A random-weight 2-level VAE (f = 2, 2 latent channels) checkpoint with a small preprocessing grid.
+
+    ``perceptual``: the config's ``perceptual`` section (default: the ``random`` backbone).
+    """
     config = Config.from_dict(
         {
             "model": {
@@ -37,7 +42,7 @@ def tiny_checkpoint(path: Path, target_shape: tuple[int, int, int] = (24, 28, 20
                 "norm_num_groups": 4,
             },
             "preprocessing": {"target_shape": list(target_shape)},
-            "perceptual": {"backbone": "random"},
+            "perceptual": perceptual or {"backbone": "random"},
         }
     )
     torch.manual_seed(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import nibabel as nib
@@ -180,6 +181,44 @@ def test_maisi_state_dict_with_model_flags(tmp_path: Path, capsys: pytest.Captur
 def run_infer(checkpoint: Path, source: Path, out: Path, *extra: str) -> int:
     argv = ["--model_checkpoint", str(checkpoint), "--input_data", str(source), "--output_dir", str(out)]
     return infer.main([*argv, "--device", "cpu", "--num_workers", "0", *extra])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepbet") is None, reason="the deepbet package is not installed"
+)
+def test_lpips_weights_of_the_training_machine_fall_back_to_installed_deepbet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """perceptual.weights_path is a path on the training machine: the installed deepbet model is used."""
+    missing = tmp_path / "training_machine" / "model.pt"
+    perceptual = {"backbone": "deepbet", "weights_path": str(missing)}
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt", perceptual=perceptual)
+    split = make_split(tmp_path / "data", 1)
+    assert run_infer(checkpoint, split, tmp_path / "out") == 0
+    error = capsys.readouterr().err
+    warnings = [line for line in error.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and str(missing) in warnings[0] and "deepbet" in warnings[0]
+    assert "Traceback" not in error
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert metrics[["lpips", "lpips_brain"]].notna().all().all()
+
+
+def test_lpips_without_weights_is_not_computed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MedicalNet weights neither at the checkpoint's path nor in the torch-hub cache: one warning, no LPIPS."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    missing = tmp_path / "training_machine" / "resnet_10_23dataset.pth"
+    perceptual = {"backbone": "medicalnet_resnet10", "weights_path": str(missing)}
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt", perceptual=perceptual)
+    split = make_split(tmp_path / "data", 1)
+    assert run_infer(checkpoint, split, tmp_path / "out") == 0
+    error = capsys.readouterr().err
+    warnings = [line for line in error.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and str(missing) in warnings[0] and "not computed" in warnings[0]
+    assert "Traceback" not in error
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert "psnr" in metrics.columns and not {"lpips", "lpips_brain"} & set(metrics.columns)
 
 
 def test_metrics_csv_carries_every_input_column(tmp_path: Path) -> None:
