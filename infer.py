@@ -22,7 +22,9 @@ Per input file, into ``--output_dir``:
 The reconstruction is the decoded saved latent, so ``--decode`` of that latent gives the same image (on the
 preprocessed grid: affine recovered from the latent's affine, shape = the config's preprocessing.target_shape,
 values in [0, 1]). Files that fail the pre-flight check or preprocessing are listed at the end (exit code 1);
-the others are processed. A checkpoint that needs code execution to load is refused (exit code 2).
+the others are processed. A checkpoint that needs code execution to load is refused (exit code 2). The
+checkpoint, the input and the output folder are checked first; the output folder is created only when there
+is something to write into it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from latents import (
     LATENT_FORMATS,
     add_model_arguments,
     build_metric_lpips,
+    check_output_dir,
     decode_latent_file,
     encode_batch,
     latent_affine,
@@ -86,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     output_dir = Path(args.output_dir)
-    try:
+    try:  # everything that can fail as a whole is checked before any set-up or writing
         model = load_model(args.model_checkpoint, args.device, args.amp, maisi_model_config(args))
-        output_dir.mkdir(parents=True, exist_ok=True)
+        check_output_dir(output_dir)
         if args.decode:
             print(f"decoded image: {decode_latent_file(model, Path(args.decode), output_dir)}")
             return 0
@@ -99,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR: {error}", file=sys.stderr)
         return 2
     vae, prep, factor = model.vae, model.config.preprocessing, model.vae.downsample_factor
+    failures = preflight_failures(frame)
+    todo = [i for i in range(len(frame)) if i not in failures]
     lpips = None
-    if not args.no_lpips:
+    if todo and not args.no_lpips:
         lpips, warning = build_metric_lpips(model.config.perceptual)
         if warning:
             print(f"WARNING: {warning}", file=sys.stderr)
@@ -108,12 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             lpips = lpips.to(model.device)
             print(f"LPIPS3D: {lpips.description}")
 
-    failures = preflight_failures(frame)
-    todo = [i for i in range(len(frame)) if i not in failures]
     ids = list(frame["subject_id"].astype(str))
     rows, metric_names = [], []
     batches = preprocessed_batches(frame, prep, todo, args.batch_size, args.num_workers)
-    with tqdm(total=len(todo), desc="infer", unit="vol") as progress:
+    with tqdm(total=len(todo), desc="infer", unit="vol", disable=not todo) as progress:
         for batch in batches:
             failures.update({item["index"]: item["error"] for item in batch if item["error"]})
             loaded = [item for item in batch if not item["error"]]
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 masks = torch.stack([v.mask for v in volumes]).to(model.device)
                 values = image_metrics(recons, targets, masks, lpips=lpips)
                 metric_names = list(values)
+                output_dir.mkdir(parents=True, exist_ok=True)
                 for b, (item, volume) in enumerate(zip(loaded, volumes, strict=True)):
                     recon_path, latent_path = recon_paths[item["index"]], latent_paths[item["index"]]
                     nib.save(restore_to_input_grid(recons[b], volume.inverse, args.intensity), recon_path)

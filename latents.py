@@ -8,6 +8,7 @@ Shared by ``infer.py``, ``save_latent.py`` and the notebook (scripts never impor
 * :func:`build_metric_lpips`: the checkpoint's LPIPS3D for reporting, with the backbone's default weights
   when the training machine's ``perceptual.weights_path`` is not here (or none, with a warning);
 * :func:`decode_latent_file`: a latent ``.nii.gz`` back to an image on the preprocessed grid;
+* :func:`check_output_dir`: an output folder is checked before any work and created only to write into it;
 * latent files (``.npy``, ``.pt``, ``.nii.gz``) written atomically by :func:`write_latent`, read by
   :func:`read_latent`; a NIfTI latent (d, h, w, C) carries :func:`latent_affine`: latent voxel i is the centre
   of preprocessed voxels [f·i, f·i + f).
@@ -41,6 +42,7 @@ __all__ = [
     "LoadedModel",
     "add_model_arguments",
     "build_metric_lpips",
+    "check_output_dir",
     "decode_latent_file",
     "encode_batch",
     "latent_affine",
@@ -177,7 +179,12 @@ def encode_batch(
 
 @torch.no_grad()
 def decode_latent_file(model: LoadedModel, latent_path: Path, output_dir: Path) -> Path:
-    """Decode one latent file into ``<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1]."""
+    """Decode one latent file into ``<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1].
+
+    ``output_dir`` is created (when missing) only once the image is ready to be written.
+    """
+    if not Path(latent_path).is_file():
+        raise DataError(f"{latent_path}: latent file not found")
     latent, affine = read_latent(latent_path)
     if affine is None:
         raise DataError(f"{latent_path}: --decode needs a .nii.gz latent (its affine locates the image)")
@@ -194,11 +201,29 @@ def decode_latent_file(model: LoadedModel, latent_path: Path, output_dir: Path) 
     affine = preprocessed_affine_from_latent(affine, model.vae.downsample_factor)
     name = Path(latent_path).name[: -len(latent_suffix(latent_path)) - 1]
     path = output_dir / f"{name}_decoded.nii.gz"
+    output_dir.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(image, affine), path)
     return path
 
 
 # ------------------------------------------------------------------------------------------- files
+
+
+def check_output_dir(path: Path) -> None:
+    """Raise ValueError when ``path`` cannot be (or become) a folder to write into; creates nothing.
+
+    The scripts check their output folder before any work and create it only when they have something to
+    write, so a failed run leaves no empty folder behind.
+    """
+    existing = path
+    while not existing.exists():  # the nearest existing folder above it
+        existing = existing.parent
+    if existing == path and not path.is_dir():
+        raise ValueError(f"{path}: output folder is a file")
+    if not existing.is_dir():
+        raise ValueError(f"{path}: cannot create the output folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: no permission to write in {existing}")
 
 
 def output_paths(frame: pd.DataFrame, output_dir: Path, suffix: str) -> list[Path]:

@@ -221,6 +221,36 @@ def test_lpips_without_weights_is_not_computed(
     assert "psnr" in metrics.columns and not {"lpips", "lpips_brain"} & set(metrics.columns)
 
 
+@pytest.mark.parametrize("fault", ["checkpoint", "no_input", "all_fail_preflight", "output_is_a_file"])
+def test_failing_run_leaves_no_output_folder_and_builds_no_lpips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """Checkpoint, split, pre-flight check and output folder are checked before any set-up or writing."""
+    built = []
+    monkeypatch.setattr(infer, "build_metric_lpips", lambda *args: built.append(args))
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    source = make_split(tmp_path / "data", 1)
+    out = tmp_path / "new" / "out"
+    if fault == "checkpoint":
+        checkpoint.write_bytes(b"")
+    elif fault == "no_input":
+        source = tmp_path / "nowhere.csv"
+    elif fault == "all_fail_preflight":
+        (tmp_path / "data" / "sub00.nii.gz").write_text("not an image")
+    else:
+        out = tmp_path / "a_file"
+        out.write_text("")
+    code = run_infer(checkpoint, source, out)
+    error = capsys.readouterr().err
+    assert code == (1 if fault == "all_fail_preflight" else 2)
+    assert "Traceback" not in error and "vol/s" not in error  # no progress bar either
+    if fault == "output_is_a_file":
+        assert error.splitlines() == [f"ERROR: {out}: output folder is a file"]
+    else:
+        assert not (tmp_path / "new").exists()
+    assert built == []
+
+
 def test_metrics_csv_carries_every_input_column(tmp_path: Path) -> None:
     checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
     split = make_split(tmp_path / "data", 3)
@@ -232,3 +262,14 @@ def test_metrics_csv_carries_every_input_column(tmp_path: Path) -> None:
     assert columns[-2:] == ["recon_path", "latent_path"] and "psnr" in columns[5:-2]
     assert list(metrics["subject_id"]) == list(source["subject_id"])
     assert list(metrics["age"]) == list(source["age"]) and metrics["site"].isna().sum() == 2
+
+
+def test_decode_of_a_missing_latent_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    missing, out = tmp_path / "sub01_latent.nii.gz", tmp_path / "new" / "out"
+    argv = ["--model_checkpoint", str(checkpoint), "--decode", str(missing), "--output_dir", str(out)]
+    assert infer.main([*argv, "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"ERROR: {missing}: latent file not found"]
+    assert not (tmp_path / "new").exists()
