@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +32,7 @@ from torch import nn
 from config import Config, ConfigError, ModelConfig
 from model import build_vae
 from model.maisi_vae import MaisiVAE, convert_maisi_state_dict
-from utils import DistributedContext, gather_rng_states, set_rng_state
+from utils import DistributedContext, gather_rng_states, new_file_mode, set_rng_state
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -78,6 +80,8 @@ class ResumableState(Protocol):
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     """Write ``payload`` atomically: a kill or a full disk at any moment leaves the old file intact.
 
+    The file gets the mode of any new file under the process umask (e.g. 0644), not mkstemp's 0600.
+
     Raises CheckpointError (naming the path and the cause) when the write fails; the partial temporary
     file is removed.
     """
@@ -87,6 +91,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
         stale.unlink(missing_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, new_file_mode())  # mkstemp makes it 0600; give it the mode of any new file
         with os.fdopen(handle, "wb") as file:
             torch.save(payload, file)
             file.flush()
@@ -110,20 +115,43 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; refuse anything that needs code execution."""
+    """Load a checkpoint with ``weights_only=True``; refuse anything that needs code execution.
+
+    Every problem is a CheckpointError of one line naming the file: missing, empty, not a zip/pickle file,
+    pickled Python objects (named by type; never unpickled), or damaged.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes)")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save: a zip archive, or a pickle (legacy)
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a zip/pickle file)")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about odd files would add lines to the one message
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        try:  # every refused type, read from the pickle's opcodes without executing them (zip format)
+            objects = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # legacy or damaged file: the type torch's unpickler stopped at, if any
+            objects = re.findall(r"GLOBAL ([\w.]+)", str(error))[:1]
+        if not objects:
+            raise CheckpointError(
+                f"{path} is not a PyTorch checkpoint (torch.load(weights_only=True) cannot read its pickle data)"
+            ) from None
         raise CheckpointError(
-            f"refusing to load {path}: it contains pickled Python objects that would need code execution "
-            f"to load (torch.load(weights_only=True) failed: {str(error).splitlines()[0]}). Only checkpoints "
-            "of plain tensors and JSON-like metadata are accepted."
+            f"refusing to load {path}: it contains pickled Python objects ({', '.join(objects)}) that would "
+            "need code execution to load; only plain tensors and JSON-like metadata are accepted"
         ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"could not read checkpoint {path}: {error}") from None
+    except Exception as error:  # a damaged file can make torch.load raise almost anything
+        lines = (
+            re.sub(r"\x1b\[[0-9;]*m|\[enforce fail at [^\]]*\][\s.]*", "", str(error)).strip().splitlines()
+        )
+        reason = f"{type(error).__name__}: {lines[0].split('. ')[0]}" if lines else type(error).__name__
+        raise CheckpointError(f"could not read checkpoint {path} (damaged?): {reason}") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary")
     return payload

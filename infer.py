@@ -12,13 +12,19 @@ Per input file, into ``--output_dir``:
 * ``<subject_id>_latent.<nii.gz|npy|pt>``: the latent (posterior mean; ``--sample`` for a draw seeded by
   ``--seed`` and the subject id) (C, d, h, w); as NIfTI (d, h, w, C) with the latent affine = preprocessed-grid
   affine @ [[f,0,0,(f-1)/2],[0,f,0,(f-1)/2],[0,0,f,(f-1)/2],[0,0,0,1]] (latent voxel = centre of its f-block);
-* ``metrics.csv``: MSE, PSNR, SSIM, MS-SSIM, LPIPS3D and their in-brain variants per file (computed on the
-  preprocessed grid; brain = the CSV's mask, else the foreground), and a mean ± std table on stdout.
+* ``metrics.csv``: per file, every input column (subject_id, image, mask and the CSV's extra columns), then
+  MSE, PSNR, SSIM, MS-SSIM, LPIPS3D and their in-brain variants (computed on the preprocessed grid; brain =
+  the CSV's mask, else the foreground), then recon_path and latent_path; a mean ± std table on stdout.
+  LPIPS3D uses the checkpoint's backbone, with its default weights when the checkpoint's
+  ``perceptual.weights_path`` is not on this machine; without any weights (or with ``--no_lpips``) the
+  lpips columns are left out, with a warning.
 
 The reconstruction is the decoded saved latent, so ``--decode`` of that latent gives the same image (on the
 preprocessed grid: affine recovered from the latent's affine, shape = the config's preprocessing.target_shape,
 values in [0, 1]). Files that fail the pre-flight check or preprocessing are listed at the end (exit code 1);
-the others are processed. A checkpoint that needs code execution to load is refused (exit code 2).
+the others are processed. A checkpoint that needs code execution to load is refused (exit code 2). The
+checkpoint, the input and the output folder are checked first; the output folder is created only when there
+is something to write into it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from dataset import DataError, preflight_failures, preprocessed_batches, read_sp
 from latents import (
     LATENT_FORMATS,
     add_model_arguments,
+    build_metric_lpips,
+    check_output_dir,
     decode_latent_file,
     encode_batch,
     latent_affine,
@@ -48,7 +56,6 @@ from latents import (
     write_latent,
 )
 from metrics import image_metrics
-from model import build_perceptual_loss
 from utils import autocast
 
 
@@ -82,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     output_dir = Path(args.output_dir)
-    try:
+    try:  # everything that can fail as a whole is checked before any set-up or writing
         model = load_model(args.model_checkpoint, args.device, args.amp, maisi_model_config(args))
-        output_dir.mkdir(parents=True, exist_ok=True)
+        check_output_dir(output_dir)
         if args.decode:
             print(f"decoded image: {decode_latent_file(model, Path(args.decode), output_dir)}")
             return 0
@@ -95,16 +102,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR: {error}", file=sys.stderr)
         return 2
     vae, prep, factor = model.vae, model.config.preprocessing, model.vae.downsample_factor
-    lpips = None if args.no_lpips else build_perceptual_loss(model.config.perceptual).to(model.device)
-    if lpips is not None:
-        print(f"LPIPS3D: {lpips.description}")
-
     failures = preflight_failures(frame)
     todo = [i for i in range(len(frame)) if i not in failures]
+    lpips = None
+    if todo and not args.no_lpips:
+        lpips, warning = build_metric_lpips(model.config.perceptual)
+        if warning:
+            print(f"WARNING: {warning}", file=sys.stderr)
+        if lpips is not None:
+            lpips = lpips.to(model.device)
+            print(f"LPIPS3D: {lpips.description}")
+
     ids = list(frame["subject_id"].astype(str))
-    rows = []
+    rows, metric_names = [], []
     batches = preprocessed_batches(frame, prep, todo, args.batch_size, args.num_workers)
-    with tqdm(total=len(todo), desc="infer", unit="vol") as progress:
+    with tqdm(total=len(todo), desc="infer", unit="vol", disable=not todo) as progress:
         for batch in batches:
             failures.update({item["index"]: item["error"] for item in batch if item["error"]})
             loaded = [item for item in batch if not item["error"]]
@@ -118,14 +130,15 @@ def main(argv: list[str] | None = None) -> int:
                 targets = torch.stack([v.image for v in volumes]).to(model.device)
                 masks = torch.stack([v.mask for v in volumes]).to(model.device)
                 values = image_metrics(recons, targets, masks, lpips=lpips)
+                metric_names = list(values)
+                output_dir.mkdir(parents=True, exist_ok=True)
                 for b, (item, volume) in enumerate(zip(loaded, volumes, strict=True)):
                     recon_path, latent_path = recon_paths[item["index"]], latent_paths[item["index"]]
                     nib.save(restore_to_input_grid(recons[b], volume.inverse, args.intensity), recon_path)
                     write_latent(latents[b], latent_path, latent_affine(volume.inverse.output_affine, factor))
                     rows.append(
                         {
-                            "subject_id": ids[item["index"]],
-                            "image": frame["image"][item["index"]],
+                            **frame.iloc[item["index"]].to_dict(),  # every input column, extras included
                             **{name: float(value[b]) for name, value in values.items()},
                             "recon_path": str(recon_path),
                             "latent_path": str(latent_path),
@@ -136,9 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         table = pd.DataFrame(rows)
         table.to_csv(output_dir / "metrics.csv", index=False)
-        metric_names = [
-            c for c in table.columns if c not in ("subject_id", "image", "recon_path", "latent_path")
-        ]
         print(summary_table(table[metric_names]))
         print(
             f"{len(rows)} reconstruction(s) and latent(s) in {output_dir}; per-file metrics: "

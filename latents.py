@@ -5,7 +5,10 @@ Shared by ``infer.py``, ``save_latent.py`` and the notebook (scripts never impor
 * :func:`add_model_arguments` / :func:`load_model`: the checkpoint (ours, or a bare MAISI state dict with
   ``--maisi_*`` flags), device and AMP options of both scripts;
 * :func:`encode_batch`: posterior mean, or a draw seeded per row (:func:`row_seed`), so reruns match;
+* :func:`build_metric_lpips`: the checkpoint's LPIPS3D for reporting, with the backbone's default weights
+  when the training machine's ``perceptual.weights_path`` is not here (or none, with a warning);
 * :func:`decode_latent_file`: a latent ``.nii.gz`` back to an image on the preprocessed grid;
+* :func:`check_output_dir`: an output folder is checked before any work and created only to write into it;
 * latent files (``.npy``, ``.pt``, ``.nii.gz``) written atomically by :func:`write_latent`, read by
   :func:`read_latent`; a NIfTI latent (d, h, w, C) carries :func:`latent_affine`: latent voxel i is the centre
   of preprocessed voxels [f·i, f·i + f).
@@ -17,8 +20,9 @@ import argparse
 import contextlib
 import hashlib
 import os
+import pickle
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +32,17 @@ import pandas as pd
 import torch
 
 from checkpoints import load_vae
-from config import Config, ModelConfig
+from config import Config, ModelConfig, PerceptualConfig
 from dataset import DataError, PreprocessedVolume
-from model import MaisiVAE
-from utils import autocast, resolve_amp_dtype, resolve_device
+from model import LPIPS3D, MaisiVAE, build_perceptual_loss
+from utils import autocast, new_file_mode, resolve_amp_dtype, resolve_device
 
 __all__ = [
     "LATENT_FORMATS",
     "LoadedModel",
     "add_model_arguments",
+    "build_metric_lpips",
+    "check_output_dir",
     "decode_latent_file",
     "encode_batch",
     "latent_affine",
@@ -120,6 +126,34 @@ def load_model(
     return LoadedModel(vae, config, raw, resolved, resolve_amp_dtype(amp, resolved))
 
 
+def build_metric_lpips(perceptual: PerceptualConfig) -> tuple[LPIPS3D | None, str | None]:
+    """The checkpoint's LPIPS3D for reporting metrics, on a machine that may lack the training machine's files.
+
+    When ``perceptual.weights_path`` does not exist here, the backbone's default weights are used (deepbet: the
+    model of the installed ``deepbet`` package; MedicalNet: the torch-hub cache). Returns (the network, or None
+    when no weights load; a one-line warning when the weights differ from the checkpoint's or LPIPS is off).
+    """
+    try:
+        return build_perceptual_loss(perceptual), None
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        problem = _first_sentence(error)
+    configured = perceptual.weights_path
+    if configured is not None and not Path(configured).is_file():
+        missing = f"the checkpoint's perceptual.weights_path {configured} is not on this machine"
+        try:
+            lpips = build_perceptual_loss(replace(perceptual, weights_path=None))
+        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+            problem = f"{missing}, and {_first_sentence(error)}"
+        else:
+            return lpips, f"{missing}; LPIPS3D uses the default {perceptual.backbone} weights instead"
+    return None, f"LPIPS3D metrics not computed (no lpips/lpips_brain columns): {problem}"
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The first sentence of an error message (LPIPS3D's errors go on with advice for the Python API)."""
+    return str(error).strip().split(". ")[0].rstrip(".")
+
+
 def row_seed(seed: int, subject_id: str) -> int:
     """A per-row seed from the base seed and the subject id (independent of row order and batching)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{subject_id}".encode()).digest()[:8], "little") >> 1
@@ -145,7 +179,12 @@ def encode_batch(
 
 @torch.no_grad()
 def decode_latent_file(model: LoadedModel, latent_path: Path, output_dir: Path) -> Path:
-    """Decode one latent file into ``<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1]."""
+    """Decode one latent file into ``<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1].
+
+    ``output_dir`` is created (when missing) only once the image is ready to be written.
+    """
+    if not Path(latent_path).is_file():
+        raise DataError(f"{latent_path}: latent file not found")
     latent, affine = read_latent(latent_path)
     if affine is None:
         raise DataError(f"{latent_path}: --decode needs a .nii.gz latent (its affine locates the image)")
@@ -162,11 +201,29 @@ def decode_latent_file(model: LoadedModel, latent_path: Path, output_dir: Path) 
     affine = preprocessed_affine_from_latent(affine, model.vae.downsample_factor)
     name = Path(latent_path).name[: -len(latent_suffix(latent_path)) - 1]
     path = output_dir / f"{name}_decoded.nii.gz"
+    output_dir.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(image, affine), path)
     return path
 
 
 # ------------------------------------------------------------------------------------------- files
+
+
+def check_output_dir(path: Path) -> None:
+    """Raise ValueError when ``path`` cannot be (or become) a folder to write into; creates nothing.
+
+    The scripts check their output folder before any work and create it only when they have something to
+    write, so a failed run leaves no empty folder behind.
+    """
+    existing = path
+    while not existing.exists():  # the nearest existing folder above it
+        existing = existing.parent
+    if existing == path and not path.is_dir():
+        raise ValueError(f"{path}: output folder is a file")
+    if not existing.is_dir():
+        raise ValueError(f"{path}: cannot create the output folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: no permission to write in {existing}")
 
 
 def output_paths(frame: pd.DataFrame, output_dir: Path, suffix: str) -> list[Path]:
@@ -206,13 +263,17 @@ def latent_suffix(path: str | Path) -> str:
 
 
 def write_latent(latent: torch.Tensor, path: str | Path, affine: np.ndarray) -> None:
-    """Write a latent (C, d, h, w) atomically (temporary file + rename) as .npy, .pt or .nii.gz (d, h, w, C)."""
+    """Write a latent (C, d, h, w) atomically (temporary file + rename) as .npy, .pt or .nii.gz (d, h, w, C).
+
+    The file gets the mode of any new file under the process umask (e.g. 0644), as reconstructions do.
+    """
     path = Path(path)
     suffix = latent_suffix(path)
     array = latent.detach().float().cpu().contiguous()
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix="." + suffix, dir=path.parent)
     os.close(handle)
     try:
+        os.chmod(temp, new_file_mode())  # mkstemp makes it 0600; give it the mode of any new file
         if suffix == "npy":
             np.save(temp, array.numpy())
         elif suffix == "pt":

@@ -14,8 +14,10 @@ Writes to ``--output_dir``:
 Resumable: latents that already exist are kept (``--overwrite`` re-encodes them); each one is written atomically
 (temporary file + rename); batches are fixed chunks of rows (resume with the same ``--batch_size``); the
 statistics are streamed over every latent of the manifest, read back from disk in row order. So a killed and
-resumed run ends with the same latents, manifest and statistics as an uninterrupted one. Files that fail the pre-flight check or preprocessing are listed at the end (exit code 1); every other
-latent is still written.
+resumed run ends with the same latents, manifest and statistics as an uninterrupted one. Files that fail the
+pre-flight check or preprocessing are listed at the end (exit code 1); every other latent is still written.
+The checkpoint, the split and the output folder are checked first; the folder is created only when a latent or
+the manifest is to be written into it.
 
 Model loading, encoding and latent files: ``latents.py``; preprocessing and the pre-flight check: ``dataset.py``.
 """
@@ -36,6 +38,7 @@ from dataset import DataError, preflight_failures, preprocessed_batches, read_sp
 from latents import (
     LATENT_FORMATS,
     add_model_arguments,
+    check_output_dir,
     encode_batch,
     latent_affine,
     load_model,
@@ -61,7 +64,15 @@ def check_settings(output_dir: Path, settings: dict[str, Any], overwrite: bool) 
                 f"{output_dir} holds latents made with other settings ({previous}, now {settings}); "
                 "use --overwrite or another --output_dir"
             )
-    path.write_text(json.dumps(settings, indent=2))
+
+
+def open_output_dir(output_dir: Path, settings: dict[str, Any]) -> None:
+    """Create the output folder (only once there is something to write) and record the run's settings."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / SETTINGS_FILE
+    text = json.dumps(settings, indent=2)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="re-encode latents that already exist")
     args = parser.parse_args(argv)
 
-    try:
+    try:  # everything that can fail as a whole is checked before any set-up or writing
         model = load_model(args.model_checkpoint, args.device, args.amp, maisi_model_config(args))
         frame = read_split(args.dataset)
         output_dir = Path(args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        check_output_dir(output_dir)
         paths = output_paths(frame, output_dir, f".{args.format}")
         checkpoint_sha256 = sha256_file(args.model_checkpoint)
         settings = {"checkpoint_sha256": checkpoint_sha256, "mode": args.mode, "seed": args.seed}
@@ -108,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ids = list(frame["subject_id"].astype(str))
     batches = preprocessed_batches(frame, model.config.preprocessing, todo, args.batch_size, args.num_workers)
-    with tqdm(total=len(todo), desc="encode", unit="vol") as progress:
+    with tqdm(total=len(todo), desc="encode", unit="vol", disable=not todo) as progress:
         for batch in batches:
             failures.update({item["index"]: item["error"] for item in batch if item["error"]})
             loaded = [item for item in batch if not item["error"]]
@@ -116,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 seeds = [row_seed(args.seed, ids[item["index"]]) for item in loaded]
                 volumes = [item["volume"] for item in loaded]
                 latents = encode_batch(model, volumes, args.mode == "sample", seeds)
+                open_output_dir(output_dir, settings)
                 for item, volume, latent in zip(loaded, volumes, latents, strict=True):
                     affine = latent_affine(volume.inverse.output_affine, factor)
                     write_latent(latent, paths[item["index"]], affine)
@@ -123,15 +135,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # statistics over every latent of the manifest, in row order, read back from disk (resume-proof)
     written = [i for i in range(len(frame)) if i not in failures and paths[i].is_file()]
-    stats = LatentStatistics(model.vae.latent_channels)
-    latent_shape: list[int] | None = None
-    for i in tqdm(written, desc="statistics", unit="vol"):
-        latent, _ = read_latent(paths[i])
-        latent_shape = list(latent.shape)
-        stats.update(latent[None])
-    manifest = frame.iloc[written].assign(latent_path=[str(paths[i].resolve()) for i in written])
-    manifest.to_csv(output_dir / "manifest.csv", index=False)
     if written:
+        open_output_dir(output_dir, settings)
+        stats = LatentStatistics(model.vae.latent_channels)
+        latent_shape: list[int] | None = None
+        for i in tqdm(written, desc="statistics", unit="vol"):
+            latent, _ = read_latent(paths[i])
+            latent_shape = list(latent.shape)
+            stats.update(latent[None])
+        manifest = frame.iloc[written].assign(latent_path=[str(paths[i].resolve()) for i in written])
+        manifest.to_csv(output_dir / "manifest.csv", index=False)
         summary = {
             "latent_shape": latent_shape,
             **stats.summary(),

@@ -1,4 +1,4 @@
-"""Run-time plumbing shared by every script: device, AMP, seeding, RNG state, DDP.
+"""Run-time plumbing shared by every script: device, AMP, seeding, RNG state, DDP, new-file mode.
 
 Checkpoint files are owned by ``checkpoints.py``.
 """
@@ -22,6 +22,7 @@ __all__ = [
     "cleanup_distributed",
     "gather_rng_states",
     "get_rng_state",
+    "new_file_mode",
     "resolve_amp_dtype",
     "resolve_device",
     "seed_everything",
@@ -174,3 +175,18 @@ def main_process_first(context: DistributedContext) -> Iterator[None]:
     yield
     if context.is_distributed and context.is_main:
         dist.barrier()
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (``0o666 & ~umask``).
+
+    For files written atomically through ``tempfile.mkstemp`` (always 0600) and renamed into place. The umask
+    is read from ``/proc/self/status`` (Linux); elsewhere it is set and restored (not thread-safe).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask

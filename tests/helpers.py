@@ -33,13 +33,18 @@ TINY_MODEL = {
 }
 
 
-def tiny_checkpoint(path: Path, target_shape: tuple[int, int, int] = (24, 28, 20)) -> Path:
-    """A random-weight 2-level VAE (f = 2, 2 latent channels) checkpoint with a small preprocessing grid."""
+def tiny_checkpoint(
+    path: Path, target_shape: tuple[int, int, int] = (24, 28, 20), perceptual: dict | None = None
+) -> Path:
+    """A random-weight 2-level VAE (f = 2, 2 latent channels) checkpoint with a small preprocessing grid.
+
+    ``perceptual``: the config's ``perceptual`` section (default: the ``random`` backbone).
+    """
     config = Config.from_dict(
         {
             "model": TINY_MODEL,
             "preprocessing": {"target_shape": list(target_shape)},
-            "perceptual": {"backbone": "random"},
+            "perceptual": perceptual or {"backbone": "random"},
         }
     )
     torch.manual_seed(0)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -152,3 +154,37 @@ def test_init_from_mismatches_are_clear_errors(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"train\.init_from: no checkpoint .* at .*nope\.pt"):
         init_vae_weights(build_vae(tiny_model()), tmp_path / "nope.pt", tiny_model())
+
+
+def write_bad_checkpoint(kind: str, folder: Path) -> tuple[Path, str]:
+    """A file that is not a usable checkpoint; returns (path, expected message after the path)."""
+    path = folder / f"{kind}.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+        return path, f"{path} is empty (0 bytes)"
+    if kind == "text":  # what torch.load used to report as IndexError: pop from empty list
+        path.write_text("subject_id,image\nsub-01,sub-01.nii.gz\n")
+        return path, f"{path} is not a PyTorch checkpoint (not a zip/pickle file)"
+    torch.save({"format": "brain-vae3d/1", "config": argparse.Namespace(x=1), "payload": Evil()}, path)
+    return path, (
+        f"refusing to load {path}: it contains pickled Python objects (argparse.Namespace, posix.system) "
+        "that would need code execution to load; only plain tensors and JSON-like metadata are accepted"
+    )
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "pickled"])
+def test_bad_checkpoint_is_one_clear_line(tmp_path, kind):
+    path, expected = write_bad_checkpoint(kind, tmp_path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value) == expected
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask022", "umask002"])
+def test_checkpoint_file_mode_follows_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_checkpoint({"step": torch.tensor(1)}, tmp_path / "c.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.pt").stat().st_mode) == 0o666 & ~umask

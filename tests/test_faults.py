@@ -419,6 +419,44 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, tiny_split, capsys, s
     assert not marker.exists(), "the checkpoint's code was executed"
 
 
+GARBAGE_CHECKPOINTS = {
+    "empty": (b"", "is empty (0 bytes)"),
+    "text": (
+        b"subject_id,image\nsub-01,sub-01.nii.gz\n",
+        "is not a PyTorch checkpoint (not a zip/pickle file)",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "pickled"])
+@pytest.mark.parametrize("script", ["infer", "save_latent"])
+def test_garbage_checkpoint_is_one_clear_line(tmp_path, capsys, script, kind):
+    """An empty file, a text file or pickled objects as --model_checkpoint: one line naming file and problem."""
+    checkpoint = tmp_path / f"{kind}.pt"
+    if kind == "pickled":
+        torch.save({"format": CHECKPOINT_FORMAT, "payload": PickledCode(tmp_path / "marker")}, checkpoint)
+        expected = (
+            f"ERROR: refusing to load {checkpoint}: it contains pickled Python objects (posix.system) that "
+            "would need code execution to load; only plain tensors and JSON-like metadata are accepted"
+        )
+    else:
+        content, problem = GARBAGE_CHECKPOINTS[kind]
+        checkpoint.write_bytes(content)
+        expected = f"ERROR: {checkpoint} {problem}"
+    image = write_volume(tmp_path / "a.nii.gz", SHAPE, np.diag([2.0, 2.0, 2.0, 1.0]))
+    out = tmp_path / "out"
+    common = ["--model_checkpoint", str(checkpoint), "--output_dir", str(out), "--device", "cpu"]
+    if script == "infer":
+        code = infer.main([*common, "--input_data", str(image), "--num_workers", "0"])
+    else:
+        code = save_latent.main([*common, "--dataset", str(image), "--num_workers", "0"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert error.splitlines() == [expected]
+    assert "Traceback" not in error and "\x1b[" not in error
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- save_latent.py: SIGKILL
 
 KILL_IN_LATENT_WRITE = """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import nibabel as nib
@@ -10,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import oblique_affine, tiny_checkpoint, write_volume
+from helpers import make_split, oblique_affine, tiny_checkpoint, write_volume
 
 import infer
 from checkpoints import CHECKPOINT_FORMAT
@@ -175,3 +176,100 @@ def test_maisi_state_dict_with_model_flags(tmp_path: Path, capsys: pytest.Captur
     assert infer.main([*argv, *flags, "--maisi_norm_num_groups", "4"]) == 0
     assert_same_grid(tmp_path / "out" / "a_recon.nii.gz", image)
     assert nib.load(tmp_path / "out" / "a_latent.nii.gz").shape == (46, 55, 46, 2)  # ceil((91, 109, 91) / 2)
+
+
+def run_infer(checkpoint: Path, source: Path, out: Path, *extra: str) -> int:
+    argv = ["--model_checkpoint", str(checkpoint), "--input_data", str(source), "--output_dir", str(out)]
+    return infer.main([*argv, "--device", "cpu", "--num_workers", "0", *extra])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepbet") is None, reason="the deepbet package is not installed"
+)
+def test_lpips_weights_of_the_training_machine_fall_back_to_installed_deepbet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """perceptual.weights_path is a path on the training machine: the installed deepbet model is used."""
+    missing = tmp_path / "training_machine" / "model.pt"
+    perceptual = {"backbone": "deepbet", "weights_path": str(missing)}
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt", perceptual=perceptual)
+    split = make_split(tmp_path / "data", 1)
+    assert run_infer(checkpoint, split, tmp_path / "out") == 0
+    error = capsys.readouterr().err
+    warnings = [line for line in error.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and str(missing) in warnings[0] and "deepbet" in warnings[0]
+    assert "Traceback" not in error
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert metrics[["lpips", "lpips_brain"]].notna().all().all()
+
+
+def test_lpips_without_weights_is_not_computed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MedicalNet weights neither at the checkpoint's path nor in the torch-hub cache: one warning, no LPIPS."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    missing = tmp_path / "training_machine" / "resnet_10_23dataset.pth"
+    perceptual = {"backbone": "medicalnet_resnet10", "weights_path": str(missing)}
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt", perceptual=perceptual)
+    split = make_split(tmp_path / "data", 1)
+    assert run_infer(checkpoint, split, tmp_path / "out") == 0
+    error = capsys.readouterr().err
+    warnings = [line for line in error.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and str(missing) in warnings[0] and "not computed" in warnings[0]
+    assert "Traceback" not in error
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert "psnr" in metrics.columns and not {"lpips", "lpips_brain"} & set(metrics.columns)
+
+
+@pytest.mark.parametrize("fault", ["checkpoint", "no_input", "all_fail_preflight", "output_is_a_file"])
+def test_failing_run_leaves_no_output_folder_and_builds_no_lpips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """Checkpoint, split, pre-flight check and output folder are checked before any set-up or writing."""
+    built = []
+    monkeypatch.setattr(infer, "build_metric_lpips", lambda *args: built.append(args))
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    source = make_split(tmp_path / "data", 1)
+    out = tmp_path / "new" / "out"
+    if fault == "checkpoint":
+        checkpoint.write_bytes(b"")
+    elif fault == "no_input":
+        source = tmp_path / "nowhere.csv"
+    elif fault == "all_fail_preflight":
+        (tmp_path / "data" / "sub00.nii.gz").write_text("not an image")
+    else:
+        out = tmp_path / "a_file"
+        out.write_text("")
+    code = run_infer(checkpoint, source, out)
+    error = capsys.readouterr().err
+    assert code == (1 if fault == "all_fail_preflight" else 2)
+    assert "Traceback" not in error and "vol/s" not in error  # no progress bar either
+    if fault == "output_is_a_file":
+        assert error.splitlines() == [f"ERROR: {out}: output folder is a file"]
+    else:
+        assert not (tmp_path / "new").exists()
+    assert built == []
+
+
+def test_metrics_csv_carries_every_input_column(tmp_path: Path) -> None:
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    split = make_split(tmp_path / "data", 3)
+    assert run_infer(checkpoint, split, tmp_path / "out", "--no_lpips") == 0
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    source = pd.read_csv(split)
+    columns = list(metrics.columns)
+    assert columns[:5] == ["subject_id", "image", "mask", "age", "site"]
+    assert columns[-2:] == ["recon_path", "latent_path"] and "psnr" in columns[5:-2]
+    assert list(metrics["subject_id"]) == list(source["subject_id"])
+    assert list(metrics["age"]) == list(source["age"]) and metrics["site"].isna().sum() == 2
+
+
+def test_decode_of_a_missing_latent_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    missing, out = tmp_path / "sub01_latent.nii.gz", tmp_path / "new" / "out"
+    argv = ["--model_checkpoint", str(checkpoint), "--decode", str(missing), "--output_dir", str(out)]
+    assert infer.main([*argv, "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"ERROR: {missing}: latent file not found"]
+    assert not (tmp_path / "new").exists()

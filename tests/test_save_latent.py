@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -118,3 +119,45 @@ def test_failures_are_listed_and_written_latents_kept(
     assert list(pd.read_csv(out / "manifest.csv")["subject_id"]) == ["sub00", "sub01", "sub02"]
     assert json.loads((out / "latent_stats.json").read_text())["num_volumes"] == 3
     assert run(checkpoint, split, out, "--mode", "sample") == 2  # other settings than the latents there
+
+
+@pytest.mark.parametrize("fault", ["checkpoint", "no_input", "all_fail_preflight", "output_is_a_file"])
+def test_failing_run_leaves_no_output_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fault: str
+) -> None:
+    """Checkpoint, split, pre-flight check and output folder are checked before anything is written."""
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    split = make_split(tmp_path / "data", 1)
+    out = tmp_path / "new" / "latents"
+    if fault == "checkpoint":
+        checkpoint.write_bytes(b"")
+    elif fault == "no_input":
+        split = tmp_path / "nowhere.csv"
+    elif fault == "all_fail_preflight":
+        (tmp_path / "data" / "sub00.nii.gz").write_text("not an image")
+    else:
+        out = tmp_path / "a_file"
+        out.write_text("")
+    code = run(checkpoint, split, out)
+    error = capsys.readouterr().err
+    assert code == (1 if fault == "all_fail_preflight" else 2)
+    assert "Traceback" not in error and "vol/s" not in error  # no progress bar either
+    if fault == "output_is_a_file":
+        assert error.splitlines() == [f"ERROR: {out}: output folder is a file"]
+    else:
+        assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask022", "umask002"])
+@pytest.mark.parametrize("latent_format", ["npy", "nii.gz", "pt"])
+def test_latent_file_mode_follows_umask(tmp_path: Path, umask: int, latent_format: str) -> None:
+    """Latents are written atomically but with the mode of any new file (0o666 & ~umask), not 0600."""
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    split = make_split(tmp_path / "data", 1)
+    old = os.umask(umask)
+    try:
+        assert run(checkpoint, split, tmp_path / "out", "--format", latent_format) == 0
+    finally:
+        os.umask(old)
+    latent = tmp_path / "out" / f"sub00.{latent_format}"
+    assert stat.S_IMODE(latent.stat().st_mode) == 0o666 & ~umask
