@@ -51,6 +51,7 @@ from checkpoints import (
     training_checkpoint,
 )
 from config import Config, ConfigError, TrainConfig, load_config
+from device_data import BatchAugmentation, DeviceBatches, DeviceVolumeCache, cache_fits
 from losses import VAEGANLoss, kl_divergence
 from metrics import LatentStatistics, image_metrics
 from model import MaisiVAE, PatchDiscriminator3D, build_discriminator, build_perceptual_loss, build_vae
@@ -233,35 +234,52 @@ def open_run(config: Config, context: DistributedContext, resume_arg: str | None
 
 def make_loaders(
     config: Config, context: DistributedContext
-) -> tuple[DataLoader, dataset.VolumeDataset, torch.Generator]:
-    """Training loader (shuffled, augmented, sharded across ranks), the validation set (not augmented) and the
-    generator that orders the shuffle."""
-    data = config.data
+) -> tuple[DataLoader | DeviceBatches, dataset.VolumeDataset | DeviceVolumeCache, torch.Generator]:
+    """The training batches (shuffled, augmented, sharded across ranks), the validation volumes (not augmented)
+    and the generator that orders the shuffle.
+
+    With ``data.device_cache`` on (``auto``: on CUDA when the volumes fit) both sets live on the training
+    device and the augmentation runs there in batch (``device_data.py``); otherwise a DataLoader feeds
+    augmented volumes from the ``data.cache``. Both paths draw the same shuffle and augmentations.
+    """
+    data, train = config.data, config.train
     with main_process_first(context):
         demo_cohort.ensure_demo_data(data)
     train_frame = dataset.preflight(dataset.read_split(data.train_csv), skip_bad_files=data.skip_bad_files)
     val_frame = dataset.preflight(dataset.read_split(data.val_csv), skip_bad_files=data.skip_bad_files)
+    log.info("train: %d volumes, val: %d volumes", len(train_frame), len(val_frame))
     augmentation = config.augmentation if config.augmentation.enabled else None
     cache_dir = Path(data.cache_dir)
-    train_set = dataset.build_dataset(
-        train_frame,
-        config.preprocessing,
-        augmentation,
-        cache=data.cache,
-        cache_dir=cache_dir,
-        seed=config.train.seed,
-    )
-    val_set = dataset.build_dataset(
-        val_frame, config.preprocessing, None, cache=data.cache, cache_dir=cache_dir
-    )
+    use_device_cache = data.device_cache == "on"
+    if data.device_cache == "auto" and context.device.type == "cuda":
+        shape = tuple(config.preprocessing.target_shape)
+        use_device_cache, reason = cache_fits(len(train_frame) + len(val_frame), shape, context.device)
+        log.info(reason)
     generator = torch.Generator()
+    build = {"prep": config.preprocessing, "cache": data.cache, "cache_dir": cache_dir}
+    val_set = dataset.build_dataset(val_frame, augmentation=None, **build)
+    train_set = dataset.build_dataset(
+        train_frame, augmentation=None if use_device_cache else augmentation, seed=train.seed, **build
+    )
     if context.is_distributed:
-        sampler = DistributedSampler(train_set, shuffle=True, seed=config.train.seed, drop_last=False)
+        sampler = DistributedSampler(train_set, shuffle=True, seed=train.seed, drop_last=False)
     else:
         sampler = RandomSampler(train_set, generator=generator)
+    if use_device_cache:
+        with torch.random.fork_rng():  # copying through a DataLoader must not move the model's random stream
+            train_cache = DeviceVolumeCache.from_dataset(
+                train_set, context.device, num_workers=data.num_workers
+            )
+            val_cache = DeviceVolumeCache.from_dataset(val_set, context.device, num_workers=data.num_workers)
+        log.info(
+            "device cache: %.2f GiB on %s", (train_cache.nbytes + val_cache.nbytes) / 2**30, context.device
+        )
+        batch_augmentation = None if augmentation is None else BatchAugmentation(augmentation, train.seed)
+        batches = DeviceBatches(train_cache, batch_augmentation, sampler, train.batch_size, generator)
+        return batches, val_cache, generator
     loader = DataLoader(
         train_set,
-        batch_size=config.train.batch_size,
+        batch_size=train.batch_size,
         sampler=sampler,
         num_workers=data.num_workers,
         pin_memory=context.device.type == "cuda",
@@ -486,7 +504,12 @@ def train_step(
 
 
 def epoch_batches(
-    loader: DataLoader, generator: torch.Generator, run: Run, epoch: int, first: int, last: int
+    loader: DataLoader | DeviceBatches,
+    generator: torch.Generator,
+    run: Run,
+    epoch: int,
+    first: int,
+    last: int,
 ) -> Iterator[torch.Tensor]:
     """The epoch's training images (B, 1, D, H, W) on the device, batches ``first`` to ``last - 1``.
 
@@ -497,13 +520,13 @@ def epoch_batches(
     generator.manual_seed(train.seed * 1_000_003 + epoch)
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
-    loader.dataset.set_epoch(epoch)
+    (loader if isinstance(loader, DeviceBatches) else loader.dataset).set_epoch(epoch)
     memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
     for batch in islice(loader, first, last):
         yield batch["image"].to(device, non_blocking=True).to(memory_format=memory_format)
 
 
-def steps_per_epoch(loader: DataLoader, train: TrainConfig) -> int:
+def steps_per_epoch(loader: DataLoader | DeviceBatches, train: TrainConfig) -> int:
     """Batches per epoch (``len(loader)``, capped by ``train.max_steps_per_epoch``)."""
     return len(loader) if train.max_steps_per_epoch is None else min(len(loader), train.max_steps_per_epoch)
 
@@ -615,7 +638,11 @@ def write_checkpoint(state: TrainState, run: Run, stage: str) -> None:
 
 
 def end_of_epoch(
-    state: TrainState, run: Run, record: dict[str, Any], val_set: dataset.VolumeDataset, lpips: nn.Module
+    state: TrainState,
+    run: Run,
+    record: dict[str, Any],
+    val_set: dataset.VolumeDataset | DeviceVolumeCache,
+    lpips: nn.Module,
 ) -> None:
     """Validate (every ``val_every`` epochs and at the end), keep the best model, log, checkpoint, metrics.csv."""
     train, context, epoch = run.config.train, run.context, record["epoch"]
@@ -684,7 +711,7 @@ def end_of_epoch(
 @torch.no_grad()
 def validate(
     vae: torch.nn.Module,
-    val_set: dataset.VolumeDataset,
+    val_set: dataset.VolumeDataset | DeviceVolumeCache,
     lpips: torch.nn.Module,
     config: Config,
     context: DistributedContext,
@@ -704,9 +731,12 @@ def validate(
     indices = list(range(context.rank, len(val_set), context.world_size))
     batch_size = config.train.val_batch_size or config.train.batch_size
     for start in range(0, len(indices), batch_size):
-        items = [val_set[i] for i in indices[start : start + batch_size]]
-        images = torch.stack([item["image"] for item in items]).to(context.device)
-        masks = torch.stack([item["mask"] for item in items]).to(context.device)
+        chunk = indices[start : start + batch_size]
+        if isinstance(val_set, DeviceVolumeCache):
+            batch = val_set.batch(chunk)
+        else:
+            batch = torch.utils.data.default_collate([val_set[i] for i in chunk])
+        images, masks = batch["image"].to(context.device), batch["mask"].to(context.device)
         with autocast(context.device, amp_dtype):
             mu, sigma = vae.encode(images)
             recon = vae.decode(mu, spatial_shape=tuple(images.shape[2:]))
@@ -714,7 +744,7 @@ def validate(
         values["kl"] = kl_divergence(mu, sigma).cpu()
         for name, value in values.items():
             sums[name] = sums.get(name, torch.zeros(1, dtype=torch.float64)) + value.double().sum()
-        count += len(items)
+        count += len(chunk)
         latent_stats.update(mu)
         if not preview:
             preview = {"input": images[0].float().cpu(), "reconstruction": recon[0].float().clamp(0, 1).cpu()}
@@ -813,7 +843,6 @@ def main(argv: list[str] | None = None) -> int:
     run = open_run(config, context, args.resume)
 
     loader, val_set, shuffle_generator = make_loaders(config, context)
-    log.info("train: %d volumes, val: %d volumes", len(loader.dataset), len(val_set))
     state = build_state(config, context.device)
     if train.init_from is not None and run.resume_path is None:
         kind = init_vae_weights(state.vae, train.init_from, config.model)

@@ -474,3 +474,19 @@ def test_recompute_setting(monkeypatch):
     small = train.estimate_training_bytes(on.vae, (16, 16, 16), 1, torch.device("cpu"))
     large = train.estimate_training_bytes(on.vae, (32, 32, 32), 2, torch.device("cpu"))
     assert small > 0 and 8 * small < large < 32 * small  # linear in voxels × batch (16×), up to padding
+
+
+def test_device_cache_path_trains_like_the_dataloader_path(tmp_path, tiny_split):
+    """data.device_cache=on (here on the CPU): volumes cached on the device, augmented there in batch; the same
+    shuffle and augmentation draws as the DataLoader path, so the runs agree up to the float16 cache rounding
+    and float32 interpolation differences."""
+    losses = {}
+    for mode in ("off", "on"):
+        args = tiny_overrides(tmp_path / mode, tiny_split, num_epochs=2, gan_start_epoch=1)
+        args += ["--set", "augmentation.enabled=true", "--set", f"data.device_cache={json.dumps(mode)}"]
+        assert train.main(args) == 0
+        log = (tmp_path / mode / "runs" / "tiny" / "train.log").read_text()
+        assert ("device cache:" in log) == (mode == "on")
+        losses[mode] = pd.read_csv(tmp_path / mode / "runs" / "tiny" / "metrics.csv")
+    for column in ("train/recon", "val/psnr"):
+        np.testing.assert_allclose(losses["on"][column], losses["off"][column], rtol=2e-2)
