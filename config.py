@@ -236,6 +236,8 @@ class TrainConfig:
     * ``time_budget_s``: stop after this much wall-clock time since the start (validate and save first).
     * ``recompute``: the memory-saving recompute of ``model/recompute.py`` — ``auto``: on for CPU, off on
       CUDA unless the estimated training memory would not fit.
+    * ``channels_last``: store the inputs and the discriminator (and any non-native VAE) channels-last too;
+      our VAE's convolution weights always are (measured faster on CPU; see BENCHMARKS.md).
     * ``compile_mode``: the ``torch.compile`` mode when ``compile`` is true.
     * ``val_batch_size``: volumes per validation forward pass (default: ``batch_size``).
     """

@@ -305,9 +305,10 @@ def build_state(
         vae = build_vae(config.model, use_checkpointing=train.gradient_checkpointing)
     if discriminator is None:
         discriminator = build_discriminator(config.discriminator, config.model.out_channels)
-    memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
-    vae = vae.to(device, memory_format=memory_format)
-    discriminator = discriminator.to(device, memory_format=memory_format)
+    vae, discriminator = vae.to(device), discriminator.to(device)  # the VAE keeps its channels-last weights
+    if train.channels_last:
+        vae = vae.to(memory_format=torch.channels_last_3d)
+        discriminator = discriminator.to(memory_format=torch.channels_last_3d)
     use_scaler = resolve_amp_dtype(train.amp, device) == torch.float16
     return TrainState(
         vae=vae,
