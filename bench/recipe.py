@@ -18,11 +18,12 @@ budget — a variant that is slower per step (or per validation) buys fewer step
 Only the imports and the one final validation after the budget is spent are outside it (every run gets
 exactly one). All variants validate on the same schedule (every ``val_every`` epochs, the same volumes), and
 the same seed gives the same initial weights and shuffle in every variant. Runs go one after another in this
-process (``--parallel 1``, the fair setting: the calibration run goes first and absorbs one-off warm-ups such as
-reading the LPIPS weights), or ``--parallel N`` at a time, each in a fresh process pinned to its own share of
-the cores (``os.sched_setaffinity``; CPU only; each run then pays those few seconds of warm-up inside its
-budget, and the runs share memory bandwidth). The machine (CPU model, cores, torch, threads, GPU) and the
-1-minute load average before/after each run go into ``summary.csv``: compare only runs made alike.
+process (``--parallel 1``, the fair setting: the calibration run goes first and absorbs one-off warm-ups
+such as reading the LPIPS weights), or ``--parallel N`` at a time, each in a fresh process pinned to its own
+share of the cores (``os.sched_setaffinity``; CPU only; each run then pays those few seconds of warm-up
+inside its budget, and the runs share memory bandwidth). The machine (CPU model, cores, torch, threads,
+GPU) and the 1-minute load average before/after each run go into ``summary.csv``: compare only runs made
+alike.
 
 **Calibration: a budget-robust schedule.** Epoch-valued keys (``val_every``, ``gan_start_epoch``) and
 step-valued ones (``warmup_steps``, the EMA horizon) mean different things on different machines, so a first
@@ -33,9 +34,11 @@ preprocessing). From them, with ``usable = budget − set-up``:
 
 * ``val_every = max(1, floor((usable / val_points − validation) / training epoch))``: at least
   ``--val-points`` (default 6) validations in the budget, plus the final one, when an epoch fits that often;
-* ``E`` = epochs in the budget = ``usable / (training epoch + validation / val_every)``, steps = E × steps/epoch;
-* every run's ``gan_start_epoch`` = the preset's fraction ``gan_start_epoch / num_epochs`` of E (``configs/cpu.json``:
-  50/60 → GAN for the last sixth of the budget, as in the preset; never when the fraction is ≥ 1);
+* ``E`` = epochs in the budget = ``usable / (training epoch + validation / val_every)``;
+  steps = E × steps per epoch;
+* every run's ``gan_start_epoch`` = the preset's fraction ``gan_start_epoch / num_epochs`` of E
+  (``configs/cpu.json``: 50/60 → GAN for the last sixth of the budget, as in the preset; never when the
+  fraction is ≥ 1);
 * ``gan_early`` / ``gan_mid`` start the GAN at E/3 and 2E/3, ``warmup_steps`` = 5 % of the steps,
   ``ema_decay`` = 1 − 1/(10 % of the steps) (an averaging horizon of a tenth of the run).
 
@@ -44,9 +47,10 @@ the same schedule; a call with another preset, budget, device, data, ``--set`` o
 
 **Variants** (:data:`VARIANTS`): each changes ONE thing relative to the preset. ``configs/cpu.json`` already
 trains at lr 1e-3, batch 1, constant lr, MSE, perceptual weight 0.3, β 1e-7, no augmentation and no EMA, so:
-``default`` (the preset), ``lr3e-4`` / ``lr3e-3``, ``cosine_warmup`` (the schedule: cosine over the budget after a
-5 % linear warm-up, same peak lr), ``ema``, ``l1``, ``perceptual0`` / ``perceptual1``, ``gan_early`` /
-``gan_mid`` / ``no_gan`` (when the GAN starts), ``batch2`` (same lr), ``beta1e-6``, ``augment``.
+``default`` (the preset), ``lr3e-4`` / ``lr3e-3``, ``cosine_warmup`` (the schedule: cosine over the budget
+after a 5 % linear warm-up, same peak lr), ``ema``, ``l1``, ``perceptual0`` / ``perceptual1``,
+``gan_early`` / ``gan_mid`` / ``no_gan`` (when the GAN starts), ``batch2`` (same lr), ``beta1e-6``,
+``augment``.
 
 **Outputs** in ``--out``: ``summary.csv`` (one row per run, rewritten after every run: the LAST validation's
 values — the model the budget bought — and the best epoch's by ``val/psnr_brain``, which picks on the
@@ -144,7 +148,7 @@ def run_paths(out: Path, name: str) -> tuple[Path, Path]:
 
 
 def run_sets(args: argparse.Namespace, name: str, overrides: list[str], seed: int) -> list[str]:
-    """A run's ``--set`` values: ``--set``, data, ``overrides``, then the run's identity and folders (last wins)."""
+    """A run's ``--set`` values: ``--set``, data, ``overrides``, then its identity and folders (last wins)."""
     out = args.out.resolve()
     return [
         *args.set,
@@ -166,7 +170,7 @@ def train_argv(preset: str | Path, sets: list[str]) -> list[str]:
 
 
 def train_fresh(argv: list[str], out: Path, name: str, threads: int) -> float:
-    """Run ``train.main(argv)`` from scratch (a killed attempt's folders are removed); returns wall seconds."""
+    """``train.main(argv)`` from scratch (a killed attempt's folders are removed); returns wall seconds."""
     for folder in run_paths(out, name):
         shutil.rmtree(folder, ignore_errors=True)
     torch.set_num_threads(threads)
@@ -304,7 +308,7 @@ def plan(measured: dict[str, float], budget_s: float, val_points: int, gan_fract
 
 
 def calibrate(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]:
-    """The study's calibration: read from ``--out/calibration.json``, or measured by a 3-epoch run and saved."""
+    """The study's calibration: from ``--out/calibration.json``, or measured by a 3-epoch run and saved."""
     path = args.out / "calibration.json"
     settings = calibration_settings(args)
     if path.is_file():
@@ -402,9 +406,9 @@ def pending(specs: list[dict[str, Any]], summary: pd.DataFrame, path: Path) -> l
         key = (spec["variant"], spec["seed"])
         if key not in done:
             todo.append(spec)
-        elif done[key] != " ".join(spec["overrides"]):
+        elif done[key] != (now := " ".join(spec["overrides"])):
             raise StudyError(
-                f"{path}: {spec['name']} was run with overrides {done[key]!r}, now {' '.join(spec['overrides'])!r}; "
+                f"{path}: {spec['name']} was run with overrides {done[key]!r}, now {now!r}; "
                 "delete its row or use another --out"
             )
         else:
@@ -419,8 +423,9 @@ def report(row: dict[str, Any], index: int, total: int) -> None:
         return
     print(
         f"[{index}/{total}] {row['variant']} seed {row['seed']}: {row['status']}, {row['steps']} steps, "
-        f"{row['epochs']} epochs, in-brain PSNR {row['val_psnr_brain']:.2f} dB, SSIM {row['val_ssim_brain']:.4f} "
-        f"(best PSNR {row['best_val_psnr_brain']:.2f} at epoch {row['best_epoch']}), wall {row['wall_s']:.0f} s, "
+        f"{row['epochs']} epochs, in-brain PSNR {row['val_psnr_brain']:.2f} dB, "
+        f"SSIM {row['val_ssim_brain']:.4f} (best PSNR {row['best_val_psnr_brain']:.2f} at epoch "
+        f"{row['best_epoch']}), wall {row['wall_s']:.0f} s, "
         f"load {row['load_start']:.2f} -> {row['load_end']:.2f}",
         flush=True,
     )
@@ -624,13 +629,12 @@ def main(argv: list[str] | None = None) -> int:
         machine = machine_info(torch.device(args.device))
         print(f"machine: {json.dumps(machine)}; {args.threads} thread(s) per run, {args.parallel} at a time")
         calibration = calibrate(args, machine)
-        print(
-            f"calibration: {json.dumps(calibration['measured'])}\nschedule: {json.dumps(calibration['schedule'])}"
-        )
-        if calibration["schedule"]["validations_in_budget"] < 5:
+        schedule = calibration["schedule"]
+        print(f"calibration: {json.dumps(calibration['measured'])}\nschedule: {json.dumps(schedule)}")
+        if schedule["validations_in_budget"] < 5:
             print(
-                f"warning: about {calibration['schedule']['validations_in_budget']} validation(s) fit the budget "
-                "besides the final one (short for an epoch + validation here); the curves will be coarse"
+                f"warning: about {schedule['validations_in_budget']} validation(s) fit the budget besides "
+                "the final one (short for an epoch + validation here); the curves will be coarse"
             )
         specs = make_specs(args, calibration, machine)
         for spec in specs:  # every variant's config is checked before any run
