@@ -294,7 +294,10 @@ def plan(measured: dict[str, float], budget_s: float, val_points: int, gan_fract
     steps = epochs * measured["steps_per_epoch"]
 
     def at(fraction: float) -> int:
-        return NEVER if fraction >= 1 else max(1, round(fraction * epochs)) if fraction > 0 else 0
+        """The epoch at ``fraction`` of the budget: 0 for 0, never for >= 1, else at least epoch 1."""
+        if fraction >= 1:
+            return NEVER
+        return 0 if fraction <= 0 else max(1, round(fraction * epochs))
 
     return {
         "val_every": val_every,
