@@ -3,6 +3,8 @@
     python infer.py --model_checkpoint best_runs/<run>/best_model.pt --input_data sub-01_T1w.nii.gz [--output_dir out/]
     python infer.py --model_checkpoint best_runs/<run>/best_model.pt --input_data data_csvs/test.csv   # or a folder
     python infer.py --model_checkpoint best_runs/<run>/best_model.pt --decode out/sub-01_T1w_latent.nii.gz
+    python infer.py --model_checkpoint best_runs/<run>/best_model.pt --decode sample.nii.gz \
+        --denormalise channel --latent_stats latents/train/latent_stats.json     # a diffusion sample
 
 Per input file, into ``--output_dir``:
 
@@ -21,10 +23,12 @@ Per input file, into ``--output_dir``:
 
 The reconstruction is the decoded saved latent, so ``--decode`` of that latent gives the same image (on the
 preprocessed grid: affine recovered from the latent's affine, shape = the config's preprocessing.target_shape,
-values in [0, 1]). Files that fail the pre-flight check or preprocessing are listed at the end (exit code 1);
-the others are processed. A checkpoint that needs code execution to load is refused (exit code 2). The
-checkpoint, the input and the output folder are checked first; the output folder is created only when there
-is something to write into it.
+values in [0, 1]). A latent in the diffusion model's normalised units (``save_latent.py --normalise``) is
+mapped back first with ``--denormalise global|channel --latent_stats latent_stats.json``
+(``latents.denormalise_latent``: ``z = z_normalised / scale + shift`` per channel). Files that fail the
+pre-flight check or preprocessing are listed at the end (exit code 1); the others are processed. A checkpoint
+that needs code execution to load is refused (exit code 2). The checkpoint, the input and the output folder
+are checked first; the output folder is created only when there is something to write into it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from config import ConfigError
 from dataset import DataError, preflight_failures, preprocessed_batches, read_split, restore_to_input_grid
 from latents import (
     LATENT_FORMATS,
+    NORMALISATIONS,
     add_model_arguments,
     build_metric_lpips,
     check_output_dir,
@@ -52,6 +57,7 @@ from latents import (
     load_model,
     maisi_model_config,
     output_paths,
+    read_latent_stats,
     row_seed,
     write_latent,
 )
@@ -79,21 +85,34 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument(
         "--decode",
         metavar="LATENT",
-        help="decode a latent .nii.gz (unscaled: divide a diffusion sample by scale_factor first)",
+        help="decode a latent .nii.gz (as saved, or in normalised units with --denormalise)",
     )
+    parser.add_argument(
+        "--denormalise",
+        default="none",
+        choices=NORMALISATIONS,
+        help="with --decode: the latent is in these normalised units (needs --latent_stats)",
+    )
+    parser.add_argument("--latent_stats", help="latent_stats.json of save_latent.py, for --denormalise")
     parser.add_argument("--output_dir", default="out")
     parser.add_argument("--intensity", default="original", choices=["original", "unit"])
     parser.add_argument("--sample", action="store_true", help="save/decode a posterior draw, not the mean")
     parser.add_argument("--latent_format", default="nii.gz", choices=LATENT_FORMATS)
     parser.add_argument("--no_lpips", action="store_true", help="leave out the LPIPS3D metrics")
     args = parser.parse_args(argv)
+    if args.denormalise != "none" and (args.decode is None or args.latent_stats is None):
+        parser.error(
+            "--denormalise needs --decode and --latent_stats (the latent_stats.json of save_latent.py)"
+        )
 
     output_dir = Path(args.output_dir)
     try:  # everything that can fail as a whole is checked before any set-up or writing
         model = load_model(args.model_checkpoint, args.device, args.amp, maisi_model_config(args))
         check_output_dir(output_dir)
         if args.decode:
-            print(f"decoded image: {decode_latent_file(model, Path(args.decode), output_dir)}")
+            stats = None if args.latent_stats is None else read_latent_stats(args.latent_stats)
+            path = decode_latent_file(model, Path(args.decode), output_dir, stats, args.denormalise)
+            print(f"decoded image: {path}")
             return 0
         frame = read_split(args.input_data)
         recon_paths = output_paths(frame, output_dir, "_recon.nii.gz")

@@ -8,6 +8,10 @@ Shared by ``infer.py``, ``save_latent.py`` and the notebook (scripts never impor
 * :func:`build_metric_lpips`: the checkpoint's LPIPS3D for reporting, with the backbone's default weights
   when the training machine's ``perceptual.weights_path`` is not here (or none, with a warning);
 * :func:`decode_latent_file`: a latent ``.nii.gz`` back to an image on the preprocessed grid;
+* latent normalisation for the diffusion stage (:func:`latent_normalisation`, :func:`normalise_latent`,
+  :func:`denormalise_latent`, statistics from ``latent_stats.json`` via :func:`read_latent_stats`):
+  ``global`` multiplies by ``scale_factor`` = 1/global std (MAISI's convention), ``channel`` standardises each
+  channel with its own mean/std, ``none`` leaves latents as saved;
 * :func:`check_output_dir`: an output folder is checked before any work and created only to write into it;
 * latent files (``.npy``, ``.pt``, ``.nii.gz``) written atomically by :func:`write_latent`, read by
   :func:`read_latent`; a NIfTI latent (d, h, w, C) carries :func:`latent_affine`: latent voxel i is the centre
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import pickle
 import tempfile
@@ -39,25 +44,31 @@ from utils import autocast, new_file_mode, resolve_amp_dtype, resolve_device
 
 __all__ = [
     "LATENT_FORMATS",
+    "NORMALISATIONS",
     "LoadedModel",
     "add_model_arguments",
     "build_metric_lpips",
     "check_output_dir",
     "decode_latent_file",
+    "denormalise_latent",
     "encode_batch",
     "latent_affine",
+    "latent_normalisation",
     "latent_suffix",
     "load_model",
     "maisi_model_config",
+    "normalise_latent",
     "output_paths",
     "preprocessed_affine_from_latent",
     "read_latent",
+    "read_latent_stats",
     "row_seed",
     "sha256_file",
     "write_latent",
 ]
 
 LATENT_FORMATS = ("npy", "nii.gz", "pt")
+NORMALISATIONS = ("none", "global", "channel")
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -178,10 +189,18 @@ def encode_batch(
 
 
 @torch.no_grad()
-def decode_latent_file(model: LoadedModel, latent_path: Path, output_dir: Path) -> Path:
+def decode_latent_file(
+    model: LoadedModel,
+    latent_path: Path,
+    output_dir: Path,
+    stats: dict[str, Any] | None = None,
+    normalisation: str = "none",
+) -> Path:
     """Decode one latent file into ``<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1].
 
-    ``output_dir`` is created (when missing) only once the image is ready to be written.
+    A latent in normalised units (a diffusion sample) is first mapped back with :func:`denormalise_latent`
+    (``normalisation`` global/channel, ``stats`` from ``latent_stats.json``). ``output_dir`` is created (when
+    missing) only once the image is ready to be written.
     """
     if not Path(latent_path).is_file():
         raise DataError(f"{latent_path}: latent file not found")
@@ -195,6 +214,8 @@ def decode_latent_file(model: LoadedModel, latent_path: Path, output_dir: Path) 
             f"{latent_path}: latent shape (C, d, h, w) {tuple(latent.shape)} does not fit this model and "
             f"preprocessing.target_shape {target_shape} (expected {expected})"
         )
+    if normalisation != "none":
+        latent = denormalise_latent(latent, stats, normalisation)
     with autocast(model.device, model.amp_dtype):
         image = model.vae.decode(latent[None].to(model.device), target_shape)
     image = image.float().clamp(0.0, 1.0)[0, 0].cpu().numpy()
@@ -204,6 +225,74 @@ def decode_latent_file(model: LoadedModel, latent_path: Path, output_dir: Path) 
     output_dir.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(image, affine), path)
     return path
+
+
+# ------------------------------------------------------------------------------------------- normalisation
+
+
+def read_latent_stats(path: str | Path) -> dict[str, Any]:
+    """``latent_stats.json`` of ``save_latent.py``; DataError (one line naming the file) when it is missing or
+    lacks the per-channel statistics."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: latent statistics file not found (save_latent.py writes it)")
+    try:
+        stats = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a JSON file ({error})") from None
+    if not isinstance(stats, dict):
+        raise DataError(f"{path}: not a latent_stats.json (a JSON object is expected)")
+    missing = [key for key in ("channel_mean", "channel_std", "scale_factor") if key not in stats]
+    if missing:
+        raise DataError(f"{path}: not a latent_stats.json (missing {', '.join(missing)})")
+    return stats
+
+
+def latent_normalisation(stats: dict[str, Any], mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (shift, scale), each (C,) float64, of ``z_normalised = (z - shift) * scale``.
+
+    ``none``: (0, 1); ``global``: (0, scale_factor), MAISI's convention (1/std over all channels, no shift);
+    ``channel``: (channel_mean, 1/channel_std), every channel to mean 0 and std 1 over the encoded split.
+    ``stats``: ``latent_stats.json`` (``metrics.LatentStatistics.summary``).
+    """
+    mean = torch.tensor(stats["channel_mean"], dtype=torch.float64)
+    std = torch.tensor(stats["channel_std"], dtype=torch.float64)
+    if mode == "none":
+        return torch.zeros_like(mean), torch.ones_like(mean)
+    if mode == "global":
+        return torch.zeros_like(mean), torch.full_like(mean, float(stats["scale_factor"]))
+    if mode == "channel":
+        if not bool((std > 0).all()):
+            raise DataError(
+                f"latent statistics: channel std {std.tolist()} has a zero; cannot normalise per channel"
+            )
+        return mean, 1.0 / std
+    raise ValueError(f"unknown latent normalisation {mode!r}; expected one of {', '.join(NORMALISATIONS)}")
+
+
+def _per_channel(z: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (C,) shaped to broadcast over ``z`` (C, *S) or (B, C, *S); DataError when C differs."""
+    channel_axis = 0 if z.ndim == 4 else 1
+    if z.ndim not in (4, 5) or z.shape[channel_axis] != len(values):
+        raise DataError(
+            f"latent of shape {tuple(z.shape)} does not fit statistics of {len(values)} channels "
+            "(expected (C, d, h, w) or (B, C, d, h, w))"
+        )
+    return values.to(z.device, z.dtype).reshape(len(values), *[1] * (z.ndim - 1 - channel_axis))
+
+
+def normalise_latent(z: torch.Tensor, stats: dict[str, Any], mode: str) -> torch.Tensor:
+    """Saved latent(s) (C, d, h, w) or (B, C, d, h, w) -> the diffusion model's units, ``(z - shift) * scale``
+    (:func:`latent_normalisation`)."""
+    shift, scale = latent_normalisation(stats, mode)
+    return (z - _per_channel(z, shift)) * _per_channel(z, scale)
+
+
+def denormalise_latent(z: torch.Tensor, stats: dict[str, Any], mode: str) -> torch.Tensor:
+    """Inverse of :func:`normalise_latent`: a diffusion sample (C, d, h, w) or (B, C, d, h, w) -> a latent the
+    VAE decodes, ``z / scale + shift``."""
+    shift, scale = latent_normalisation(stats, mode)
+    return z / _per_channel(z, scale) + _per_channel(z, shift)
 
 
 # ------------------------------------------------------------------------------------------- files

@@ -2,6 +2,7 @@
 
     python save_latent.py --model_checkpoint best_runs/<run>/best_model.pt --dataset data_csvs/train.csv \\
         [--output_dir latents/train] [--mode mean|sample] [--format npy|nii.gz|pt] [--batch_size 4]
+        [--normalise none|global|channel]
 
 Writes to ``--output_dir``:
 
@@ -9,7 +10,13 @@ Writes to ``--output_dir``:
   the posterior mean, or (``--mode sample``) a draw seeded per row (``--seed`` + subject id), so reruns match;
 * ``manifest.csv``: every input row with ALL its columns + ``latent_path`` (rows that failed are left out);
 * ``latent_stats.json``: latent shape, per-channel mean/std, global std, ``scale_factor`` = 1/std, the mode,
-  the checkpoint's sha256 and the number of volumes.
+  the checkpoint's sha256, the number of volumes, and ``normalisation``: the per-channel ``shift``/``scale``
+  with which the diffusion stage maps a latent to its units, ``z_normalised = (z - shift) * scale``
+  (``--normalise``: ``none``, ``global`` = × scale_factor, ``channel`` = each channel to mean 0 / std 1;
+  ``latents.normalise_latent`` / ``denormalise_latent`` apply it and its inverse). The latent files stay
+  unnormalised whatever the choice (the statistics need every latent first, and resuming stays simple);
+  ``infer.py --decode LATENT --denormalise MODE --latent_stats latent_stats.json`` decodes a sample made in
+  normalised units.
 
 Resumable: latents that already exist are kept (``--overwrite`` re-encodes them); each one is written atomically
 (temporary file + rename); batches are fixed chunks of rows (resume with the same ``--batch_size``); the
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,10 +45,12 @@ from config import ConfigError
 from dataset import DataError, preflight_failures, preprocessed_batches, read_split
 from latents import (
     LATENT_FORMATS,
+    NORMALISATIONS,
     add_model_arguments,
     check_output_dir,
     encode_batch,
     latent_affine,
+    latent_normalisation,
     load_model,
     maisi_model_config,
     output_paths,
@@ -75,6 +85,26 @@ def open_output_dir(output_dir: Path, settings: dict[str, Any]) -> None:
         path.write_text(text)
 
 
+def statistics_table(summary: dict[str, Any], count: int, output_dir: Path) -> str:
+    """The latent statistics, one line per channel (mean, std, scale 1/std), then the global ones and the
+    normalisation recorded for the diffusion stage."""
+    lines = [
+        f"{count} latents {summary['latent_shape']} in {output_dir}",
+        f"{'channel':>9}{'mean':>11}{'std':>10}{'1/std':>10}",
+    ]
+    for channel, (mean, std) in enumerate(zip(summary["channel_mean"], summary["channel_std"], strict=True)):
+        lines.append(f"{channel:>9}{mean:>11.4g}{std:>10.4g}{1 / std if std else math.inf:>10.4g}")
+    lines.append(f"{'all':>9}{summary['mean']:>11.4g}{summary['std']:>10.4g}{summary['scale_factor']:>10.4g}")
+    mode = summary["normalisation"]["mode"]
+    described = {
+        "none": "none (latents as saved)",
+        "global": "global (z × scale_factor)",
+        "channel": "per channel ((z − mean_c) / std_c)",
+    }[mode]
+    lines.append(f"normalisation for the diffusion stage: {described}; see latent_stats.json")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Returns 0 when every row was encoded, 1 when some failed, 2 on a fatal error (bad checkpoint/split)."""
     parser = argparse.ArgumentParser(
@@ -86,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="mean", choices=["mean", "sample"])
     parser.add_argument("--format", default="npy", choices=LATENT_FORMATS)
     parser.add_argument("--overwrite", action="store_true", help="re-encode latents that already exist")
+    parser.add_argument(
+        "--normalise",
+        default="none",
+        choices=NORMALISATIONS,
+        help="normalisation recorded in latent_stats.json for the diffusion stage (files stay unnormalised)",
+    )
     args = parser.parse_args(argv)
 
     try:  # everything that can fail as a whole is checked before any set-up or writing
@@ -145,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             stats.update(latent[None])
         manifest = frame.iloc[written].assign(latent_path=[str(paths[i].resolve()) for i in written])
         manifest.to_csv(output_dir / "manifest.csv", index=False)
-        summary = {
+        summary: dict[str, Any] = {
             "latent_shape": latent_shape,
             **stats.summary(),
             "mode": args.mode,
@@ -155,11 +191,19 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint_sha256": checkpoint_sha256,
             "num_volumes": len(written),
         }
+        try:
+            shift, scale = latent_normalisation(summary, args.normalise)
+        except DataError as error:  # a channel that is constant over the whole split
+            print(f"ERROR: {output_dir / 'latent_stats.json'} not written: {error}", file=sys.stderr)
+            return 2
+        summary["normalisation"] = {
+            "mode": args.normalise,
+            "shift": shift.tolist(),
+            "scale": scale.tolist(),
+            "formula": "z_normalised = (z - shift) * scale per channel; decode z_normalised / scale + shift",
+        }
         (output_dir / "latent_stats.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(
-            f"{len(written)} latents {latent_shape} in {output_dir}; std {summary['std']:.4g}, "
-            f"scale_factor {summary['scale_factor']:.4g}"
-        )
+        print(statistics_table(summary, len(written), output_dir))
     if failures:
         lines = "\n".join(f"  {failures[i]}" for i in sorted(failures))
         print(

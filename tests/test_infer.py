@@ -1,9 +1,11 @@
-"""infer.py: exact grid/affine round trips, latent affine, --decode, checkpoint refusal, partial CSV failures."""
+"""infer.py: exact grid/affine round trips, latent affine, --decode (+ --denormalise), checkpoint refusal,
+partial CSV failures."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +19,7 @@ import infer
 from checkpoints import CHECKPOINT_FORMAT
 from config import Config
 from dataset import preprocess_volume
+from latents import normalise_latent, read_latent, write_latent
 
 
 def assert_same_grid(recon_path: Path, input_path: Path) -> None:
@@ -273,3 +276,46 @@ def test_decode_of_a_missing_latent_is_one_clear_line(
     assert infer.main([*argv, "--device", "cpu"]) == 2
     assert capsys.readouterr().err.splitlines() == [f"ERROR: {missing}: latent file not found"]
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("mode", ["global", "channel"])
+def test_decode_denormalises_a_latent_in_normalised_units(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    """``--decode`` of a normalised latent with ``--denormalise`` gives the image ``--decode`` gives for the
+    latent as saved; without it, another image."""
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    image = write_volume(tmp_path / "a.nii.gz", (24, 28, 20), np.diag([2.0, 2.0, 2.0, 1.0]))
+    common = ["--model_checkpoint", str(checkpoint), "--device", "cpu"]
+    raw_dir, sample_dir = tmp_path / "raw", tmp_path / "sample"
+    assert infer.main([*common, "--input_data", str(image), "--output_dir", str(raw_dir), "--no_lpips"]) == 0
+    stats = {"channel_mean": [0.3, -0.2], "channel_std": [0.5, 2.0], "scale_factor": 0.8}
+    stats_path = tmp_path / "latent_stats.json"
+    stats_path.write_text(json.dumps(stats))
+    latent, affine = read_latent(raw_dir / "a_latent.nii.gz")
+    sample_dir.mkdir()
+    write_latent(normalise_latent(latent, stats, mode), sample_dir / "a_latent.nii.gz", affine)
+
+    assert (
+        infer.main([*common, "--decode", str(raw_dir / "a_latent.nii.gz"), "--output_dir", str(raw_dir)]) == 0
+    )
+    denormalised = [*common, "--decode", str(sample_dir / "a_latent.nii.gz"), "--output_dir", str(sample_dir)]
+    assert infer.main([*denormalised, "--denormalise", mode, "--latent_stats", str(stats_path)]) == 0
+    expected = nib.load(raw_dir / "a_latent_decoded.nii.gz").get_fdata()
+    np.testing.assert_allclose(
+        nib.load(sample_dir / "a_latent_decoded.nii.gz").get_fdata(), expected, atol=1e-5
+    )
+    assert infer.main(denormalised) == 0
+    assert not np.allclose(nib.load(sample_dir / "a_latent_decoded.nii.gz").get_fdata(), expected, atol=1e-3)
+    capsys.readouterr()
+
+    assert (
+        infer.main([*denormalised, "--denormalise", mode, "--latent_stats", str(tmp_path / "no.json")]) == 2
+    )
+    error = capsys.readouterr().err.splitlines()
+    assert error == [
+        f"ERROR: {tmp_path / 'no.json'}: latent statistics file not found (save_latent.py writes it)"
+    ]
+    with pytest.raises(SystemExit):
+        infer.main([*denormalised, "--denormalise", mode])  # no --latent_stats
+    assert "--denormalise needs --decode and --latent_stats" in capsys.readouterr().err

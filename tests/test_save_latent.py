@@ -1,4 +1,4 @@
-"""save_latent.py: resume after SIGKILL, manifest columns, reproducible sampling, failures."""
+"""save_latent.py: resume after SIGKILL, manifest columns, reproducible sampling, failures, normalisation."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from helpers import make_split, tiny_checkpoint
 
 import save_latent
-from latents import read_latent, sha256_file
+from latents import denormalise_latent, normalise_latent, read_latent, sha256_file
+from metrics import LatentStatistics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,3 +163,72 @@ def test_latent_file_mode_follows_umask(tmp_path: Path, umask: int, latent_forma
         os.umask(old)
     latent = tmp_path / "out" / f"sub00.{latent_format}"
     assert stat.S_IMODE(latent.stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("mode", ["none", "global", "channel"])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (2, 3, 4, 5, 6)])
+def test_normalise_then_denormalise_is_the_identity(mode: str, shape: tuple[int, ...]) -> None:
+    channels = shape[-4]
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3.0 + 1.5
+    stats = LatentStatistics(channels)
+    stats.update(z if len(shape) == 5 else z[None])
+    summary = stats.summary()
+    normalised = normalise_latent(z, summary, mode)
+    assert normalised.shape == z.shape and normalised.dtype == z.dtype
+    assert torch.equal(normalised, z) == (mode == "none")
+    torch.testing.assert_close(denormalise_latent(normalised, summary, mode), z, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["global", "channel"])
+def test_normalisation_of_a_split_is_recorded_and_standardises_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    """latent_stats.json records the mode's shift/scale; the files stay as saved; the split's normalised
+    latents have std 1 (global: over all channels) or mean 0 and std 1 per channel (channel)."""
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    split = make_split(tmp_path / "data", 4)
+    assert run(checkpoint, split, tmp_path / "plain") == 0
+    capsys.readouterr()
+    assert run(checkpoint, split, tmp_path / mode, "--normalise", mode) == 0
+    printed = capsys.readouterr().out
+    stats = json.loads((tmp_path / mode / "latent_stats.json").read_text())
+    for channel, (mean, std) in enumerate(zip(stats["channel_mean"], stats["channel_std"], strict=True)):
+        assert f"{channel:>9}{mean:>11.4g}{std:>10.4g}{1 / std:>10.4g}" in printed
+    record = stats["normalisation"]
+    assert record["mode"] == mode
+    if mode == "channel":
+        assert record["shift"] == stats["channel_mean"]
+        assert record["scale"] == pytest.approx([1 / s for s in stats["channel_std"]])
+    else:
+        assert record["shift"] == [0.0, 0.0] and record["scale"] == [stats["scale_factor"]] * 2
+    for plain, kept in zip(latent_files(tmp_path / "plain"), latent_files(tmp_path / mode), strict=True):
+        np.testing.assert_array_equal(np.load(plain), np.load(kept))
+
+    latents = torch.stack([read_latent(p)[0] for p in latent_files(tmp_path / mode)])  # (B, C, d, h, w)
+    values = normalise_latent(latents, stats, mode).double().transpose(0, 1).flatten(1)  # (C, values)
+    if mode == "channel":
+        torch.testing.assert_close(values.mean(1), torch.zeros(2, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            values.std(1, correction=0), torch.ones(2, dtype=torch.float64), atol=1e-5, rtol=0
+        )
+        assert not torch.allclose(latents.transpose(0, 1).flatten(1).std(1), torch.ones(2), atol=0.05)
+    else:
+        assert float(values.std(correction=0)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_constant_latent_channel_cannot_be_normalised_per_channel(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["vae"]["mu_head.weight"][1] = 0.0  # channel 1 of the posterior mean = its bias, everywhere
+    torch.save(payload, checkpoint)
+    split = make_split(tmp_path / "data", 2)
+    assert run(checkpoint, split, tmp_path / "out", "--normalise", "channel") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]  # no progress bars
+    assert len(errors) == 1 and errors[0].startswith(
+        f"ERROR: {tmp_path / 'out' / 'latent_stats.json'} not written: "
+    )
+    assert errors[0].endswith("has a zero; cannot normalise per channel")
+    assert not (tmp_path / "out" / "latent_stats.json").exists()
+    assert run(checkpoint, split, tmp_path / "out", "--normalise", "global") == 0
