@@ -188,3 +188,33 @@ def run_train_subprocess(args: list[str], **kwargs) -> subprocess.Popen:
         text=True,
         **kwargs,
     )
+
+
+INPUT_FAULTS = ("checkpoint", "no_input", "all_fail_preflight", "output_is_a_file")
+
+
+def faulty_inputs(tmp_path: Path, fault: str) -> tuple[Path, Path, Path]:
+    """(checkpoint, split, output folder) of an infer/save_latent run broken by ``fault`` (INPUT_FAULTS)."""
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    split = make_split(tmp_path / "data", 1)
+    out = tmp_path / "new" / "out"
+    if fault == "checkpoint":
+        checkpoint.write_bytes(b"")
+    elif fault == "no_input":
+        split = tmp_path / "nowhere.csv"
+    elif fault == "all_fail_preflight":
+        (tmp_path / "data" / "sub00.nii.gz").write_text("not an image")
+    else:
+        out = tmp_path / "a_file"
+        out.write_text("")
+    return checkpoint, split, out
+
+
+def assert_failed_before_writing(tmp_path: Path, fault: str, code: int, error: str, out: Path) -> None:
+    """The run of :func:`faulty_inputs` failed with one clean error and left no output folder behind."""
+    assert code == (1 if fault == "all_fail_preflight" else 2)
+    assert "Traceback" not in error and "vol/s" not in error  # no progress bar either
+    if fault == "output_is_a_file":
+        assert error.splitlines() == [f"ERROR: {out}: output folder is a file"]
+    else:
+        assert not (tmp_path / "new").exists()

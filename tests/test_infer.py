@@ -13,7 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import make_split, oblique_affine, tiny_checkpoint, write_volume
+from helpers import (
+    INPUT_FAULTS,
+    assert_failed_before_writing,
+    faulty_inputs,
+    make_split,
+    oblique_affine,
+    tiny_checkpoint,
+    write_volume,
+)
 
 import infer
 from checkpoints import CHECKPOINT_FORMAT
@@ -224,33 +232,16 @@ def test_lpips_without_weights_is_not_computed(
     assert "psnr" in metrics.columns and not {"lpips", "lpips_brain"} & set(metrics.columns)
 
 
-@pytest.mark.parametrize("fault", ["checkpoint", "no_input", "all_fail_preflight", "output_is_a_file"])
+@pytest.mark.parametrize("fault", INPUT_FAULTS)
 def test_failing_run_leaves_no_output_folder_and_builds_no_lpips(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
     """Checkpoint, split, pre-flight check and output folder are checked before any set-up or writing."""
     built = []
     monkeypatch.setattr(infer, "build_metric_lpips", lambda *args: built.append(args))
-    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
-    source = make_split(tmp_path / "data", 1)
-    out = tmp_path / "new" / "out"
-    if fault == "checkpoint":
-        checkpoint.write_bytes(b"")
-    elif fault == "no_input":
-        source = tmp_path / "nowhere.csv"
-    elif fault == "all_fail_preflight":
-        (tmp_path / "data" / "sub00.nii.gz").write_text("not an image")
-    else:
-        out = tmp_path / "a_file"
-        out.write_text("")
+    checkpoint, source, out = faulty_inputs(tmp_path, fault)
     code = run_infer(checkpoint, source, out)
-    error = capsys.readouterr().err
-    assert code == (1 if fault == "all_fail_preflight" else 2)
-    assert "Traceback" not in error and "vol/s" not in error  # no progress bar either
-    if fault == "output_is_a_file":
-        assert error.splitlines() == [f"ERROR: {out}: output folder is a file"]
-    else:
-        assert not (tmp_path / "new").exists()
+    assert_failed_before_writing(tmp_path, fault, code, capsys.readouterr().err, out)
     assert built == []
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import make_split, tiny_checkpoint
+from helpers import INPUT_FAULTS, assert_failed_before_writing, faulty_inputs, make_split, tiny_checkpoint
 
 import save_latent
 from latents import denormalise_latent, normalise_latent, read_latent, sha256_file
@@ -123,31 +123,14 @@ def test_failures_are_listed_and_written_latents_kept(
     assert run(checkpoint, split, out, "--mode", "sample") == 2  # other settings than the latents there
 
 
-@pytest.mark.parametrize("fault", ["checkpoint", "no_input", "all_fail_preflight", "output_is_a_file"])
+@pytest.mark.parametrize("fault", INPUT_FAULTS)
 def test_failing_run_leaves_no_output_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fault: str
 ) -> None:
     """Checkpoint, split, pre-flight check and output folder are checked before anything is written."""
-    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
-    split = make_split(tmp_path / "data", 1)
-    out = tmp_path / "new" / "latents"
-    if fault == "checkpoint":
-        checkpoint.write_bytes(b"")
-    elif fault == "no_input":
-        split = tmp_path / "nowhere.csv"
-    elif fault == "all_fail_preflight":
-        (tmp_path / "data" / "sub00.nii.gz").write_text("not an image")
-    else:
-        out = tmp_path / "a_file"
-        out.write_text("")
+    checkpoint, split, out = faulty_inputs(tmp_path, fault)
     code = run(checkpoint, split, out)
-    error = capsys.readouterr().err
-    assert code == (1 if fault == "all_fail_preflight" else 2)
-    assert "Traceback" not in error and "vol/s" not in error  # no progress bar either
-    if fault == "output_is_a_file":
-        assert error.splitlines() == [f"ERROR: {out}: output folder is a file"]
-    else:
-        assert not (tmp_path / "new").exists()
+    assert_failed_before_writing(tmp_path, fault, code, capsys.readouterr().err, out)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask022", "umask002"])
