@@ -539,7 +539,7 @@ def train_epoch(
     is spent; returns the epoch's training record."""
     train, context, device = run.config.train, run.context, run.context.device
     epoch, first_step = state.epoch, state.step_in_epoch
-    total_steps = train.num_epochs * (first_step + total) if epoch == 0 else train.num_epochs * total
+    total_steps = train.num_epochs * (first_step + total)  # for the cosine schedule
     progress = tqdm(batches, total=total, disable=not context.is_main, desc=f"epoch {epoch}")
     sums = torch.zeros(len(LOG_NAMES), dtype=torch.float64, device=device)
     volumes, start, done, stopped = 0, time.perf_counter(), 0, False
@@ -560,9 +560,8 @@ def train_epoch(
             report_progress(state, run, logs, progress, lr, epoch, step)
         if at_checkpoint:
             write_checkpoint(state, run, stage)
-        if (context.is_main or context.is_distributed) and (
-            not context.is_distributed or state.global_step % train.log_every_steps == 0
-        ):
+        # every step alone; under DDP only at the log points (the ranks must agree, which costs a sync)
+        if not context.is_distributed or state.global_step % train.log_every_steps == 0:
             stopped = run.out_of_time()
             if stopped:
                 log.info(
