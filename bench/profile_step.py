@@ -12,7 +12,8 @@ what ``train.py`` runs. Nothing in ``train.py`` is changed: the ranges are put A
 the discriminator, and by step pre/post hooks on both optimisers). Backward time is attributed through the
 profiler's sequence numbers: a backward node belongs to the module whose forward range created it.
 
-Per stage (pretrain, gan), after ``--warmup`` steps, ``--steps`` profiled steps of random volumes in [0, 1]:
+Per stage (pretrain, gan), after ``--warmup`` steps, ``--steps`` timed steps, then ``--steps`` profiled ones (after
+one more the profiler warms up on), all on the same random volumes in [0, 1]:
 
 * wall time per step (synchronised), host (CPU) time in ``train_step`` and, on CUDA, GPU kernel time;
 * the breakdown: VAE / LPIPS3D / discriminator forward and backward, optimiser steps, other backward (loss
@@ -336,11 +337,14 @@ def profile_stage(
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     synchronize(device)
     ranges = Ranges({k: m for k, m in modules.items() if m is not None}, optimizers)
-    with ranges, torch.profiler.profile(activities=activities) as profiler:
-        for _ in range(args.steps):
+    # one step traced but not kept: the profiler's own first-step overhead stays out of the numbers
+    schedule = torch.profiler.schedule(wait=0, warmup=1, active=args.steps, repeat=1)
+    with ranges, torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
+        for _ in range(1 + args.steps):
             with record_function(STEP_RANGE):
                 step()
-        synchronize(device)
+            synchronize(device)  # every kernel of the step inside the trace
+            profiler.step()
     if args.trace is not None:
         path = args.trace.with_name(f"{args.trace.stem}_{stage}{args.trace.suffix}")
         profiler.export_chrome_trace(str(path))
