@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU check of training speed (issue "Train at GPU speed"): ONE run on one H100/H200, at most TOTAL_S seconds
-# (default 540 = 9 min) plus a few seconds of start-up, writes RESULTS/train_throughput.json (rewritten after
-# every step, so a run cut short keeps what it measured) and RESULTS/profile.json. Downloads nothing.
+# GPU check of training speed (issue "Train at GPU speed"): ONE run on one H100/H200 of at most TOTAL_S seconds
+# (default 540 = 9 min; the deadline counts from the start, a few seconds more for the summary) writes
+# RESULTS/train_throughput.json (rewritten after every step, so a run cut short keeps what it measured) and
+# RESULTS/profile.json. Downloads nothing.
 #
 #   GIT_COMMIT=<hash> bash bench/gpu_check.sh [RESULTS]    # default /tmp/gpu_check_<date>; must be new
 #   DRY_RUN=1 bash bench/gpu_check.sh                      # every step, tiny, on the CPU (tests the script)
@@ -18,13 +19,14 @@
 #   throughput       train_throughput.py --train: train.py, seed config, the 100 IXI training volumes,
 #                    4 epochs, GAN from epoch 2, one validation on 2 volumes at the end                 ~45 s
 #   model            bench_model.py ours vs AutoencoderKL, bf16, channels_last_3d: eager, then
-#                    torch.compile'd in the same process (~40 s + ~25 s of compilation)                 ~80 s
+#                    torch.compile'd in the same process (compiling took ~40 s + ~25 s before)         ~80 s
 #   time_to_quality  bench_quality_time.py: train.py for TTQ_SECONDS (180), then the MONAI-recipe
 #                    baseline for as long, both judged on the 20 IXI validation volumes                ~380 s
 #   profile          profile_step.py: where train_step's time goes (both stages), syncs per step,
 #                    data paths, validation, checkpoint write                                           ~30 s
 # Sum ~555 s: with the default TOTAL_S the compiled half of `model` or `profile` may be cut; TOTAL_S=600
-# leaves room for all. PYTHON (python3), PEAK_TFLOPS (989), BASELINE_WORKERS (8) can be set.
+# leaves room for all. PYTHON (python3), PEAK_TFLOPS (989), BASELINE_WORKERS (8) can be set. The earlier
+# scaling / NCDHW / encode / data-loader checks are left out: their scripts in bench/ still run alone.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
