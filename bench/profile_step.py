@@ -530,7 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="profile_step_") as folder:  # split heads, checkpoint, run files
+        return profile(args, Path(folder))
 
+
+def profile(args: argparse.Namespace, folder: Path) -> int:
+    """Everything ``main`` promises, with scratch files in ``folder``."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")
@@ -540,7 +545,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch is not None:
         overrides.append(f"train.batch_size={args.batch}")
     config = load_config(args.config, overrides)
-    folder = Path(tempfile.mkdtemp(prefix="profile_step_"))
     if args.data != "none" and args.data_limit is not None:
         for split in ("train", "val"):
             csv = folder / f"{split}.csv"
