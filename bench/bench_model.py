@@ -21,7 +21,8 @@ model without checkpointing (convolutions and matmuls only; the recomputed Group
 not counted), divided by step time and ``--peak-tflops`` (H100/H200 SXM dense bf16: 989).
 
 Usage: ``python bench/bench_model.py [--shape 92 112 92] [--batch 1] [--steps 3] [--device cpu|cuda]
-[--compile] [--json out.json] [--variants ours ours_ckpt ours_bf16 maisi monai_kl]``
+[--compile] [--json out.json] [--compiled-json out_compiled.json] [--variants ours ours_ckpt ours_bf16 maisi
+monai_kl]``
 """
 
 from __future__ import annotations
@@ -259,7 +260,8 @@ def print_table(results: dict[str, dict], refs: tuple[str, ...] = ("maisi", "mon
         line = f"{variant:15s} {r['s_per_step']:8.3f} {r['steps_per_s']:8.3f} {r['peak_mib']:9.0f}"
         for ref in refs:
             r[f"time_vs_{ref}"] = r["s_per_step"] / results[ref]["s_per_step"]
-            r[f"mem_vs_{ref}"] = r["peak_mib"] / results[ref]["peak_mib"]
+            ref_mib = results[ref]["peak_mib"]  # 0 when a tiny CPU step stays inside the malloc arena
+            r[f"mem_vs_{ref}"] = r["peak_mib"] / ref_mib if ref_mib else float("nan")
             line += f" {r[f'time_vs_{ref}']:10.2f} {r[f'mem_vs_{ref}']:12.2f}"
         print(line + (f" {100 * r['mfu']:6.2f}%" if "mfu" in r else ""))
 
@@ -285,8 +287,17 @@ def main() -> None:
     )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--json", type=Path, default=None, help="write results to this JSON file")
+    parser.add_argument(
+        "--compiled-json",
+        type=Path,
+        default=None,
+        help="after the rounds, torch.compile every model (cuda) and time them again in this process, "
+        "writing this JSON (saves a second process start; compile time is in the warm-up round)",
+    )
     add_measure_arg(parser)
     args = parser.parse_args()
+    if args.compiled_json is not None and args.device == "cpu" and args.measure == "both":
+        parser.error("--compiled-json on cpu needs --measure time or memory (one process)")
     if args.device == "cpu" and args.measure == "both":
         merged = run_time_and_memory_processes(sys.argv)
         print("merged (times: plain process; memory: mmap-threshold process):")
@@ -305,48 +316,55 @@ def main() -> None:
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
 
-    runs = {}
+    models = {}
     for variant in args.variants:
         model = build(variant).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        compiled = torch.compile(model) if (args.compile and gpu) else model
-        autocast = gpu or variant == "ours_bf16"
-        runs[variant] = lambda m=compiled, o=opt, a=autocast: train_step(m, o, x, a)
-
-    settings = {
-        "device": str(device),
-        "shape": list(args.shape),
-        "batch": args.batch,
-        "steps": args.steps,
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in CONFIG.items()},
-        "precision": "bf16 autocast (all variants)" if gpu else "fp32 (ours_bf16: bf16 autocast)",
-        "inputs_and_monai_models_channels_last_3d": channels_last,
-        "ours_weights_channels_last_3d": True,
-        "compile": args.compile and gpu,
-        "measure": args.measure,
-        "memory": "cuda max_memory_allocated delta"
-        if gpu
-        else "peak RSS delta (VmHWM reset, mmap threshold 64 KiB in the memory run)",
-        "load_average_start": [round(v, 2) for v in os.getloadavg()],
-    }
+        models[variant] = (model, torch.optim.Adam(model.parameters(), lr=1e-4))
     info = machine_info(device)
     print("machine:", json.dumps(info))
-    print("settings:", json.dumps(settings))
-    results = run_rounds(runs, args.steps, device)
-    settings["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-    flops = count_step_flops(x, gpu) if gpu else None
-    if flops is not None:
-        for r in results.values():
-            r["mfu"] = flops / r["s_per_step"] / (args.peak_tflops * 1e12)
-    print_table(results)
-    if flops is not None:
-        print(f"step FLOPs (conv+matmul, fwd+bwd, FlopCounterMode): {flops / 1e12:.3f} TFLOP")
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps({"machine": info, "settings": settings, "results": results}, indent=2)
-        )
+    passes = [(args.compile and gpu, args.json)]
+    if args.compiled_json is not None:
+        passes.append((gpu, args.compiled_json))
+    flops = None
+    for compiled, json_path in passes:
+        runs = {}
+        for variant, (model, opt) in models.items():
+            step_model = torch.compile(model) if compiled else model
+            autocast = gpu or variant == "ours_bf16"
+            runs[variant] = lambda m=step_model, o=opt, a=autocast: train_step(m, o, x, a)
+        settings = {
+            "device": str(device),
+            "shape": list(args.shape),
+            "batch": args.batch,
+            "steps": args.steps,
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in CONFIG.items()},
+            "precision": "bf16 autocast (all variants)" if gpu else "fp32 (ours_bf16: bf16 autocast)",
+            "inputs_and_monai_models_channels_last_3d": channels_last,
+            "ours_weights_channels_last_3d": True,
+            "compile": compiled,
+            "measure": args.measure,
+            "memory": "cuda max_memory_allocated delta"
+            if gpu
+            else "peak RSS delta (VmHWM reset, mmap threshold 64 KiB in the memory run)",
+            "load_average_start": [round(v, 2) for v in os.getloadavg()],
+        }
+        print("settings:", json.dumps(settings))
+        results = run_rounds(runs, args.steps, device)
+        settings["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        if gpu and flops is None:
+            flops = count_step_flops(x, gpu)
+        if flops is not None:
+            for r in results.values():
+                r["mfu"] = flops / r["s_per_step"] / (args.peak_tflops * 1e12)
+        print_table(results)
+        if flops is not None:
+            print(f"step FLOPs (conv+matmul, fwd+bwd, FlopCounterMode): {flops / 1e12:.3f} TFLOP")
+        if json_path is not None:
+            json_path.write_text(
+                json.dumps({"machine": info, "settings": settings, "results": results}, indent=2)
+            )
 
 
 if __name__ == "__main__":

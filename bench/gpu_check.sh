@@ -1,113 +1,187 @@
 #!/usr/bin/env bash
-# GPU check of the VAE benchmarks: under 10 minutes on one H100/H200 even if every step stalls; about 7.5
-# minutes for a full run (sum of the steps measured on an H200).
-# Downloads nothing.
+# GPU check of training speed (issue "Train at GPU speed"): ONE run on one H100/H200 of at most TOTAL_S seconds
+# (default 540 = 9 min; the deadline counts from the start, a few seconds more for the summary) writes
+# RESULTS/train_throughput.json (rewritten after every step, so a run cut short keeps what it measured) and
+# RESULTS/profile.json. Downloads nothing.
 #
-#   bash bench/gpu_check.sh [RESULTS_DIR]      # logs + JSON + PNG to RESULTS_DIR (default bench/results/gpu)
-#   TRAIN_CSV=… VAL_CSV=… bash bench/gpu_check.sh   # real volumes for steps 3-5 (default: ../shared/data/ixi)
-#   STEPS="train scaling" bash bench/gpu_check.sh   # only these steps (names below)
+#   GIT_COMMIT=<hash> bash bench/gpu_check.sh [RESULTS]    # default /tmp/gpu_check_<date>; must be new
+#   DRY_RUN=1 bash bench/gpu_check.sh                      # every step, tiny, on the CPU (tests the script)
+#   STEPS="throughput profile" bash bench/gpu_check.sh     # only these steps (env always runs)
+#   ARCHIVE=$OUT/gpu_check.tar.gz bash bench/gpu_check.sh  # also pack RESULTS (no checkpoints) after each step
 #
-# Each step runs under its own `timeout` (limits: 580 s in all, + start-up, even if something hangs); the
-# most important first, so a cut-short run still has them:
-#   1. model_eager          bench_model.py: model-only step, bf16 autocast, channels_last_3d, eager, MFU
-#                           (ours, ours + activation checkpointing, MONAI AutoencoderKlMaisi, AutoencoderKL).
-#                           If this fails the environment is broken: the script stops here.
-#   2. train_step_eager     bench_train_step.py: full GAN step (VAE + LPIPS3D + PatchGAN, AdamW), MFU
-#   3. train                train.py, default config, 4 epochs incl. 2 in the GAN stage   (needs both CSVs)
-#   4. encode               bench_encode.py: save_latent.py throughput, I/O included      (needs TRAIN_CSV)
-#   5. data_loader          bench_data.py: loader throughput per cache mode / workers     (needs TRAIN_CSV)
-#   6. model_compile        as 1 with torch.compile (ours, AutoencoderKL; compile time is in the warm-up)
-#   7. scaling              bench_scaling.py: step time / peak memory vs volume and batch size + plot
-#   8. model_ncdhw          as 1 without channels_last_3d (memory-format check)
-# then prints one summary table. MFU uses PEAK_TFLOPS (default 989 = H100/H200 SXM dense bf16).
+# Steps, in priority order; each runs under `timeout` with the smaller of its own limit and what the deadline
+# leaves (time_to_quality's minimum is kept free for it while earlier steps run); a step whose minimum no
+# longer fits is skipped and says so in status.txt and the JSON's notes. Estimated H200 times:
+#   env              CUDA, MONAI/nibabel/deepbet (installed from the carried wheels in WHEELS=.whl into
+#                    /tmp/site when missing), IXI data (TRAIN_CSV/VAL_CSV, else the carried .gpu_data
+#                    unpacked to /tmp/gpu_data, else ../shared/data/ixi), LPIPS3D's deepbet weights
+#                    (DEEPBET_MODEL → perceptual.weights_path); stops the run when broken              ~20 s
+#   throughput       train_throughput.py --train: train.py, seed config, the 100 IXI training volumes,
+#                    4 epochs, GAN from epoch 2, one validation on 2 volumes at the end                 ~45 s
+#   model            bench_model.py ours vs AutoencoderKL, bf16, channels_last_3d: eager, then
+#                    torch.compile'd in the same process (compiling took ~40 s + ~25 s before)         ~80 s
+#   time_to_quality  bench_quality_time.py: train.py for TTQ_SECONDS (180), then the MONAI-recipe
+#                    baseline for as long, both judged on the 20 IXI validation volumes                ~380 s
+#   profile          profile_step.py: where train_step's time goes (both stages), syncs per step,
+#                    data paths, validation, checkpoint write                                           ~30 s
+# Sum ~555 s: with the default TOTAL_S the compiled half of `model` or `profile` may be cut; TOTAL_S=600
+# leaves room for all. PYTHON (python3), PEAK_TFLOPS (989), BASELINE_WORKERS (8) can be set. The earlier
+# scaling / NCDHW / encode / data-loader checks are left out: their scripts in bench/ still run alone.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-RESULTS="${1:-bench/results/gpu}"
-PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
+DRY_RUN="${DRY_RUN:-0}"
+RESULTS="${1:-/tmp/gpu_check_$(date +%Y%m%d_%H%M%S)}"
 PYTHON="${PYTHON:-python3}"
-IXI=../shared/data/ixi
-TRAIN_CSV="${TRAIN_CSV:-$([ -f $IXI/train.csv ] && echo $IXI/train.csv)}"
-VAL_CSV="${VAL_CSV:-$([ -f $IXI/val.csv ] && echo $IXI/val.csv)}"
+WHEELS="${WHEELS:-.whl}"
+GPU_DATA="${GPU_DATA:-.gpu_data}"
+SITE="${SITE:-/tmp/site}"
+PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
+if [ "$DRY_RUN" = 1 ]; then
+    TOTAL_S="${TOTAL_S:-900}" TTQ_SECONDS="${TTQ_SECONDS:-10}" BASELINE_WORKERS="${BASELINE_WORKERS:-0}"
+    DEVICE=cpu CONFIG=configs/cpu.json DRY=(--dry_run)
+    case "$(realpath -m "$RESULTS")" in "$(realpath -m bench/results)"*)
+        echo "DRY_RUN results never go under bench/results: give a folder under /tmp"; exit 2 ;;
+    esac
+else
+    TOTAL_S="${TOTAL_S:-540}" TTQ_SECONDS="${TTQ_SECONDS:-180}" BASELINE_WORKERS="${BASELINE_WORKERS:-8}"
+    DEVICE=cuda CONFIG=config.json DRY=()
+fi
+if [ -e "$RESULTS/status.txt" ]; then
+    echo "$RESULTS already holds a run (status.txt): give a new folder"
+    exit 2
+fi
 mkdir -p "$RESULTS"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+DEADLINE=$((SECONDS + TOTAL_S))
+RESERVE=10                           # seconds kept for the last assembly and the summary
+TTQ_MIN=$((2 * TTQ_SECONDS + 40))    # time_to_quality: two runs + start-up, validation, evaluation
+SKIPPED=99                           # run's exit code for a step the deadline left no room for
 
-"$PYTHON" - <<'EOF' || { echo "CUDA not available: nothing run"; exit 1; }
-import torch
-assert torch.cuda.is_available()
-print("gpu:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| cuda", torch.version.cuda)
-EOF
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv \
-    > "$RESULTS/nvidia_smi.csv" 2>&1 || true
-nproc > "$RESULTS/cpu_cores.txt"
+# assemble: rewrite train_throughput.json from what RESULTS holds; pack RESULTS into ARCHIVE when set
+assemble() {
+    "$PYTHON" bench/train_throughput.py --results "$RESULTS" "${DRY[@]}" >> "$RESULTS/assemble.log" 2>&1
+    if [ -n "${ARCHIVE:-}" ]; then
+        tar czf "$ARCHIVE" --exclude='*.pt' -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
+    fi
+}
 
-# run NAME LIMIT_S CMD...: run under `timeout`, log to $RESULTS/NAME.log, record exit code and wall time
+# run NAME WANT MIN KEEP CMD...: CMD under `timeout` for at most WANT s, less when the deadline (minus KEEP s
+# kept for a later step) is nearer; skipped when under MIN s are left. Logs to RESULTS/NAME.log.
 run() {
-    local name=$1 limit=$2
-    shift 2
+    local name=$1 want=$2 min=$3 keep=$4
+    shift 4
+    local left=$((DEADLINE - SECONDS - RESERVE - keep))
+    local limit=$((want < left ? want : left))
+    if [ "$limit" -lt "$min" ]; then
+        echo "$name skipped: ${left}s left before the deadline, needs ${min}s" | tee -a "$RESULTS/status.txt"
+        return $SKIPPED
+    fi
     echo "== $name (limit ${limit}s): $*"
     local start=$SECONDS
     timeout --kill-after=5 "$limit" "$@" > "$RESULTS/$name.log" 2>&1
     local rc=$?
-    echo "$name rc=$rc wall=$((SECONDS - start))s" | tee -a "$RESULTS/status.txt"
+    echo "$name rc=$rc wall=$((SECONDS - start))s limit=${limit}s" | tee -a "$RESULTS/status.txt"
     tail -n 12 "$RESULTS/$name.log"
+    assemble
     return $rc
 }
 
-COMMON=(--device cuda --peak-tflops "$PEAK_TFLOPS")
-VARIANTS=(ours ours_ckpt maisi monai_kl)
 # wanted NAME: true when STEPS is unset or names NAME
 wanted() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 
-if wanted model_eager; then
-    run model_eager 60 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --steps 10 --variants "${VARIANTS[@]}" \
-        --json "$RESULTS/model_eager.json" || { echo "model step failed: environment broken, stopping"; exit 1; }
-fi
-wanted train_step_eager && run train_step_eager 75 "$PYTHON" bench/bench_train_step.py "${COMMON[@]}" \
-    --steps 10 --variants "${VARIANTS[@]}" --json "$RESULTS/train_step_eager.json"
-if [ -n "$TRAIN_CSV" ] && [ -n "$VAL_CSV" ] && wanted train; then
-    run train 75 "$PYTHON" train.py --config_file config.json --set train.run_name='"gpu_check"' \
-        --set data.train_csv="\"$TRAIN_CSV\"" --set data.val_csv="\"$VAL_CSV\"" --set data.num_workers=8 \
-        --set train.num_epochs=4 --set train.gan_start_epoch=2 --set train.val_every=2 \
-        --set train.runs_dir="\"$RESULTS/runs\"" --set train.best_runs_dir="\"$RESULTS/best_runs\""
-fi
-if [ -n "$TRAIN_CSV" ]; then
-    wanted encode && run encode 45 "$PYTHON" bench/bench_encode.py --csv "$TRAIN_CSV" --rows 16 \
-        --batch_sizes 1 4 --num_workers 0 8 --device cuda
-    wanted data_loader && run data_loader 45 "$PYTHON" bench/bench_data.py --split "$TRAIN_CSV" --limit 16 \
-        --augment --workers 0 8
-fi
-wanted model_compile && run model_compile 120 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --steps 10 \
-    --variants ours monai_kl --compile --json "$RESULTS/model_compile.json"
-wanted scaling && run scaling 110 "$PYTHON" bench/bench_scaling.py --device cuda --steps 5 --budget-s 95 \
-    --json "$RESULTS/scaling_cuda.json" --plot "$RESULTS/scaling_cuda.png"
-wanted model_ncdhw && run model_ncdhw 50 "$PYTHON" bench/bench_model.py "${COMMON[@]}" --steps 10 \
-    --variants ours maisi monai_kl --no-channels-last --json "$RESULTS/model_ncdhw.json"
+# broken WHY: the environment cannot run the checks; record it and stop
+broken() {
+    echo "env broken: $1" | tee -a "$RESULTS/status.txt"
+    assemble
+    exit 1
+}
 
+# ---- env
+echo "== env (results: $RESULTS, deadline ${TOTAL_S}s, dry run: $DRY_RUN)"
+env_start=$SECONDS
+if ! "$PYTHON" -c "import monai, nibabel, importlib.util as u; assert u.find_spec('deepbet')" 2> /dev/null; then
+    ls "$WHEELS"/*.whl > /dev/null 2>&1 ||
+        broken "MONAI, nibabel or deepbet missing and no wheels in $WHEELS (python bench/gpu_prepare.py pack)"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$WHEELS"/*.whl || broken "pip install of $WHEELS/*.whl failed"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [ -z "${TRAIN_CSV:-}" ]; then
+    if [ -f "$GPU_DATA/ixi/train.csv" ]; then
+        "$PYTHON" bench/gpu_prepare.py unpack --data "$GPU_DATA" --to /tmp/gpu_data ||
+            broken "unpacking $GPU_DATA failed"
+        TRAIN_CSV=/tmp/gpu_data/ixi/train.csv VAL_CSV=/tmp/gpu_data/ixi/val.csv
+    elif [ -f ../shared/data/ixi/train.csv ]; then
+        TRAIN_CSV=../shared/data/ixi/train.csv VAL_CSV=../shared/data/ixi/val.csv
+    else
+        broken "no IXI data: set TRAIN_CSV and VAL_CSV, or carry .gpu_data (python bench/gpu_prepare.py pack)"
+    fi
+fi
+"$PYTHON" bench/gpu_prepare.py check --results "$RESULTS" --train_csv "$TRAIN_CSV" --val_csv "$VAL_CSV" \
+    "${DRY[@]}" > "$RESULTS/env.log" 2>&1 || { tail -n 20 "$RESULTS/env.log"; broken "see env.log"; }
+# shellcheck source=/dev/null
+source "$RESULTS/env.sh" # DEEPBET_MODEL, VAL_HEAD_CSV (and in a dry run TRAIN_CSV / VAL_CSV cut short)
+if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv \
+        > "$RESULTS/nvidia_smi.csv" 2>&1
+fi
+echo "env rc=0 wall=$((SECONDS - env_start))s" | tee -a "$RESULTS/status.txt"
+cat "$RESULTS/env.log"
+WEIGHTS=(--set "perceptual.weights_path=\"$DEEPBET_MODEL\"")
+
+# ---- the steps
+if [ "$DRY_RUN" = 1 ]; then
+    TINY_TRAIN=(--set train.max_steps_per_epoch=2)
+    TINY_MODEL=(--shape 32 32 32 --steps 1 --measure time)
+    TINY_PROFILE=(--shape 32 32 32 --steps 1 --warmup 1 --data_limit 3 --set train.log_every_steps=2)
+    PROFILE_LIMIT=300 # a shared 2-core CPU: the GAN-stage steps under the counting modes take seconds each
+else
+    TINY_TRAIN=() TINY_MODEL=(--steps 10) TINY_PROFILE=(--steps 5 --warmup 3 --data_limit 8) PROFILE_LIMIT=75
+fi
+if wanted throughput; then
+    run throughput 120 40 "$TTQ_MIN" "$PYTHON" bench/train_throughput.py --results "$RESULTS" --train \
+        --config "$CONFIG" --train_csv "$TRAIN_CSV" --val_csv "$VAL_HEAD_CSV" --epochs 4 --gan_start_epoch 2 \
+        "${WEIGHTS[@]}" "${TINY_TRAIN[@]}" "${DRY[@]}"
+    rc=$?
+    if [ $rc -ne 0 ] && [ $rc -ne $SKIPPED ]; then
+        echo "the first training run failed: environment broken, stopping"
+        exit 1
+    fi
+fi
+wanted model && run model 150 30 "$TTQ_MIN" "$PYTHON" bench/bench_model.py --device "$DEVICE" \
+    --variants ours monai_kl --peak-tflops "$PEAK_TFLOPS" --json "$RESULTS/model_eager.json" \
+    --compiled-json "$RESULTS/model_compile.json" "${TINY_MODEL[@]}"
+wanted time_to_quality && run time_to_quality $((2 * TTQ_SECONDS + 90)) "$TTQ_MIN" 0 "$PYTHON" \
+    bench/bench_quality_time.py --seconds "$TTQ_SECONDS" --config "$CONFIG" --train_csv "$TRAIN_CSV" \
+    --val_csv "$VAL_CSV" --device "$DEVICE" --baseline_workers "$BASELINE_WORKERS" \
+    --out "$RESULTS/time_to_quality" --json "$RESULTS/time_to_quality.json" "${WEIGHTS[@]}"
+wanted profile && run profile "$PROFILE_LIMIT" 25 0 "$PYTHON" bench/profile_step.py --device "$DEVICE" --config "$CONFIG" \
+    --data both --set "data.train_csv=\"$TRAIN_CSV\"" --set "data.val_csv=\"$VAL_CSV\"" \
+    --set data.demo_dir=null --json "$RESULTS/profile.json" "${WEIGHTS[@]}" "${TINY_PROFILE[@]}"
+
+# ---- summary
 echo
-echo "== summary ($RESULTS)"
-"$PYTHON" - "$RESULTS" <<'EOF'
+echo "== summary ($RESULTS, $((SECONDS - DEADLINE + TOTAL_S)) s in all)"
+assemble
+"$PYTHON" - "$RESULTS" << 'EOF'
 import json, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-print(f"{'run':18s} {'variant':10s} {'s/step':>8s} {'peak MiB':>9s} {'MFU':>7s}")
-for name in ("model_eager", "train_step_eager", "model_ncdhw", "model_compile"):
-    path = out / f"{name}.json"
-    if not path.exists():
-        print(f"{name:18s} (no result: see {name}.log)")
-        continue
-    for variant, r in json.loads(path.read_text())["results"].items():
-        mfu = f"{100 * r['mfu']:6.2f}%" if "mfu" in r else "      -"
-        print(f"{name:18s} {variant:10s} {r['s_per_step']:8.4f} {r['peak_mib']:9.0f} {mfu}")
-path = out / "scaling_cuda.json"
+result = json.loads((out / "train_throughput.json").read_text())
+for key, value in result.items():
+    if key not in ("settings", "notes"):
+        print(f"{key:45s} {json.dumps(value)}")
+for note in result["notes"]:
+    print(f"note: {note}")
+path = out / "profile.json"
 if path.exists():
-    for r in json.loads(path.read_text())["records"]:
-        shape = "x".join(map(str, r["shape"]))
-        value = f"{r['s_per_step']:.4f} s {r['peak_mib']:.0f} MiB" if r["status"] == "ok" else r["status"]
-        print(f"{'scaling':18s} {r['model']:10s} {shape} x{r['batch']}: {value}")
-for csv in sorted(out.glob("runs/*/metrics.csv")):
-    print(f"train metrics: {csv}")
-    print(csv.read_text())
+    for stage, values in json.loads(path.read_text())["stages"].items():
+        text = values["breakdown"]
+        print(f"profile {stage}: {values['wall_ms_per_step']:.1f} ms/step wall; shares of {text['basis']}:")
+        for name, item in text["categories"].items():
+            print(f"  {name:48s} {item['ms_per_step']:8.2f} ms {100 * item['share']:5.1f} %")
+        print(f"  syncs per step in train_step: {values['syncs_per_step_in_train_step'] or 'none'}")
 EOF
 cat "$RESULTS/status.txt"

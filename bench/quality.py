@@ -59,10 +59,26 @@ def padded_to(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.pad(x, pads)
 
 
-def train_baseline(config: Config, steps: int, out_dir: Path) -> tuple[AutoencoderKL, float]:
-    """MONAI AutoencoderKL + PatchDiscriminator with MAISI's loss recipe; returns (model, seconds)."""
+def train_baseline(
+    config: Config,
+    out_dir: Path,
+    steps: int | None = None,
+    time_budget_s: float | None = None,
+    device: torch.device | None = None,
+    num_workers: int | None = None,
+) -> tuple[AutoencoderKL, float, int]:
+    """MONAI AutoencoderKL + PatchDiscriminator with MAISI's loss recipe, for ``steps`` optimiser steps and/or
+    ``time_budget_s`` seconds of wall clock (whichever ends first; the clock starts before the data set-up, as
+    ``train.py``'s does). Returns (model in eval mode, seconds, steps done).
+
+    ``device`` defaults to the CPU, ``num_workers`` to ``data.num_workers``. Each step logs its losses with
+    ``.item()`` (one host synchronisation per step, as MONAI's tutorial loops do), so the clock is honest.
+    """
+    if steps is None and time_budget_s is None:
+        raise ValueError("give steps, time_budget_s or both")
+    start = time.perf_counter()
     seed_everything(config.train.seed)
-    device = torch.device("cpu")
+    device = device or torch.device("cpu")
     amp_dtype = resolve_amp_dtype(config.train.amp, device)
     model_cfg = config.model
     autoencoder = AutoencoderKL(
@@ -77,7 +93,7 @@ def train_baseline(config: Config, steps: int, out_dir: Path) -> tuple[Autoencod
         norm_eps=model_cfg.norm_eps,
         with_encoder_nonlocal_attn=False,
         with_decoder_nonlocal_attn=False,
-    )
+    ).to(device)
     discriminator = PatchDiscriminator(
         spatial_dims=3,
         num_layers_d=config.discriminator.num_layers,
@@ -85,7 +101,7 @@ def train_baseline(config: Config, steps: int, out_dir: Path) -> tuple[Autoencod
         in_channels=1,
         out_channels=1,
         norm="INSTANCE",
-    )
+    ).to(device)
     adversarial = PatchAdversarialLoss(criterion="least_squares")
     optimizer_g = torch.optim.AdamW(
         autoencoder.parameters(), lr=config.train.learning_rate, weight_decay=config.train.weight_decay
@@ -106,15 +122,21 @@ def train_baseline(config: Config, steps: int, out_dir: Path) -> tuple[Autoencod
         batch_size=config.train.batch_size,
         shuffle=True,
         generator=generator,
-        num_workers=config.data.num_workers,
+        num_workers=config.data.num_workers if num_workers is None else num_workers,
+        pin_memory=device.type == "cuda",
     )
     factor = 2 ** (len(model_cfg.channels) - 1)
-    step, epoch, start = 0, 0, time.perf_counter()
+    step, epoch = 0, 0
+
+    def done() -> bool:
+        over_time = time_budget_s is not None and time.perf_counter() - start >= time_budget_s
+        return over_time or (steps is not None and step >= steps)
+
     log = open(out_dir / "baseline_train.log", "w")  # noqa: SIM115
-    while step < steps:
+    while not done():
         train_set.set_epoch(epoch)
         for batch in loader:
-            images = padded_to(batch["image"], factor)
+            images = padded_to(batch["image"].to(device, non_blocking=True), factor)
             with autocast(device, amp_dtype):
                 recon, mu, sigma = autoencoder(images)
                 l1 = F.l1_loss(recon.float(), images)
@@ -142,31 +164,35 @@ def train_baseline(config: Config, steps: int, out_dir: Path) -> tuple[Autoencod
             step += 1
             print(
                 f"baseline step {step}: l1 {l1.item():.4f} kl {kl.item():.1f} adv {generator_adv.item():.3f} "
-                f"d {loss_d.item():.3f}",
+                f"d {loss_d.item():.3f} ({time.perf_counter() - start:.1f} s)",
                 file=log,
                 flush=True,
             )
-            if step >= steps:
+            if done():
                 break
         epoch += 1
     log.close()
-    return autoencoder.eval(), time.perf_counter() - start
+    return autoencoder.eval(), time.perf_counter() - start, step
 
 
 @torch.no_grad()
-def evaluate_baseline(autoencoder: AutoencoderKL, config: Config, val_csv: str, lpips) -> pd.DataFrame:
-    """Per-subject metrics of the baseline on the preprocessed validation volumes (mean latent)."""
+def evaluate_baseline(
+    autoencoder: AutoencoderKL, config: Config, val_csv: str, lpips, device: torch.device | None = None
+) -> pd.DataFrame:
+    """Per-subject metrics of the baseline on the preprocessed validation volumes (mean latent), computed on
+    ``device`` (default: the CPU; ``autoencoder`` and ``lpips`` must live there)."""
+    device = device or torch.device("cpu")
     factor = 2 ** (len(config.model.channels) - 1)
     rows = []
     frame = dataset.read_split(val_csv)
     for image, mask, subject in zip(frame["image"], frame["mask"], frame["subject_id"], strict=True):
         volume = dataset.preprocess_volume(image, config.preprocessing, mask)
-        x = padded_to(volume.image[None], factor)
-        with autocast(torch.device("cpu"), resolve_amp_dtype(config.train.amp, torch.device("cpu"))):
-            mu, _ = autoencoder.encode(x)
+        target, brain = volume.image[None].to(device), volume.mask[None].to(device)
+        with autocast(device, resolve_amp_dtype(config.train.amp, device)):
+            mu, _ = autoencoder.encode(padded_to(target, factor))
             recon = autoencoder.decode(mu)
-        recon = recon.float()[..., : volume.image.shape[1], : volume.image.shape[2], : volume.image.shape[3]]
-        values = image_metrics(recon, volume.image[None], volume.mask[None], lpips=lpips)
+        recon = recon.float()[..., : target.shape[2], : target.shape[3], : target.shape[4]]
+        values = image_metrics(recon, target, brain, lpips=lpips)
         rows.append({"subject_id": subject, **{k: float(v[0]) for k, v in values.items()}})
     return pd.DataFrame(rows)
 
@@ -240,7 +266,7 @@ def main() -> int:
     ours = pd.read_csv(out_dir / "ours_val" / "metrics.csv")
 
     # ---- baseline
-    baseline_model, baseline_seconds = train_baseline(config, epochs * steps_per_epoch, out_dir)
+    baseline_model, baseline_seconds, _ = train_baseline(config, out_dir, steps=epochs * steps_per_epoch)
     lpips = build_perceptual_loss(config.perceptual)
     baseline = evaluate_baseline(baseline_model, config, args.val_csv, lpips)
     baseline.to_csv(out_dir / "baseline_val_metrics.csv", index=False)
