@@ -801,10 +801,11 @@ def verify_identical_weights(module: torch.nn.Module, context: DistributedContex
 def announce_cpu_cost(state: TrainState, loss: VAEGANLoss, run: Run, steps_left: int) -> None:
     """On a CPU, before the first step: the estimated time per step and for the run, and the CPU preset."""
     seconds = estimate_cpu_step_seconds(state, loss, run.config, run)
-    hours = seconds * steps_left / 3600
+    total = seconds * steps_left
+    duration = f"{total / 60:.0f} min" if total < 5400 else f"{total / 3600:.1f} h"
     message = (
-        f"CPU training: about {seconds:.1f} s per pretraining step (estimated from a half-size step; GAN-stage "
-        f"steps are slower), {steps_left} steps left ≈ {hours:.1f} h"
+        f"CPU training: about {seconds:.1f} s per pretraining step (a rough estimate from a half-size step; "
+        f"GAN-stage steps are slower), {steps_left} steps left ≈ {duration}"
     )
     if seconds > 10:
         message += "; for a run that finishes in minutes on a CPU, use --config_file configs/cpu.json"
