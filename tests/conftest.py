@@ -29,3 +29,11 @@ def tiny_split(tmp_path_factory) -> tuple[Path, Path]:
     from helpers import make_tiny_split
 
     return make_tiny_split(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (as a subprocess started with OMP_NUM_THREADS=1), two again after."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(2)

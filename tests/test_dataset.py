@@ -279,10 +279,13 @@ def test_cli_check(tmp_path):
     result = subprocess.run([*command, str(csv)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode != 0
     assert all(name in result.stderr for name in bad)
+
+
+def test_check_passes_a_good_split(tmp_path, capsys):
+    broken_split(tmp_path)
     good_csv = write_csv(tmp_path / "good.csv", [{"image": "good.nii.gz"}])
-    result = subprocess.run([*command, str(good_csv)], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr
-    assert "OK" in result.stdout
+    assert dataset_main(["--check", str(good_csv)]) == 0
+    assert "OK" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------- preprocessing
