@@ -802,10 +802,16 @@ def announce_cpu_cost(state: TrainState, loss: VAEGANLoss, run: Run, steps_left:
     """On a CPU, before the first step: the estimated time per step and for the run, and the CPU preset."""
     seconds = estimate_cpu_step_seconds(state, loss, run.config, run)
     total = seconds * steps_left
-    duration = f"{total / 60:.0f} min" if total < 5400 else f"{total / 3600:.1f} h"
+    budget = run.config.train.time_budget_s
+    if budget is not None and total > budget:
+        plan = f"{steps_left} steps left, of which train.time_budget_s={budget:g} allows about {budget / seconds:.0f}"
+    else:
+        plan = f"{steps_left} steps left ≈ " + (
+            f"{total / 60:.0f} min" if total < 5400 else f"{total / 3600:.1f} h"
+        )
     message = (
         f"CPU training: about {seconds:.1f} s per pretraining step (a rough estimate from a half-size step; "
-        f"GAN-stage steps are slower), {steps_left} steps left ≈ {duration}"
+        f"GAN-stage steps are slower), {plan}"
     )
     if seconds > 10:
         message += "; for a run that finishes in minutes on a CPU, use --config_file configs/cpu.json"

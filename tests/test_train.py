@@ -481,6 +481,13 @@ def test_cpu_cost_is_announced_before_the_first_step(tmp_path, tiny_split, monke
     assert announce < log.index("epoch 0 done")
 
 
+def test_cpu_cost_under_a_time_budget_says_what_the_budget_allows(tmp_path, tiny_split, monkeypatch):
+    monkeypatch.setattr(train, "estimate_cpu_step_seconds", lambda *args: 0.5)
+    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1000, time_budget_s=2)) == 0
+    log = (tmp_path / "runs" / "tiny" / "train.log").read_text()
+    assert "2000 steps left, of which train.time_budget_s=2 allows about 4\n" in log
+
+
 def test_cpu_step_estimate_leaves_weights_and_random_streams_alone():
     state, loss, config = tiny_state()
     run = train.Run(config, train.SINGLE_PROCESS, None, Path("unused"))
