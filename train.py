@@ -51,7 +51,7 @@ from checkpoints import (
     training_checkpoint,
 )
 from config import Config, ConfigError, TrainConfig, load_config
-from device_data import BatchAugmentation, DeviceBatches, DeviceVolumeCache, cache_fits
+from device_data import BatchAugmentation, DeviceBatches, DeviceVolumeCache, cache_fits, free_memory_bytes
 from losses import VAEGANLoss, kl_divergence
 from metrics import LatentStatistics, image_metrics
 from model import MaisiVAE, PatchDiscriminator3D, build_discriminator, build_perceptual_loss, build_vae
@@ -338,7 +338,7 @@ def choose_recompute(
         return train.recompute == "on"
     if device.type != "cuda":
         return True
-    free, _ = torch.cuda.mem_get_info(device)
+    free = free_memory_bytes(device)
     need = estimate_training_bytes(vae, shape, train.batch_size, device)
     log.info("recompute auto: ~%.1f GiB estimated without it, %.1f GiB free", need / 2**30, free / 2**30)
     return need > 0.8 * free
@@ -350,7 +350,7 @@ def estimate_training_bytes(
     """Bytes autograd saves for a VAE forward without the recompute, measured at 1/8 of the voxels and scaled,
     times 3 for gradients, the perceptual and discriminator passes and allocator slack (a deliberate
     over-estimate; ``shape`` is (D, H, W))."""
-    small = tuple(max(8, math.ceil(s / 2)) for s in shape)
+    small = half_size(shape)
     saved = 0
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -385,14 +385,19 @@ def wrap_for_training(state: TrainState, train: TrainConfig, context: Distribute
     state.vae_step, state.discriminator_step = vae, discriminator
 
 
-def estimate_cpu_step_seconds(state: TrainState, loss: VAEGANLoss, config: Config, run: Run) -> float:
+def half_size(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(D, H, W) halved per axis (at least 8): where the estimates below measure, to scale up by voxels."""
+    return tuple(max(8, math.ceil(s / 2)) for s in shape)
+
+
+def estimate_cpu_step_seconds(state: TrainState, loss: VAEGANLoss, run: Run) -> float:
     """Seconds per pretraining step on this CPU: forward + backward at half the size per axis, timed on the
     second of two passes (the first pays one-off set-up) and scaled by the voxel ratio. A rough estimate; no
     weight, gradient or random stream is changed."""
-    shape = tuple(config.preprocessing.target_shape)
-    small = tuple(max(8, math.ceil(s / 2)) for s in shape)
+    shape = tuple(run.config.preprocessing.target_shape)
+    small = half_size(shape)
     with torch.random.fork_rng():
-        images = torch.rand(config.train.batch_size, 1, *small)
+        images = torch.rand(run.config.train.batch_size, 1, *small)
         for _ in range(2):
             start = time.perf_counter()
             with autocast(images.device, run.amp_dtype):
@@ -800,7 +805,7 @@ def verify_identical_weights(module: torch.nn.Module, context: DistributedContex
 
 def announce_cpu_cost(state: TrainState, loss: VAEGANLoss, run: Run, steps_left: int) -> None:
     """On a CPU, before the first step: the estimated time per step and for the run, and the CPU preset."""
-    seconds = estimate_cpu_step_seconds(state, loss, run.config, run)
+    seconds = estimate_cpu_step_seconds(state, loss, run)
     total = seconds * steps_left
     budget = run.config.train.time_budget_s
     if budget is not None and total > budget:

@@ -495,7 +495,7 @@ def test_cpu_step_estimate_leaves_weights_and_random_streams_alone():
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    assert train.estimate_cpu_step_seconds(state, loss, config, run) > 0
+    assert train.estimate_cpu_step_seconds(state, loss, run) > 0
     assert torch.equal(torch.rand(3), expected)
     assert all(torch.equal(a, b) for a, b in zip(before, weights_and_optimiser_state(state), strict=True))
     assert all(p.grad is None for p in state.vae.parameters())
