@@ -284,6 +284,19 @@ def _is_state_dict(checkpoint: dict[str, Any]) -> bool:
     return all(isinstance(value, torch.Tensor) for value in checkpoint.values()) or "state_dict" in checkpoint
 
 
+def _converted_maisi_state_dict(checkpoint: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
+    """A MAISI ``AutoencoderKlMaisi`` state dict in our layout; CheckpointError naming ``source`` when the file
+    is not one (neither our checkpoint nor a state dict, or a state dict the converter cannot map)."""
+    if not _is_state_dict(checkpoint):
+        raise CheckpointError(
+            f"{source} is neither a brain-vae3d checkpoint (format {CHECKPOINT_FORMAT!r}) nor a state dict"
+        )
+    try:
+        return convert_maisi_state_dict(checkpoint)
+    except (ValueError, NotImplementedError) as error:
+        raise CheckpointError(f"{source} is not a MAISI AutoencoderKlMaisi state dict: {error}") from None
+
+
 def load_vae(
     path: str | Path,
     device: torch.device | str = "cpu",
@@ -303,20 +316,16 @@ def load_vae(
         config = Config.from_dict(checkpoint["config"])
         vae = build_vae(config.model)
         load_state_dict_strictly(vae, checkpoint["vae"], str(path))
-    elif _is_state_dict(checkpoint):
-        if maisi_model is None:
+    else:
+        if _is_state_dict(checkpoint) and maisi_model is None:
             raise ConfigError(
                 f"{path} is a bare state dict (MAISI layout?): give its model config "
                 "(e.g. infer.py --maisi_channels 64 128 256 --maisi_num_res_blocks 2 2 2)"
             )
+        converted = _converted_maisi_state_dict(checkpoint, str(path))
         config = Config(model=maisi_model)
         vae = build_vae(maisi_model)
-        converted = convert_maisi_state_dict(checkpoint)
         load_state_dict_strictly(vae, converted, f"{path} (converted from the MAISI layout)")
-    else:
-        raise CheckpointError(
-            f"{path} is neither a brain-vae3d checkpoint (format {CHECKPOINT_FORMAT!r}) nor a state dict"
-        )
     return vae.to(device).eval(), config, checkpoint
 
 
@@ -360,13 +369,6 @@ def init_vae_weights(vae: nn.Module, path: str | Path, model_config: ModelConfig
             )
         load_state_dict_strictly(vae, checkpoint["vae"], source)
         return "brain-vae3d checkpoint"
-    if not _is_state_dict(checkpoint):
-        raise CheckpointError(
-            f"{source} is neither a brain-vae3d checkpoint (format {CHECKPOINT_FORMAT!r}) nor a state dict"
-        )
-    try:
-        converted = convert_maisi_state_dict(checkpoint)
-    except (ValueError, NotImplementedError) as error:
-        raise CheckpointError(f"{source} is not a MAISI AutoencoderKlMaisi state dict: {error}") from None
+    converted = _converted_maisi_state_dict(checkpoint, source)
     load_state_dict_strictly(vae, converted, f"{source} (converted from the MAISI layout)")
     return "MAISI state dict"

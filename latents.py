@@ -202,8 +202,6 @@ def decode_latent_file(
     (``normalisation`` global/channel, ``stats`` from ``latent_stats.json``). ``output_dir`` is created (when
     missing) only once the image is ready to be written.
     """
-    if not Path(latent_path).is_file():
-        raise DataError(f"{latent_path}: latent file not found")
     latent, affine = read_latent(latent_path)
     if affine is None:
         raise DataError(f"{latent_path}: --decode needs a .nii.gz latent (its affine locates the image)")
@@ -377,7 +375,10 @@ def write_latent(latent: torch.Tensor, path: str | Path, affine: np.ndarray) -> 
 
 
 def read_latent(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None]:
-    """(latent (C, d, h, w) float32, affine or None for .npy/.pt) of a file written by :func:`write_latent`."""
+    """(latent (C, d, h, w) float32, affine or None for .npy/.pt) of a file written by :func:`write_latent`;
+    DataError when there is no such file."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: latent file not found")
     suffix = latent_suffix(path)
     if suffix == "npy":
         return torch.from_numpy(np.load(path, allow_pickle=False)).float(), None

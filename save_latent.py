@@ -181,9 +181,15 @@ def main(argv: list[str] | None = None) -> int:
             stats.update(latent[None])
         manifest = frame.iloc[written].assign(latent_path=[str(paths[i].resolve()) for i in written])
         manifest.to_csv(output_dir / "manifest.csv", index=False)
+        try:  # ValueError (DataError too): every value, or one channel, constant over the whole split
+            statistics = stats.summary()
+            shift, scale = latent_normalisation(statistics, args.normalise)
+        except ValueError as error:
+            print(f"ERROR: {output_dir / 'latent_stats.json'} not written: {error}", file=sys.stderr)
+            return 2
         summary: dict[str, Any] = {
             "latent_shape": latent_shape,
-            **stats.summary(),
+            **statistics,
             "mode": args.mode,
             "seed": args.seed if args.mode == "sample" else None,
             "format": args.format,
@@ -191,11 +197,6 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint_sha256": checkpoint_sha256,
             "num_volumes": len(written),
         }
-        try:
-            shift, scale = latent_normalisation(summary, args.normalise)
-        except DataError as error:  # a channel that is constant over the whole split
-            print(f"ERROR: {output_dir / 'latent_stats.json'} not written: {error}", file=sys.stderr)
-            return 2
         summary["normalisation"] = {
             "mode": args.normalise,
             "shift": shift.tolist(),

@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import TINY_MODEL, tiny_checkpoint, tiny_maisi
 
-from checkpoints import CheckpointError, init_vae_weights, load_checkpoint, save_checkpoint
+from checkpoints import CheckpointError, init_vae_weights, load_checkpoint, load_vae, save_checkpoint
 from config import Config, ConfigError, ModelConfig
 from model import build_vae
 from utils import get_rng_state
@@ -154,6 +154,21 @@ def test_init_from_mismatches_are_clear_errors(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"train\.init_from: no checkpoint .* at .*nope\.pt"):
         init_vae_weights(build_vae(tiny_model()), tmp_path / "nope.pt", tiny_model())
+
+
+def test_a_maisi_state_dict_the_converter_cannot_map_is_one_clear_error_for_inference_too(tmp_path):
+    """load_vae (infer.py, save_latent.py) and init_vae_weights refuse it alike: CheckpointError naming the file."""
+    state_dict = tiny_maisi().state_dict()
+    state_dict["encoder.blocks.1.to_q.weight"] = torch.zeros(16, 16)  # an attention block: not converted
+    torch.save(state_dict, tmp_path / "attention.pt")
+    with pytest.raises(
+        CheckpointError, match=r"attention\.pt is not a MAISI AutoencoderKlMaisi state dict: "
+    ):
+        load_vae(tmp_path / "attention.pt", maisi_model=tiny_model())
+    with pytest.raises(
+        CheckpointError, match=r"attention\.pt is not a MAISI AutoencoderKlMaisi state dict: "
+    ):
+        init_vae_weights(build_vae(tiny_model()), tmp_path / "attention.pt", tiny_model())
 
 
 def write_bad_checkpoint(kind: str, folder: Path) -> tuple[Path, str]:
