@@ -159,8 +159,10 @@ def parse_variant(variant: str) -> tuple[str, bool, bool]:
     return base.removesuffix("_ckpt"), base.endswith("_ckpt"), variant.endswith("_bf16")
 
 
-def variant_config(variant: str, device: torch.device, channels_last: bool) -> Config:
-    """The default config with the variant's precision, checkpointing and memory format."""
+def variant_config(
+    variant: str, device: torch.device, channels_last: bool, compile_vae: bool = False
+) -> Config:
+    """The default config with the variant's precision, checkpointing, memory format and ``train.compile``."""
     _, checkpointing, bf16 = parse_variant(variant)
     amp = "bf16" if bf16 or device.type == "cuda" else "none"
     return Config.from_dict(
@@ -170,6 +172,7 @@ def variant_config(variant: str, device: torch.device, channels_last: bool) -> C
                 "amp": amp,
                 "gradient_checkpointing": checkpointing,
                 "channels_last": channels_last,
+                "compile": compile_vae,
             }
         }
     )
@@ -180,9 +183,8 @@ def build_step(
 ) -> tuple[train.TrainState, callable]:
     """``(state, step)``: a fresh ``train.TrainState`` of ``variant`` and a closure running one GAN step."""
     model, _, _ = parse_variant(variant)
-    config = variant_config(
-        variant, x.device, channels_last=x.is_contiguous(memory_format=torch.channels_last_3d)
-    )
+    channels_last = x.is_contiguous(memory_format=torch.channels_last_3d)
+    config = variant_config(variant, x.device, channels_last, compile_vae)
     torch.manual_seed(0)
     if model == "ours":
         state = train.build_state(config, x.device)
@@ -190,12 +192,11 @@ def build_step(
         vae = _MonaiVAE(bench_model.build(model))
         torch.manual_seed(1)
         state = train.build_state(config, x.device, vae=vae, discriminator=monai_discriminator(config))
-    if compile_vae:
-        state.vae_step = torch.compile(state.vae, dynamic=False)
+    train.wrap_for_training(state, config.train, train.SINGLE_PROCESS)  # train.compile exactly as train.py
     loss = VAEGANLoss.from_config(config, lpips)
     amp_dtype = train.resolve_amp_dtype(config.train.amp, x.device)
 
-    def step() -> dict[str, torch.Tensor] | None:
+    def step() -> dict[str, torch.Tensor]:
         return train.train_step(state, loss, x, True, config.train, amp_dtype)
 
     return state, step
