@@ -33,7 +33,8 @@ def tiny_split(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture
 def one_thread():
-    """torch on one thread for the test (as a subprocess started with OMP_NUM_THREADS=1), two again after."""
+    """torch on one thread for the test (as a subprocess started with OMP_NUM_THREADS=1), as before after."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)

@@ -52,12 +52,26 @@ def tiny_checkpoint(
     return path
 
 
-def tiny_maisi(channels: tuple[int, ...] = (8, 16), seed: int = 0) -> torch.nn.Module:
-    """A MONAI ``AutoencoderKlMaisi`` with TINY_MODEL's layout (``channels`` aside), in eval mode.
+def randomise_group_norms(model: torch.nn.Module) -> None:
+    """Give GroupNorm affines non-trivial values (MONAI and we initialise them to 1 / 0), so that equivalence
+    tests exercise them."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
 
-    Random weights from ``seed``, GroupNorm affines randomised too (MONAI initialises them to 1 / 0), so that
-    a converted copy is checked on every parameter.
-    """
+
+def maisi_reference(
+    channels: tuple[int, ...],
+    num_res_blocks: tuple[int, ...],
+    latent_channels: int,
+    norm_num_groups: int,
+    use_convtranspose: bool = False,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """A MONAI ``AutoencoderKlMaisi`` (no attention, training mode): random weights from ``seed``, GroupNorm
+    affines randomised too, so that a converted copy is checked on every parameter."""
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
     torch.manual_seed(seed)
@@ -65,27 +79,34 @@ def tiny_maisi(channels: tuple[int, ...] = (8, 16), seed: int = 0) -> torch.nn.M
         spatial_dims=3,
         in_channels=1,
         out_channels=1,
-        num_res_blocks=TINY_MODEL["num_res_blocks"],
+        num_res_blocks=num_res_blocks,
         num_channels=channels,
-        attention_levels=TINY_MODEL["attention_levels"],
-        latent_channels=TINY_MODEL["latent_channels"],
-        norm_num_groups=TINY_MODEL["norm_num_groups"],
+        attention_levels=(False,) * len(channels),
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
         norm_eps=1e-6,
         with_encoder_nonlocal_attn=False,
         with_decoder_nonlocal_attn=False,
         use_checkpointing=False,
-        use_convtranspose=False,
+        use_convtranspose=use_convtranspose,
         num_splits=1,
         dim_split=1,
         norm_float16=False,
         save_mem=False,
     )
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.GroupNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-    return model.eval()
+    randomise_group_norms(model)
+    return model
+
+
+def tiny_maisi(channels: tuple[int, ...] = (8, 16), seed: int = 0) -> torch.nn.Module:
+    """:func:`maisi_reference` with TINY_MODEL's layout (``channels`` aside), in eval mode."""
+    return maisi_reference(
+        channels,
+        TINY_MODEL["num_res_blocks"],
+        TINY_MODEL["latent_channels"],
+        TINY_MODEL["norm_num_groups"],
+        seed=seed,
+    ).eval()
 
 
 def write_volume(path: Path, shape: tuple[int, int, int], affine: np.ndarray, seed: int = 0) -> Path:

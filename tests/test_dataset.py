@@ -282,7 +282,7 @@ def test_cli_check(tmp_path):
 
 
 def test_check_passes_a_good_split(tmp_path, capsys):
-    broken_split(tmp_path)
+    write(tmp_path / "good.nii.gz", brain_like())
     good_csv = write_csv(tmp_path / "good.csv", [{"image": "good.nii.gz"}])
     assert dataset_main(["--check", str(good_csv)]) == 0
     assert "OK" in capsys.readouterr().out

@@ -194,6 +194,22 @@ def run_infer(checkpoint: Path, source: Path, out: Path, *extra: str) -> int:
     return infer.main([*argv, "--device", "cpu", "--num_workers", "0", *extra])
 
 
+def infer_with_lpips_weights_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], backbone: str, file_name: str
+) -> tuple[str, pd.DataFrame]:
+    """infer.py with a checkpoint whose perceptual.weights_path (a path on the training machine) is missing
+    here: it succeeds with exactly one warning naming that path and no traceback. Returns (warning, metrics)."""
+    missing = tmp_path / "training_machine" / file_name
+    perceptual = {"backbone": backbone, "weights_path": str(missing)}
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt", perceptual=perceptual)
+    assert run_infer(checkpoint, make_split(tmp_path / "data", 1), tmp_path / "out") == 0
+    error = capsys.readouterr().err
+    warnings = [line for line in error.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and str(missing) in warnings[0]
+    assert "Traceback" not in error
+    return warnings[0], pd.read_csv(tmp_path / "out" / "metrics.csv")
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("deepbet") is None, reason="the deepbet package is not installed"
 )
@@ -201,16 +217,8 @@ def test_lpips_weights_of_the_training_machine_fall_back_to_installed_deepbet(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """perceptual.weights_path is a path on the training machine: the installed deepbet model is used."""
-    missing = tmp_path / "training_machine" / "model.pt"
-    perceptual = {"backbone": "deepbet", "weights_path": str(missing)}
-    checkpoint = tiny_checkpoint(tmp_path / "vae.pt", perceptual=perceptual)
-    split = make_split(tmp_path / "data", 1)
-    assert run_infer(checkpoint, split, tmp_path / "out") == 0
-    error = capsys.readouterr().err
-    warnings = [line for line in error.splitlines() if line.startswith("WARNING")]
-    assert len(warnings) == 1 and str(missing) in warnings[0] and "deepbet" in warnings[0]
-    assert "Traceback" not in error
-    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    warning, metrics = infer_with_lpips_weights_missing(tmp_path, capsys, "deepbet", "model.pt")
+    assert "deepbet" in warning
     assert metrics[["lpips", "lpips_brain"]].notna().all().all()
 
 
@@ -219,16 +227,10 @@ def test_lpips_without_weights_is_not_computed(
 ) -> None:
     """MedicalNet weights neither at the checkpoint's path nor in the torch-hub cache: one warning, no LPIPS."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    missing = tmp_path / "training_machine" / "resnet_10_23dataset.pth"
-    perceptual = {"backbone": "medicalnet_resnet10", "weights_path": str(missing)}
-    checkpoint = tiny_checkpoint(tmp_path / "vae.pt", perceptual=perceptual)
-    split = make_split(tmp_path / "data", 1)
-    assert run_infer(checkpoint, split, tmp_path / "out") == 0
-    error = capsys.readouterr().err
-    warnings = [line for line in error.splitlines() if line.startswith("WARNING")]
-    assert len(warnings) == 1 and str(missing) in warnings[0] and "not computed" in warnings[0]
-    assert "Traceback" not in error
-    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    warning, metrics = infer_with_lpips_weights_missing(
+        tmp_path, capsys, "medicalnet_resnet10", "resnet_10_23dataset.pth"
+    )
+    assert "not computed" in warning
     assert "psnr" in metrics.columns and not {"lpips", "lpips_brain"} & set(metrics.columns)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from helpers import maisi_reference, randomise_group_norms
 
 from model.maisi_vae import MaisiVAE, convert_maisi_state_dict
 
@@ -14,15 +14,6 @@ TINY = dict(channels=(8, 16, 16), latent_channels=3, num_res_blocks=(1, 2, 1), n
 def _tiny(**overrides) -> MaisiVAE:
     torch.manual_seed(0)
     return MaisiVAE(**{**TINY, **overrides})
-
-
-def _randomise_norms(model: torch.nn.Module) -> None:
-    """Give GroupNorm affine parameters non-trivial values so equivalence tests exercise them."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
 
 
 def test_odd_input_round_trips_and_latent_shape_rule():
@@ -67,7 +58,7 @@ def _loss_and_grads(model: MaisiVAE, x: torch.Tensor) -> tuple[torch.Tensor, dic
 
 def test_every_parameter_gets_a_gradient():
     model = _tiny(upsample_mode="transposed")
-    _randomise_norms(model)
+    randomise_group_norms(model)
     _, grads = _loss_and_grads(model, torch.randn(1, 1, 9, 12, 8))
     for name, grad in grads.items():
         assert grad is not None, name
@@ -77,7 +68,7 @@ def test_every_parameter_gets_a_gradient():
 
 def _reference_grads(model: MaisiVAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Gradients of the same loss from a plain MONAI model with identical weights (autograd everywhere)."""
-    reference = _maisi(
+    reference = maisi_reference(
         TINY["channels"], TINY["num_res_blocks"], TINY["latent_channels"], TINY["norm_num_groups"]
     )
     ours_from_reference = convert_maisi_state_dict(reference.state_dict())
@@ -96,7 +87,7 @@ def _reference_grads(model: MaisiVAE, x: torch.Tensor) -> dict[str, torch.Tensor
 
 def test_gradients_match_plain_autograd_reference():
     model = _tiny()
-    _randomise_norms(model)
+    randomise_group_norms(model)
     x = torch.randn(1, 1, 16, 12, 8)
     _, grads = _loss_and_grads(model, x)
     reference = _reference_grads(model, x)
@@ -106,7 +97,7 @@ def test_gradients_match_plain_autograd_reference():
 
 def test_checkpointing_matches_plain():
     plain = _tiny()
-    _randomise_norms(plain)
+    randomise_group_norms(plain)
     ckpt = _tiny(use_checkpointing=True)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(1, 1, 13, 9, 10)
@@ -122,7 +113,7 @@ def test_torch_compile_traces_without_graph_breaks_and_matches_eager():
     path's custom autograd function): fullgraph=True fails on any graph break, and outputs and gradients must
     equal eager. The aot_eager backend traces forward and backward like inductor but needs no C++ compiler."""
     model = _tiny()
-    _randomise_norms(model)
+    randomise_group_norms(model)
     x = torch.randn(1, 1, 16, 12, 8)
     out_eager, grads_eager = _loss_and_grads(model, x)
     grads_eager = {n: g.clone() for n, g in grads_eager.items()}
@@ -139,7 +130,7 @@ def test_torch_compile_traces_without_graph_breaks_and_matches_eager():
 
 def test_channels_last_input_matches_contiguous():
     model = _tiny(in_channels=2)
-    _randomise_norms(model)
+    randomise_group_norms(model)
     x = torch.randn(2, 2, 8, 12, 8)
 
     def run(inp: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -212,31 +203,6 @@ def test_invalid_arguments_raise(kwargs, match):
         MaisiVAE(**{**config, **kwargs})
 
 
-def _maisi(
-    channels, num_res_blocks, latent_channels, norm_num_groups, use_convtranspose=False
-) -> AutoencoderKlMaisi:
-    torch.manual_seed(0)
-    model = AutoencoderKlMaisi(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=1,
-        num_res_blocks=num_res_blocks,
-        num_channels=channels,
-        attention_levels=(False,) * len(channels),
-        latent_channels=latent_channels,
-        norm_num_groups=norm_num_groups,
-        norm_eps=1e-6,
-        use_checkpointing=False,
-        use_convtranspose=use_convtranspose,
-        num_splits=1,
-        dim_split=1,
-        norm_float16=False,
-        save_mem=False,
-    )
-    _randomise_norms(model)
-    return model
-
-
 @pytest.mark.parametrize(
     "channels, res_blocks, groups, shape, convtranspose",
     [
@@ -246,7 +212,7 @@ def _maisi(
     ],
 )
 def test_maisi_weights_give_identical_outputs(channels, res_blocks, groups, shape, convtranspose):
-    maisi = _maisi(channels, res_blocks, 4, groups, convtranspose).eval()
+    maisi = maisi_reference(channels, res_blocks, 4, groups, convtranspose).eval()
     sd = {f"module.{k}": v for k, v in maisi.state_dict().items()}
     ours = MaisiVAE.from_maisi_state_dict(
         {"state_dict": sd},
@@ -270,7 +236,7 @@ def test_maisi_weights_give_identical_outputs(channels, res_blocks, groups, shap
 
 
 def test_mismatched_state_dict_raises_clear_error():
-    maisi_sd = _maisi((8, 16), (1, 1), 4, 4).state_dict()
+    maisi_sd = maisi_reference((8, 16), (1, 1), 4, 4).state_dict()
     with pytest.raises(ValueError, match="bogus.weight"):
         convert_maisi_state_dict({**maisi_sd, "bogus.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="quant_conv_mu"):

@@ -501,7 +501,7 @@ def test_cpu_step_estimate_leaves_weights_and_random_streams_alone():
     assert all(p.grad is None for p in state.vae.parameters())
 
 
-def test_recompute_setting(monkeypatch):
+def test_recompute_setting():
     on, _, config = tiny_state(recompute="auto")
     assert train.choose_recompute(config.train, on.vae, SHAPE, torch.device("cpu"))  # auto: on for CPU
     assert not train.choose_recompute(
