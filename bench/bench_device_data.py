@@ -3,13 +3,16 @@
     python bench/bench_device_data.py [--device cpu|cuda] [--n 8] [--batch_size 2] [--shape 91 109 91]
         [--probs default|all] [--workers 0] [--epochs 2] [--split CSV] [--json out.json]
 
-Both paths deliver the same batches (same shuffle, same per-item augmentation, on ``--device``):
-* ``monai``: DataLoader over ``VolumeDataset`` (memory cache, per-item MONAI augmentation in ``--workers``
-  workers), collate, copy to the device (pinned when cuda);
-* ``device``: ``DeviceBatches`` over a float16 ``DeviceVolumeCache`` on the device, augmentation drawn on
-  the CPU (a thread, one batch ahead) and applied batched with torch ops.
+Both paths are ``train.py``'s own, built by ``train.make_loaders`` and iterated by ``train.epoch_batches``
+(shuffle seeding, ``set_epoch``, copy to ``--device``) exactly as training does, so both deliver the same
+batches (same shuffle, same per-item augmentation):
+* ``monai`` (``data.device_cache=off``): DataLoader over ``VolumeDataset`` (memory cache, per-item MONAI
+  augmentation in ``--workers`` workers), collate, copy to the device (pinned when cuda);
+* ``device`` (``data.device_cache=on``): ``DeviceBatches`` over a float16 ``DeviceVolumeCache`` on the device,
+  augmentation drawn on the CPU (a thread, one batch ahead) and applied batched with torch ops.
 Also timed alone: ``draw``, the CPU part of the device path (MONAI's random streams, incl. the noise values).
-Volumes are synthetic heads at the target shape (written to a temporary folder) unless ``--split`` is given.
+Volumes are synthetic heads at the target shape (written to a temporary folder) unless ``--split`` is given;
+the validation set is the same volumes (``make_loaders`` builds both; its time is the ``set-up`` column).
 One untimed epoch, then ``--epochs`` timed ones, the paths alternating epoch by epoch (a shared machine's load
 hits both alike); medians; cuda synchronised. ``--probs all`` sets every augmentation probability to 1 (the
 worst case), ``default`` keeps config.py's.
@@ -32,15 +35,18 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import ndimage
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from torch.utils.data import BatchSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import AugmentationConfig, PreprocessingConfig  # noqa: E402
-from dataset import VolumeDataset, read_split  # noqa: E402
-from device_data import BatchAugmentation, DeviceBatches, DeviceVolumeCache, cache_fits  # noqa: E402
+import train  # noqa: E402
+from config import AugmentationConfig, Config  # noqa: E402
+from dataset import read_split  # noqa: E402
+from device_data import DeviceBatches, cache_fits  # noqa: E402
+from utils import DistributedContext  # noqa: E402
 
 SEED = 0
+PATHS = {"monai": "off", "device": "on"}  # name -> data.device_cache
 
 
 def synthetic_split(folder: Path, n: int, shape: tuple[int, int, int]) -> pd.DataFrame:
@@ -64,14 +70,40 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def epoch_rate(batches, device: torch.device) -> float:
-    """Volumes/s of one pass over ``batches``, every batch ending up on ``device``."""
+def training_batches(
+    csv: Path, args: argparse.Namespace, aug: AugmentationConfig, device_cache: str, device: torch.device
+) -> tuple[train.Run, object, torch.Generator, float]:
+    """``train.make_loaders`` of a config with ``data.device_cache=device_cache``: (run, training batches,
+    shuffle generator, set-up seconds)."""
+    config = Config.from_dict(
+        {
+            "data": {
+                "train_csv": str(csv),
+                "val_csv": str(csv),
+                "demo_dir": None,
+                "cache": "memory",
+                "num_workers": args.workers,
+                "device_cache": device_cache,
+            },
+            "preprocessing": {"target_shape": list(args.shape)},
+            "augmentation": dataclasses.asdict(aug),
+            "train": {"batch_size": args.batch_size, "seed": SEED, "device": device.type},
+        }
+    )
+    context = DistributedContext(rank=0, world_size=1, local_rank=0, device=device)
+    start = time.perf_counter()
+    batches, _, generator = train.make_loaders(config, context)
+    setup_s = time.perf_counter() - start
+    return train.Run(config, context, None, csv.parent), batches, generator, setup_s
+
+
+def epoch_rate(run: train.Run, batches, generator: torch.Generator, epoch: int) -> float:
+    """Volumes/s of one epoch of ``train.epoch_batches`` (the images training gets, on the run's device)."""
+    device = run.context.device
     synchronize(device)
     start, count = time.perf_counter(), 0
-    for batch in batches:
-        image = batch["image"].to(device, non_blocking=True)
-        batch["mask"].to(device, non_blocking=True)
-        count += image.shape[0]
+    for images in train.epoch_batches(batches, generator, run, epoch, 0, len(batches)):
+        count += images.shape[0]
     synchronize(device)
     return count / (time.perf_counter() - start)
 
@@ -99,7 +131,6 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    prep = PreprocessingConfig(target_shape=tuple(args.shape))
     aug = AugmentationConfig()
     if args.probs == "all":
         aug = dataclasses.replace(
@@ -116,11 +147,12 @@ def main() -> None:
             frame = read_split(args.split).head(args.n)
         else:
             frame = synthetic_split(Path(folder), args.n, tuple(args.shape))
-        augmented = VolumeDataset(frame, prep, augmentation=aug, cache="memory", seed=SEED)
-        start = time.perf_counter()
-        cache = DeviceVolumeCache.from_dataset(VolumeDataset(frame, prep, cache="memory"), device)
-        build_s = time.perf_counter() - start
-    _, fit_reason = cache_fits(len(frame), prep.target_shape, device)
+        csv = Path(folder) / "split.csv"
+        frame.to_csv(csv, index=False)
+        paths = {mode: training_batches(csv, args, aug, state, device) for mode, state in PATHS.items()}
+    _, fit_reason = cache_fits(len(frame), tuple(args.shape), device)
+    device_batches: DeviceBatches = paths["device"][1]
+    cache = device_batches.cache
 
     print(f"machine: {machine(device)}")
     print(
@@ -128,37 +160,23 @@ def main() -> None:
         f"{args.batch_size}, augmentation probs {args.probs}, monai workers {args.workers}, "
         f"{args.epochs} timed epochs"
     )
-    print(f"device cache: {cache.nbytes / 2**20:.1f} MiB, built in {build_s:.2f} s; {fit_reason}")
-
-    generator = torch.Generator()
-    loader = DataLoader(
-        augmented,
-        batch_size=args.batch_size,
-        sampler=RandomSampler(augmented, generator=generator),
-        num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-        generator=generator,
-    )
-    augmentation = BatchAugmentation(aug, SEED)
-    device_batches = DeviceBatches(
-        cache, augmentation, RandomSampler(augmented, generator=generator), args.batch_size, generator
+    setup = {mode: round(entry[3], 2) for mode, entry in paths.items()}
+    print(
+        f"set-up (make_loaders, train + val) s: {setup}; device cache {cache.nbytes / 2**20:.1f} MiB; {fit_reason}"
     )
 
     def draw_rate(epoch: int) -> float:
         """Volumes/s of the CPU part of the device path alone (augmentation.draw of every batch)."""
         start = time.perf_counter()
         for indices in BatchSampler(range(len(frame)), args.batch_size, drop_last=False):
-            augmentation.draw(indices, epoch, prep.target_shape)
+            device_batches.augmentation.draw(indices, epoch, tuple(args.shape))
         return len(frame) / (time.perf_counter() - start)
 
-    paths = (("monai", loader, augmented.set_epoch), ("device", device_batches, device_batches.set_epoch))
     rates: dict[str, list[float]] = {"monai": [], "device": [], "draw_only": []}
     for epoch in range(args.epochs + 1):
-        epoch_rates = {}
-        for name, source, set_epoch in paths:
-            set_epoch(epoch)
-            generator.manual_seed(SEED * 1_000_003 + epoch)  # the same shuffle on both paths
-            epoch_rates[name] = epoch_rate(source, device)
+        epoch_rates = {
+            mode: epoch_rate(run, batches, gen, epoch) for mode, (run, batches, gen, _) in paths.items()
+        }
         epoch_rates["draw_only"] = draw_rate(epoch)
         if epoch > 0:  # the first epoch warms up
             for name, rate in epoch_rates.items():
@@ -169,7 +187,7 @@ def main() -> None:
         "machine": machine(device),
         "settings": {**vars(args), "n": len(frame), "augmentation": dataclasses.asdict(aug)},
         "cache_bytes": cache.nbytes,
-        "cache_build_s": build_s,
+        "setup_s": setup,
         "fit_reason": fit_reason,
         "volumes_per_s": median,
         "volumes_per_s_per_epoch": rates,
