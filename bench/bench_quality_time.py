@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_model  # noqa: E402
 import quality  # noqa: E402
+from train_runs import NEVER, location_overrides, run_folders, train_argv  # noqa: E402
 
 import train  # noqa: E402
 from config import load_config  # noqa: E402
@@ -43,25 +44,17 @@ from model import build_perceptual_loss  # noqa: E402
 from utils import resolve_device  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NEVER = 10**6  # train.val_every beyond any run: validate only at the end
 
 
 def run_ours(config_file: str, overrides: list[str], out_dir: Path) -> dict[str, Any]:
     """``train.main`` with ``overrides``; the quality, steps and timing of its last validation."""
     run_name = f"ttq_ours_{time.strftime('%Y%m%d_%H%M%S')}"
-    argv = ["--config_file", config_file]
-    for override in [
-        *overrides,
-        f"train.run_name={json.dumps(run_name)}",
-        f"train.runs_dir={json.dumps(str(out_dir / 'runs'))}",
-        f"train.best_runs_dir={json.dumps(str(out_dir / 'best_runs'))}",
-    ]:
-        argv += ["--set", override]
+    argv = train_argv(config_file, [*overrides, *location_overrides(out_dir, run_name)])
     start = time.perf_counter()
     if train.main(argv) != 0:
         raise RuntimeError(f"train.main {argv} failed")
     wall = time.perf_counter() - start
-    metrics_csv = out_dir / "runs" / run_name / "metrics.csv"
+    metrics_csv = run_folders(out_dir, run_name)[0] / "metrics.csv"
     history = pd.read_csv(metrics_csv)
     validated = history.dropna(subset=["val/psnr_brain"])
     if validated.empty:

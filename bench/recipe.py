@@ -97,13 +97,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "bench")]
 
 from bench_model import machine_info  # noqa: E402
+from train_runs import NEVER, location_overrides, run_folders, train_argv, validated_epochs  # noqa: E402
 
 import dataset  # noqa: E402
 import train  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 
 IXI = REPO_ROOT.parent / "shared" / "data" / "ixi"
-NEVER = 1_000_000  # num_epochs of every run (the budget ends it) and gan_start_epoch of "no GAN"
 CALIBRATION = "_calibration"
 DEFAULT = "default"
 # {name} fields are filled from the calibrated schedule (see the module docstring)
@@ -144,11 +144,6 @@ class StudyError(RuntimeError):
 # ------------------------------------------------------------------------------------------- one run
 
 
-def run_paths(out: Path, name: str) -> tuple[Path, Path]:
-    """(run folder, best-model folder) of run ``name`` under ``out``."""
-    return out / "runs" / name, out / "best_runs" / name
-
-
 def run_sets(args: argparse.Namespace, name: str, overrides: list[str], seed: int) -> list[str]:
     """A run's ``--set`` values: ``--set``, data, ``overrides``, then its identity and folders (last wins)."""
     out = args.out.resolve()
@@ -159,34 +154,19 @@ def run_sets(args: argparse.Namespace, name: str, overrides: list[str], seed: in
         "data.demo_dir=null",
         f"train.device={args.device}",
         *overrides,
-        f"train.run_name={name}",
         f"train.seed={seed}",
-        f"train.runs_dir={out / 'runs'}",
-        f"train.best_runs_dir={out / 'best_runs'}",
+        *location_overrides(out, name),
     ]
-
-
-def train_argv(preset: str | Path, sets: list[str]) -> list[str]:
-    """train.py's command line for the preset and ``sets``."""
-    return ["--config_file", str(preset), *(item for value in sets for item in ("--set", value))]
 
 
 def train_fresh(argv: list[str], out: Path, name: str, threads: int) -> float:
     """``train.main(argv)`` from scratch (a killed attempt's folders are removed); returns wall seconds."""
-    for folder in run_paths(out, name):
+    for folder in run_folders(out, name):
         shutil.rmtree(folder, ignore_errors=True)
     torch.set_num_threads(threads)
     start = time.perf_counter()
     train.main(argv)
     return time.perf_counter() - start
-
-
-def read_history(metrics_csv: Path) -> pd.DataFrame:
-    """The validated epochs of a run's metrics.csv (rows with ``val/psnr_brain``)."""
-    history = pd.read_csv(metrics_csv)
-    if "val/psnr_brain" not in history:
-        return history.iloc[:0]
-    return history.dropna(subset=["val/psnr_brain"])
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +181,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     except train.NonFiniteTrainingError as error:  # a diverged run is a result, not a crash of the study
         wall = time.perf_counter() - start
         status = "diverged: " + str(error).split(";")[0]
-    metrics_csv = run_paths(out, name)[0] / "metrics.csv"
+    metrics_csv = run_folders(out, name)[0] / "metrics.csv"
     row: dict[str, Any] = {
         "variant": spec["variant"],
         "seed": spec["seed"],
@@ -236,7 +216,7 @@ def run_results(metrics_csv: Path) -> dict[str, Any]:
         "elapsed_s": round(float(last_epoch["time/elapsed_s"]), 1),
         "stopped_by_time_budget": bool(last_epoch["stopped_by_time_budget"]),
     }
-    history = read_history(metrics_csv)
+    history = validated_epochs(metrics_csv)
     if len(history):
         last, best = history.iloc[-1], history.loc[history["val/psnr_brain"].idxmax()]
         results.update({column: float(last[source]) for column, source in LAST_METRICS.items()})
@@ -330,7 +310,7 @@ def calibrate(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, An
     sets = run_sets(args, CALIBRATION, overrides, 0)
     wall = train_fresh(train_argv(args.preset, sets), args.out, CALIBRATION, args.threads)
     config = load_config(args.preset, args.set)
-    measured = measure(run_paths(args.out, CALIBRATION)[0] / "metrics.csv", config.train.batch_size)
+    measured = measure(run_folders(args.out, CALIBRATION)[0] / "metrics.csv", config.train.batch_size)
     gan_fraction = config.train.gan_start_epoch / config.train.num_epochs
     calibration = {
         "settings": settings,
@@ -547,7 +527,7 @@ def plot_curves(summary: pd.DataFrame, out: Path) -> Path:
         if not path.is_file():
             print(f"warning: {path} is missing; {row.variant} seed {row.seed} is not drawn")
             continue
-        history = read_history(path)
+        history = validated_epochs(path)
         style = styles[seeds.index(row.seed) % len(styles)]
         for ax, column in zip(axes, ("val/psnr_brain", "val/ssim_brain"), strict=True):
             ax.plot(

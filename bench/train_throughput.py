@@ -39,7 +39,6 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IXI = REPO_ROOT.parent / "shared" / "data" / "ixi"
-NEVER = 10**6  # train.val_every beyond any run
 KEYS = (
     "pretrain_volumes_per_s",
     "gan_volumes_per_s",
@@ -53,6 +52,8 @@ KEYS = (
 def run_train(results: Path, args: argparse.Namespace) -> None:
     """The short ``train.py`` run the throughput keys come from (``train.main`` in this process)."""
     sys.path.insert(0, str(REPO_ROOT))
+    from train_runs import NEVER, location_overrides, train_argv
+
     import train
 
     overrides = [
@@ -62,12 +63,10 @@ def run_train(results: Path, args: argparse.Namespace) -> None:
         f"train.num_epochs={args.epochs}",
         f"train.gan_start_epoch={args.gan_start_epoch}",
         f"train.val_every={NEVER}",
-        f"train.run_name={json.dumps('throughput_' + time.strftime('%Y%m%d_%H%M%S'))}",
-        f"train.runs_dir={json.dumps(str(results / 'runs'))}",
-        f"train.best_runs_dir={json.dumps(str(results / 'best_runs'))}",
+        *location_overrides(results, "throughput_" + time.strftime("%Y%m%d_%H%M%S")),
         *args.overrides,
     ]
-    argv = ["--config_file", args.config, *[item for o in overrides for item in ("--set", o)]]
+    argv = train_argv(args.config, overrides)
     print("train.py", " ".join(argv), flush=True)
     if train.main(argv) != 0:
         raise SystemExit("the train.py run failed")
