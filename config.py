@@ -56,9 +56,13 @@ def _check(condition: bool, message: str, *keys: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """MAISI-style KL-VAE (see ``model/maisi_vae.py``). Defaults = the seed model."""
+    """MAISI-style KL-VAE (see ``model/maisi_vae.py``). Defaults = the seed model.
 
-    spatial_dims: int = 3
+    ``spatial_dims`` is always 3 (the model is 3-D only); the key stays so that saved configs and checkpoints,
+    which list it, keep loading.
+    """
+
+    spatial_dims: Literal[3] = 3
     in_channels: int = 1
     out_channels: int = 1
     channels: tuple[int, ...] = (32, 64, 128)
@@ -72,7 +76,8 @@ class ModelConfig:
     upsample_mode: Literal["trilinear", "transposed"] = "trilinear"
 
     def validate(self) -> None:
-        _check(self.spatial_dims == 3, "model.spatial_dims: only 3 is supported", "model.spatial_dims")
+        for name in ("in_channels", "out_channels", "latent_channels", "norm_num_groups"):
+            _check(getattr(self, name) >= 1, f"model.{name} must be >= 1", f"model.{name}")
         _check(len(self.channels) >= 1, "model.channels: give at least one level", "model.channels")
         for name in ("num_res_blocks", "attention_levels"):
             _check(
@@ -89,7 +94,6 @@ class ModelConfig:
                 "model.channels",
                 "model.norm_num_groups",
             )
-        _check(self.latent_channels >= 1, "model.latent_channels must be >= 1", "model.latent_channels")
         _check(
             all(n >= 1 for n in self.num_res_blocks),
             "model.num_res_blocks: every entry must be >= 1",

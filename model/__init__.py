@@ -23,7 +23,6 @@ __all__ = [
 def build_vae(model: ModelConfig, use_checkpointing: bool = False) -> MaisiVAE:
     """The VAE described by the config's ``model`` section (activation checkpointing is a training choice)."""
     return MaisiVAE(
-        spatial_dims=model.spatial_dims,
         in_channels=model.in_channels,
         out_channels=model.out_channels,
         channels=tuple(model.channels),

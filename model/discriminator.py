@@ -20,18 +20,19 @@ class PatchDiscriminator3D(nn.Module):
 
     Layout (``num_layers`` = n): conv(stride 2) + LeakyReLU(0.2); n - 1 blocks conv(stride 2) + norm +
     LeakyReLU(0.2) doubling the channels (capped at 8 x ``channels``); one conv(stride 1) + norm + LeakyReLU
-    block; a final stride-1 conv to one channel of logits (no activation). Convolutions followed by a norm
-    have no bias; weights are initialised N(0, 0.02) as in pix2pix.
+    block; a final stride-1 conv to one channel of logits (no activation). All convolutions have cubic kernels
+    of 4 with padding 1; those followed by a norm have no bias; weights are initialised N(0, 0.02) as in pix2pix.
+    The ``discriminator`` section of the config checks the values; built directly, ``num_layers`` < 1 and an
+    unknown ``norm`` raise ``ValueError``.
 
     Args:
         in_channels: channels of the input volume.
         channels: channels of the first layer.
         num_layers: number of stride-2 convolutions (>= 1); the output is ~input / 2**num_layers.
         norm: ``"instance"`` (affine InstanceNorm3d, batch-size independent) or ``"batch"``.
-        kernel_size: cubic kernel size (>= 2); padding is ``(kernel_size - 1) // 2``.
 
     Shapes:
-        input (B, in_channels, D, H, W) -> logits (B, 1, d, h, w); with kernel 4, d = D / 2**num_layers - 2
+        input (B, in_channels, D, H, W) -> logits (B, 1, d, h, w) with d = D / 2**num_layers - 2
         (e.g. 32^3 -> 2^3 for 3 layers; 91x109x91 -> 9x11x9). Instance norm needs > 1 voxel in each
         normalised map, i.e. inputs of at least ~2**(num_layers + 1) voxels per side.
     """
@@ -42,24 +43,14 @@ class PatchDiscriminator3D(nn.Module):
         channels: int = 32,
         num_layers: int = 3,
         norm: Literal["instance", "batch"] = "instance",
-        kernel_size: int = 4,
     ) -> None:
         super().__init__()
-        for name, value, minimum in (
-            ("in_channels", in_channels, 1),
-            ("channels", channels, 1),
-            ("num_layers", num_layers, 1),
-            ("kernel_size", kernel_size, 2),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
         norms = {"instance": lambda c: nn.InstanceNorm3d(c, affine=True), "batch": nn.BatchNorm3d}
-        if norm not in norms:
-            raise ValueError(f"norm must be one of {sorted(norms)}, got {norm!r}.")
-        pad = (kernel_size - 1) // 2
+        if num_layers < 1 or norm not in norms:
+            raise ValueError(f"need num_layers >= 1 and norm in {sorted(norms)}, got {num_layers}, {norm!r}.")
 
         def block(c_in: int, c_out: int, stride: int, normed: bool) -> nn.Sequential:
-            layers: list[nn.Module] = [nn.Conv3d(c_in, c_out, kernel_size, stride, pad, bias=not normed)]
+            layers: list[nn.Module] = [nn.Conv3d(c_in, c_out, 4, stride, 1, bias=not normed)]
             if normed:
                 layers.append(norms[norm](c_out))
             layers.append(nn.LeakyReLU(0.2, inplace=True))
@@ -68,9 +59,9 @@ class PatchDiscriminator3D(nn.Module):
         widths = [channels * min(2**i, 8) for i in range(num_layers + 1)]
         blocks = [block(in_channels, widths[0], 2, normed=False)]
         blocks += [block(widths[i - 1], widths[i], 2, normed=True) for i in range(1, num_layers)]
-        blocks.append(block(widths[num_layers - 1], widths[num_layers], 1, normed=True))
-        self.blocks = nn.ModuleList(blocks)
-        self.head = nn.Conv3d(widths[num_layers], 1, kernel_size, 1, pad)
+        blocks.append(block(widths[-2], widths[-1], 1, normed=True))
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Conv3d(widths[-1], 1, 4, 1, 1)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -84,24 +75,8 @@ class PatchDiscriminator3D(nn.Module):
             nn.init.normal_(module.weight, 1.0, 0.02)
             nn.init.zeros_(module.bias)
 
-    def forward(
-        self, x: torch.Tensor, return_features: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Patch logits for a volume.
-
-        Args:
-            x: (B, in_channels, D, H, W) volume.
-            return_features: also return the activations after every block (e.g. for feature matching).
-
-        Returns:
-            logits (B, 1, d, h, w); or ``(logits, features)`` with ``num_layers + 1`` maps
-            (B, C_i, d_i, h_i, w_i).
-        """
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch logits (B, 1, d, h, w) for a (B, in_channels, D, H, W) volume."""
         if x.ndim != 5:
             raise ValueError(f"Expected a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}.")
-        features = []
-        for blk in self.blocks:
-            x = blk(x)
-            features.append(x)
-        logits = self.head(x)
-        return (logits, features) if return_features else logits
+        return self.head(self.blocks(x))

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from model.recompute import norm_act_conv
-from model.resnet_blocks import Downsample, ResBlock, SpatialAttention, Upsample, conv_nd
+from model.resnet_blocks import Downsample, ResBlock, SpatialAttention, Upsample
 
 __all__ = ["Encoder", "Decoder"]
 
@@ -26,7 +26,6 @@ class _Level(nn.Module):
 
     def __init__(
         self,
-        spatial_dims: int,
         in_channels: int,
         out_channels: int,
         num_res_blocks: int,
@@ -40,7 +39,7 @@ class _Level(nn.Module):
         self.attentions = nn.ModuleList()
         for j in range(num_res_blocks):
             ch_in = in_channels if j == 0 else out_channels
-            self.res_blocks.append(ResBlock(spatial_dims, ch_in, out_channels, norm_num_groups, norm_eps))
+            self.res_blocks.append(ResBlock(ch_in, out_channels, norm_num_groups, norm_eps))
             if attention:
                 self.attentions.append(SpatialAttention(out_channels, norm_num_groups, norm_eps))
         self.resample = resample
@@ -58,11 +57,11 @@ class _Level(nn.Module):
 class _NonLocalBlock(nn.Sequential):
     """ResBlock -> spatial self-attention -> ResBlock at the lowest resolution (MAISI ``with_nonlocal_attn``)."""
 
-    def __init__(self, spatial_dims: int, channels: int, norm_num_groups: int, norm_eps: float) -> None:
+    def __init__(self, channels: int, norm_num_groups: int, norm_eps: float) -> None:
         super().__init__(
-            ResBlock(spatial_dims, channels, channels, norm_num_groups, norm_eps),
+            ResBlock(channels, channels, norm_num_groups, norm_eps),
             SpatialAttention(channels, norm_num_groups, norm_eps),
-            ResBlock(spatial_dims, channels, channels, norm_num_groups, norm_eps),
+            ResBlock(channels, channels, norm_num_groups, norm_eps),
         )
 
 
@@ -70,15 +69,15 @@ class Encoder(nn.Module):
     """Downsampling convolutional encoder.
 
     ``conv_in`` -> per level i: ``num_res_blocks[i]`` ResBlocks (+ attention if ``attention_levels[i]``) and a
-    stride-2 downsampling on all levels but the last -> optional non-local block -> GroupNorm -> 3x3(x3) conv to
+    stride-2 downsampling on all levels but the last -> optional non-local block -> GroupNorm -> 3x3x3 conv to
     ``out_channels``. As in MAISI there is no SiLU between the final GroupNorm and convolution.
+    ``channels``, ``num_res_blocks`` and ``attention_levels`` have one entry per level (a mismatch raises).
 
     Maps (B, in_channels, *S) with S divisible by 2**(len(channels)-1) to (B, out_channels, *S / 2**(L-1)).
     """
 
     def __init__(
         self,
-        spatial_dims: int,
         in_channels: int,
         channels: Sequence[int],
         out_channels: int,
@@ -90,33 +89,24 @@ class Encoder(nn.Module):
         use_checkpointing: bool,
     ) -> None:
         super().__init__()
-        conv = conv_nd(spatial_dims)
         self.use_checkpointing = use_checkpointing
-        self.conv_in = conv(in_channels, channels[0], kernel_size=3, padding=1)
+        self.conv_in = nn.Conv3d(in_channels, channels[0], kernel_size=3, padding=1)
         self.levels = nn.ModuleList()
         ch_in = channels[0]
-        for i, ch_out in enumerate(channels):
+        for i, (ch_out, n_blocks, attention) in enumerate(
+            zip(channels, num_res_blocks, attention_levels, strict=True)
+        ):
             is_last = i == len(channels) - 1
+            downsample = None if is_last else Downsample(ch_out)
             self.levels.append(
-                _Level(
-                    spatial_dims,
-                    ch_in,
-                    ch_out,
-                    num_res_blocks[i],
-                    attention_levels[i],
-                    norm_num_groups,
-                    norm_eps,
-                    None if is_last else Downsample(spatial_dims, ch_out),
-                )
+                _Level(ch_in, ch_out, n_blocks, attention, norm_num_groups, norm_eps, downsample)
             )
             ch_in = ch_out
         self.nonlocal_block = (
-            _NonLocalBlock(spatial_dims, channels[-1], norm_num_groups, norm_eps)
-            if with_nonlocal_attn
-            else None
+            _NonLocalBlock(channels[-1], norm_num_groups, norm_eps) if with_nonlocal_attn else None
         )
         self.norm_out = nn.GroupNorm(norm_num_groups, channels[-1], eps=norm_eps, affine=True)
-        self.conv_out = conv(channels[-1], out_channels, kernel_size=3, padding=1)
+        self.conv_out = nn.Conv3d(channels[-1], out_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, *S) -> (B, C_out, *S / 2**(L-1))."""
@@ -133,14 +123,13 @@ class Decoder(nn.Module):
 
     ``conv_in`` -> optional non-local block -> per level i (channels reversed): ``num_res_blocks`` ResBlocks
     (+ attention) and a x2 :class:`~model.resnet_blocks.Upsample` on all levels but the last -> GroupNorm ->
-    3x3(x3) conv to ``out_channels``. No SiLU before the output conv and no output activation (like MAISI).
+    3x3x3 conv to ``out_channels``. No SiLU before the output conv and no output activation (like MAISI).
 
     Maps (B, in_channels, *s) to (B, out_channels, *s * 2**(L-1)).
     """
 
     def __init__(
         self,
-        spatial_dims: int,
         in_channels: int,
         channels: Sequence[int],
         out_channels: int,
@@ -153,36 +142,24 @@ class Decoder(nn.Module):
         upsample_mode: str,
     ) -> None:
         super().__init__()
-        conv = conv_nd(spatial_dims)
         self.use_checkpointing = use_checkpointing
-        rev_channels = list(reversed(channels))
-        rev_res_blocks = list(reversed(num_res_blocks))
-        rev_attention = list(reversed(attention_levels))
-        self.conv_in = conv(in_channels, rev_channels[0], kernel_size=3, padding=1)
+        self.conv_in = nn.Conv3d(in_channels, channels[-1], kernel_size=3, padding=1)
         self.nonlocal_block = (
-            _NonLocalBlock(spatial_dims, rev_channels[0], norm_num_groups, norm_eps)
-            if with_nonlocal_attn
-            else None
+            _NonLocalBlock(channels[-1], norm_num_groups, norm_eps) if with_nonlocal_attn else None
         )
         self.levels = nn.ModuleList()
-        ch_in = rev_channels[0]
-        for i, ch_out in enumerate(rev_channels):
-            is_last = i == len(rev_channels) - 1
+        ch_in = channels[-1]
+        for i, (ch_out, n_blocks, attention) in enumerate(
+            zip(channels[::-1], num_res_blocks[::-1], attention_levels[::-1], strict=True)
+        ):
+            is_last = i == len(channels) - 1
+            upsample = None if is_last else Upsample(ch_out, upsample_mode)
             self.levels.append(
-                _Level(
-                    spatial_dims,
-                    ch_in,
-                    ch_out,
-                    rev_res_blocks[i],
-                    rev_attention[i],
-                    norm_num_groups,
-                    norm_eps,
-                    None if is_last else Upsample(spatial_dims, ch_out, upsample_mode),
-                )
+                _Level(ch_in, ch_out, n_blocks, attention, norm_num_groups, norm_eps, upsample)
             )
             ch_in = ch_out
-        self.norm_out = nn.GroupNorm(norm_num_groups, rev_channels[-1], eps=norm_eps, affine=True)
-        self.conv_out = conv(rev_channels[-1], out_channels, kernel_size=3, padding=1)
+        self.norm_out = nn.GroupNorm(norm_num_groups, channels[0], eps=norm_eps, affine=True)
+        self.conv_out = nn.Conv3d(channels[0], out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C_latent, *s) -> (B, C_out, *s * 2**(L-1))."""

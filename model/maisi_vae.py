@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.enc_dec import Decoder, Encoder
-from model.resnet_blocks import conv_nd
 
 __all__ = ["MaisiVAE", "convert_maisi_state_dict"]
 
@@ -35,8 +34,11 @@ class MaisiVAE(nn.Module):
 
     As in MONAI, the log-sigma head predicts a log-variance: ``sigma = exp(clamp(logvar, -30, 20) / 2)``.
 
+    Argument values are checked where they come from, the ``model`` section of the config (``config.py``);
+    built directly, per-level lists of the wrong length, channels that ``norm_num_groups`` does not divide and
+    (with two or more levels) an unknown ``upsample_mode`` still raise ``ValueError``, from the layers using them.
+
     Args:
-        spatial_dims: 3 (volumes) or 2 (images).
         in_channels: input channels.
         out_channels: output channels.
         channels: feature channels per level; each must be divisible by ``norm_num_groups``.
@@ -53,7 +55,6 @@ class MaisiVAE(nn.Module):
 
     def __init__(
         self,
-        spatial_dims: int = 3,
         in_channels: int = 1,
         out_channels: int = 1,
         channels: Sequence[int] = (32, 64, 128),
@@ -68,30 +69,9 @@ class MaisiVAE(nn.Module):
         upsample_mode: str = "trilinear",
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
-        if len(channels) == 0:
-            raise ValueError("channels must name at least one level.")
-        if len(num_res_blocks) != len(channels) or len(attention_levels) != len(channels):
-            raise ValueError(
-                f"num_res_blocks ({len(num_res_blocks)}) and attention_levels ({len(attention_levels)}) must have "
-                f"one entry per level of channels ({len(channels)})."
-            )
-        if any(c % norm_num_groups for c in channels):
-            raise ValueError(
-                f"every entry of channels {tuple(channels)} must be divisible by norm_num_groups={norm_num_groups}."
-            )
-        if any(n < 1 for n in num_res_blocks):
-            raise ValueError(f"num_res_blocks must be >= 1 per level, got {tuple(num_res_blocks)}.")
-        if min(in_channels, out_channels, latent_channels) < 1:
-            raise ValueError("in_channels, out_channels and latent_channels must be positive.")
-        if upsample_mode not in ("trilinear", "transposed"):
-            raise ValueError(f"upsample_mode must be 'trilinear' or 'transposed', got {upsample_mode!r}.")
-        self.spatial_dims = spatial_dims
         self.latent_channels = latent_channels
         self.num_levels = len(channels)
         self.encoder = Encoder(
-            spatial_dims,
             in_channels,
             channels,
             latent_channels,
@@ -102,12 +82,10 @@ class MaisiVAE(nn.Module):
             with_encoder_nonlocal_attn,
             use_checkpointing,
         )
-        conv = conv_nd(spatial_dims)
-        self.mu_head = conv(latent_channels, latent_channels, kernel_size=1)
-        self.logvar_head = conv(latent_channels, latent_channels, kernel_size=1)
-        self.post_quant_conv = conv(latent_channels, latent_channels, kernel_size=1)
+        self.mu_head = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
+        self.logvar_head = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
+        self.post_quant_conv = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
         self.decoder = Decoder(
-            spatial_dims,
             latent_channels,
             channels,
             out_channels,
@@ -119,7 +97,7 @@ class MaisiVAE(nn.Module):
             use_checkpointing,
             upsample_mode,
         )
-        self.to(memory_format=torch.channels_last_3d if spatial_dims == 3 else torch.channels_last)
+        self.to(memory_format=torch.channels_last_3d)
 
     @property
     def downsample_factor(self) -> int:
@@ -136,11 +114,9 @@ class MaisiVAE(nn.Module):
         return tuple(math.ceil(s / self.downsample_factor) for s in spatial_shape)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode (B, C_in, *S) into ``mu`` and ``sigma``, each (B, latent_channels, *latent_shape(S))."""
-        if x.dim() != self.spatial_dims + 2:
-            raise ValueError(
-                f"expected a (B, C, {self.spatial_dims} spatial dims) tensor, got shape {tuple(x.shape)}."
-            )
+        """Encode (B, C_in, D, H, W) into ``mu`` and ``sigma``, each (B, latent_channels, *latent_shape((D, H, W)))."""
+        if x.dim() != 5:
+            raise ValueError(f"expected a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}.")
         pad = [p - s for s, p in zip(x.shape[2:], self._padded_shape(x.shape[2:]), strict=True)]
         if any(pad):
             x = F.pad(x, [amount for p in reversed(pad) for amount in (0, p)])
@@ -155,7 +131,7 @@ class MaisiVAE(nn.Module):
         return mu + sigma * torch.randn_like(sigma)
 
     def decode(self, z: torch.Tensor, spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
-        """Decode (B, latent_channels, *s) into (B, C_out, *s * downsample_factor).
+        """Decode (B, latent_channels, d, h, w) into (B, C_out, *(d, h, w) * downsample_factor).
 
         If ``spatial_shape`` is given, the output is cropped to it (the inverse of the padding in :meth:`encode`).
         """
@@ -169,7 +145,7 @@ class MaisiVAE(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, C_in, *S) -> (reconstruction (B, C_out, *S) from a sampled z, mu, sigma)."""
+        """(B, C_in, *S) -> (reconstruction (B, C_out, *S) from a sampled z, mu, sigma); S = (D, H, W)."""
         mu, sigma = self.encode(x)
         return self.decode(self.sample(mu, sigma), x.shape[2:]), mu, sigma
 

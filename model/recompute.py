@@ -9,7 +9,7 @@ tensors. Here every such "cheap prologue followed by a convolution" unit runs th
 backward pass. The convolution itself is never recomputed, and its backward is the native
 ``aten.convolution_backward``, so results equal the plain PyTorch composition within fp32 rounding.
 
-The trick is switchable: :func:`set_recompute` / the :func:`recompute` context manager turn it off in eager mode,
+The trick is switchable: the :func:`recompute` context manager turns it off in eager mode,
 so the plain composition runs and autograd stores the intermediates as usual (e.g. to compare against it or to
 measure what the trick saves). Under ``torch.compile`` the plain composition is always traced (see
 :func:`recomputed_input_conv`).
@@ -24,37 +24,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = [
-    "norm_act_conv",
-    "recompute",
-    "recompute_enabled",
-    "recomputed_input_conv",
-    "set_recompute",
-]
+__all__ = ["norm_act_conv", "recompute", "recompute_enabled", "recomputed_input_conv"]
 
 _recompute_enabled = True
 
 
-def set_recompute(enabled: bool) -> None:
-    """Use the recomputing autograd function in eager mode (``True``, the default) or the plain composition."""
-    global _recompute_enabled
-    _recompute_enabled = enabled
-
-
 def recompute_enabled() -> bool:
-    """Whether eager-mode units recompute their prologue in backward (see :func:`set_recompute`)."""
+    """Whether eager-mode units recompute their prologue in backward (on by default; see :func:`recompute`)."""
     return _recompute_enabled
 
 
 @contextmanager
 def recompute(enabled: bool) -> Iterator[None]:
-    """Context manager: :func:`set_recompute` ``(enabled)`` inside, the previous setting restored on exit."""
-    previous = recompute_enabled()
-    set_recompute(enabled)
+    """Inside: the recomputing autograd function (``True``) or the plain composition in eager mode; the previous
+    setting is restored on exit."""
+    global _recompute_enabled
+    previous, _recompute_enabled = _recompute_enabled, enabled
     try:
         yield
     finally:
-        set_recompute(previous)
+        _recompute_enabled = previous
 
 
 class _RecomputedInputConv(torch.autograd.Function):
@@ -71,7 +60,7 @@ class _RecomputedInputConv(torch.autograd.Function):
         ctx,
         prologue: Callable[..., torch.Tensor],
         act: bool,
-        conv: nn.Conv2d | nn.Conv3d,
+        conv: nn.Conv3d,
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -84,8 +73,7 @@ class _RecomputedInputConv(torch.autograd.Function):
             if act:
                 conv_input = F.silu(conv_input, inplace=True)
             conv_input = conv_input.to(dtype)
-            out = F.conv3d if x.dim() == 5 else F.conv2d
-            out = out(
+            out = F.conv3d(
                 conv_input,
                 weight.to(dtype),
                 None if bias is None else bias.to(dtype),
@@ -103,7 +91,7 @@ class _RecomputedInputConv(torch.autograd.Function):
         x, weight, bias, *prologue_params = ctx.saved_tensors
         # Unpacked in the order of forward's arguments; the strict zip below catches a count mismatch.
         _, _, _, x_needs_grad, weight_needs_grad, bias_needs_grad, *param_needs_grad = ctx.needs_input_grad
-        conv: nn.Conv2d | nn.Conv3d = ctx.conv
+        conv: nn.Conv3d = ctx.conv
         with torch.autocast(x.device.type, enabled=False):
             with torch.enable_grad():
                 x_leaf = x.detach().requires_grad_(x_needs_grad)
@@ -122,7 +110,7 @@ class _RecomputedInputConv(torch.autograd.Function):
                 conv.padding,
                 conv.dilation,
                 False,
-                [0] * (x.dim() - 2),
+                [0, 0, 0],
                 conv.groups,
                 [True, weight_needs_grad, bias_needs_grad],
             )
@@ -144,13 +132,13 @@ class _RecomputedInputConv(torch.autograd.Function):
 def recomputed_input_conv(
     prologue: Callable[..., torch.Tensor],
     act: bool,
-    conv: nn.Conv2d | nn.Conv3d,
+    conv: nn.Conv3d,
     x: torch.Tensor,
     *prologue_params: torch.Tensor,
 ) -> torch.Tensor:
     """``conv(silu?(prologue(x, *prologue_params)))`` storing only ``x`` for backward when recompute is on.
 
-    The plain composition runs instead when recompute is off (:func:`set_recompute`) and is always traced under
+    The plain composition runs instead when recompute is off (:func:`recompute`) and is always traced under
     ``torch.compile``: dynamo cannot trace the custom autograd function (it takes a closure and a module), and the
     compiler's own partitioner already recomputes cheap pointwise prologues in the backward pass instead of
     storing them. The plain composition runs the prologue as written by the caller and ``conv`` under whatever
@@ -160,11 +148,11 @@ def recomputed_input_conv(
         prologue: cheap function of ``x`` (normalisation, padding, upsampling); computed in fp32 by the caller.
         act: apply SiLU after the prologue.
         conv: the convolution (its weight and bias are used).
-        x: (B, C_in, *spatial) input.
+        x: (B, C_in, D, H, W) input.
         prologue_params: tensors passed to ``prologue`` after ``x`` (e.g. GroupNorm weight and bias).
 
     Returns:
-        (B, C_out, *spatial_out) tensor.
+        (B, C_out, D', H', W') tensor.
     """
     if torch.compiler.is_compiling() or not recompute_enabled():
         conv_input = prologue(x, *prologue_params)
@@ -177,21 +165,19 @@ def _upcast_half(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def norm_act_conv(
-    x: torch.Tensor, norm: nn.GroupNorm, conv: nn.Conv2d | nn.Conv3d, act: bool = True
-) -> torch.Tensor:
+def norm_act_conv(x: torch.Tensor, norm: nn.GroupNorm, conv: nn.Conv3d, act: bool = True) -> torch.Tensor:
     """``conv(silu(norm(x)))`` (``conv(norm(x))`` when ``act`` is False) keeping only ``x`` for backward.
 
     The GroupNorm runs in at least fp32 (half-precision ``x`` and parameters are upcast).
 
     Args:
-        x: (B, C_in, *spatial) input.
+        x: (B, C_in, D, H, W) input.
         norm: GroupNorm over C_in channels (its ``num_groups``, ``eps``, ``weight`` and ``bias`` are used).
         conv: convolution C_in -> C_out.
         act: apply SiLU between normalisation and convolution.
 
     Returns:
-        (B, C_out, *spatial_out) tensor.
+        (B, C_out, D', H', W') tensor.
     """
 
     def prologue(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

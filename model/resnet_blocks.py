@@ -13,22 +13,7 @@ import torch.nn.functional as F
 
 from model.recompute import norm_act_conv, recomputed_input_conv
 
-__all__ = [
-    "ResBlock",
-    "Downsample",
-    "Upsample",
-    "SpatialAttention",
-    "conv_nd",
-]
-
-
-def conv_nd(spatial_dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
-    """Return ``nn.Conv2d`` or ``nn.Conv3d`` for ``spatial_dims`` in {2, 3}."""
-    if spatial_dims == 3:
-        return nn.Conv3d
-    if spatial_dims == 2:
-        return nn.Conv2d
-    raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+__all__ = ["ResBlock", "Downsample", "Upsample", "SpatialAttention"]
 
 
 class ResBlock(nn.Module):
@@ -39,28 +24,26 @@ class ResBlock(nn.Module):
     ``Convolution`` wrappers stripped.
 
     Args:
-        spatial_dims: 2 or 3.
         in_channels: input channels C_in.
         out_channels: output channels C_out.
         norm_num_groups: GroupNorm groups (must divide C_in and C_out).
         norm_eps: GroupNorm epsilon.
     """
 
-    def __init__(
-        self, spatial_dims: int, in_channels: int, out_channels: int, norm_num_groups: int, norm_eps: float
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm_num_groups: int, norm_eps: float) -> None:
         super().__init__()
-        conv = conv_nd(spatial_dims)
         self.norm1 = nn.GroupNorm(norm_num_groups, in_channels, eps=norm_eps, affine=True)
-        self.conv1 = conv(in_channels, out_channels, kernel_size=3, padding=1)
+        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1)
         self.norm2 = nn.GroupNorm(norm_num_groups, out_channels, eps=norm_eps, affine=True)
-        self.conv2 = conv(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1)
         self.shortcut = (
-            conv(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else nn.Identity()
+            nn.Conv3d(in_channels, out_channels, kernel_size=1)
+            if in_channels != out_channels
+            else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, *spatial) -> (B, C_out, *spatial)."""
+        """(B, C_in, D, H, W) -> (B, C_out, D, H, W)."""
         h = norm_act_conv(x, self.norm1, self.conv1)
         h = norm_act_conv(h, self.norm2, self.conv2)
         # conv2's output is not saved by any backward, so the residual sum may reuse its buffer.
@@ -68,19 +51,19 @@ class ResBlock(nn.Module):
 
 
 def _pad_high(x: torch.Tensor) -> torch.Tensor:
-    """Zero-pad one voxel at the high end of every spatial axis (MONAI ``AsymmetricPad``)."""
-    return F.pad(x, (0, 1) * (x.dim() - 2))
+    """Zero-pad one voxel at the high end of each of the three spatial axes (MONAI ``AsymmetricPad``)."""
+    return F.pad(x, (0, 1) * 3)
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3(x3) convolution after a one-voxel zero pad at the high end (MAISI ``MaisiDownsample``).
+    """Stride-2 3x3x3 convolution after a one-voxel zero pad at the high end (MAISI ``MaisiDownsample``).
 
     Maps (B, C, *S) with even S to (B, C, *S/2); the padded copy is recomputed in backward instead of stored.
     """
 
-    def __init__(self, spatial_dims: int, channels: int) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = conv_nd(spatial_dims)(channels, channels, kernel_size=3, stride=2, padding=0)
+        self.conv = nn.Conv3d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, *S) -> (B, C, *ceil((S - 1) / 2))."""
@@ -88,25 +71,26 @@ class Downsample(nn.Module):
 
 
 def _upsample_x2(x: torch.Tensor) -> torch.Tensor:
-    """x2 (bi/tri)linear interpolation with ``align_corners=False`` (MAISI ``MaisiUpsample``)."""
-    return F.interpolate(x, scale_factor=2.0, mode="trilinear" if x.dim() == 5 else "bilinear")
+    """x2 trilinear interpolation with ``align_corners=False`` (MAISI ``MaisiUpsample``)."""
+    return F.interpolate(x, scale_factor=2.0, mode="trilinear")
 
 
 class Upsample(nn.Module):
-    """x2 upsampling: (tri)linear interpolation + 3x3(x3) conv (``mode="trilinear"``, MAISI's default; the
+    """x2 upsampling: trilinear interpolation + 3x3x3 conv (``mode="trilinear"``, MAISI's default; the
     upsampled tensor is recomputed in backward instead of stored), or a stride-2 transposed convolution
     (``mode="transposed"``, kernel 3, padding 1, output padding 1 like MONAI).
 
     Maps (B, C, *S) to (B, C, *2S).
     """
 
-    def __init__(self, spatial_dims: int, channels: int, mode: str = "trilinear") -> None:
+    def __init__(self, channels: int, mode: str = "trilinear") -> None:
         super().__init__()
         if mode == "trilinear":
-            self.conv: nn.Module = conv_nd(spatial_dims)(channels, channels, kernel_size=3, padding=1)
+            self.conv: nn.Module = nn.Conv3d(channels, channels, kernel_size=3, padding=1)
         elif mode == "transposed":
-            transposed = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
-            self.conv = transposed(channels, channels, kernel_size=3, stride=2, padding=1, output_padding=1)
+            self.conv = nn.ConvTranspose3d(
+                channels, channels, kernel_size=3, stride=2, padding=1, output_padding=1
+            )
         else:
             raise ValueError(f"upsample_mode must be 'trilinear' or 'transposed', got {mode!r}.")
         self.mode = mode
