@@ -387,7 +387,8 @@ def brain_mask_warning(volume: PreprocessedVolume) -> str:
         return ""
     return (
         f"{volume.inverse.source}: the brain mask ({volume.mask_source}) covers {fraction:.0%} of the field of "
-        f"view (a brain covers ~30 %): not a skull-stripped brain? In-brain metrics cover all of it"
+        "view (a skull-stripped brain on the MNI grid: ~30%): not a skull-stripped brain? Its in-brain metrics "
+        "cover all of it"
     )
 
 
