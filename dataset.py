@@ -12,8 +12,16 @@ every per-row output (reconstructions, latents, metrics rows).
 
 Preprocessing (MONAI transforms on a channel-first MetaTensor that carries the affine):
 load (nibabel) -> channel first -> reorient to ``prep.orientation`` -> resample to ``prep.target_spacing``
-(skipped when already there) -> centred pad/crop to ``prep.target_shape`` -> intensity to [0, 1]
-(robust percentiles over the foreground (voxels > 0), background stays 0; or min-max) -> optional masking.
+(skipped when already there) -> centred pad/crop to ``prep.target_shape`` (padding with the file's
+background value) -> brain mask (the CSV's, else :func:`estimate_brain_mask`) -> intensity to [0, 1] (robust
+percentiles over the foreground, the voxels brighter than the background, which becomes 0; or min-max) ->
+optional masking.
+
+Background and foreground (one rule for the pre-flight, the preprocessing and the in-brain metrics): the
+background value is the median of the volume's outer 2-voxel shell (:func:`background_value`: 0 for a
+skull-stripped file, 10 for one stored with ``scl_inter = 10``, whatever units it is in); the foreground is
+every voxel brighter than it (:func:`foreground_problem` refuses a volume without one); the estimated brain
+mask is the foreground's largest connected component with its holes filled.
 
 CLI::
 
@@ -52,13 +60,18 @@ from demo_cohort import (
 __all__ = [
     "DataError",
     "InverseInfo",
+    "MAX_BRAIN_FRACTION",
     "PreprocessedRows",
     "PreprocessedVolume",
     "VolumeDataset",
+    "background_value",
+    "brain_mask_warning",
     "build_augmentation",
     "build_dataset",
     "build_preprocessing",
     "check_files",
+    "estimate_brain_mask",
+    "foreground_problem",
     "preflight",
     "preflight_failures",
     "preprocessed_batches",
@@ -74,7 +87,10 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 BIDS_T1W_SUFFIX = "_T1w"  # dropped from file names when deriving subject ids
 MAX_LISTED_IDS = 5  # duplicated subject ids named in full in the error message
 SPACING_TOLERANCE_MM = 0.01
-PIPELINE_VERSION = "1"  # bump when the preprocessing code changes, so disk caches are rebuilt
+PIPELINE_VERSION = "2"  # bump when the preprocessing code changes, so disk caches are rebuilt
+BORDER_VOXELS = 2  # thickness of the outer shell whose median is the background value
+# A brain on the MNI 2 mm grid covers 25-30 % of it (IXI masks: 29 %); a raw head 60-75 % (IXI native files)
+MAX_BRAIN_FRACTION = 0.5
 
 
 class DataError(ValueError):
@@ -220,7 +236,10 @@ def _inspect_image(path: str) -> dict[str, Any]:
         problems.append("NaN/Inf voxels")
     if info["constant"]:
         problems.append(f"constant image (every voxel = {low:g})")
-    info["problem"] = "; ".join(problems)
+    elif not problems:
+        volume = data.reshape(shape[:3])
+        problems.append(foreground_problem(volume, background_value(volume)))
+    info["problem"] = "; ".join(p for p in problems if p)
     info["_spatial_shape"] = shape[:3]
     return info
 
@@ -295,6 +314,42 @@ def preflight(frame: pd.DataFrame, skip_bad_files: bool = False) -> pd.DataFrame
     return good
 
 
+# ------------------------------------------------------------------------------ background and brain
+
+
+def background_value(volume: np.ndarray) -> float:
+    """The background intensity of a (D, H, W) volume: the median of its outer ``BORDER_VOXELS`` shell."""
+    b = BORDER_VOXELS
+    shell = [volume[:b], volume[-b:], volume[:, :b], volume[:, -b:], volume[:, :, :b], volume[:, :, -b:]]
+    return float(np.median(np.concatenate([np.ravel(face) for face in shell])))
+
+
+def foreground_problem(volume: np.ndarray, background: float) -> str:
+    """'' when some voxel of (D, H, W) ``volume`` is brighter than ``background``, else the problem.
+
+    The one rule by which both the pre-flight check and the preprocessing refuse a volume.
+    """
+    if np.any(volume > background):
+        return ""
+    return (
+        f"no voxel brighter than the background ({background:g}, the median of the outer "
+        f"{BORDER_VOXELS}-voxel shell): nothing to normalise (an inverted or all-background image?)"
+    )
+
+
+def estimate_brain_mask(volume: np.ndarray, background: float) -> np.ndarray:
+    """(D, H, W) bool: the largest connected part of the voxels brighter than ``background``, holes filled.
+
+    For a skull-stripped file this is the brain; for a raw head it is the head (:func:`brain_mask_warning`).
+    """
+    labels, count = ndimage.label(volume > background)
+    if count == 0:
+        return np.zeros(volume.shape, dtype=bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return ndimage.binary_fill_holes(labels == sizes.argmax())
+
+
 # ---------------------------------------------------------------------------------------- preprocessing
 
 
@@ -309,15 +364,32 @@ class InverseInfo:
     intensity: Literal["percentile", "minmax"]
     low: float  # input intensity mapped to 0
     high: float  # input intensity mapped to 1
+    background: float = 0.0  # the input's background value (:func:`background_value`)
 
 
 @dataclass
 class PreprocessedVolume:
-    """``image`` (1, D, H, W) float32 in [0, 1]; ``mask`` (1, D, H, W) bool; ``inverse`` to map back."""
+    """``image`` (1, D, H, W) float32 in [0, 1]; ``mask`` (1, D, H, W) bool; ``inverse`` to map back.
+
+    ``mask_source``: ``csv`` (the split's mask column) or ``estimated`` (:func:`estimate_brain_mask`).
+    """
 
     image: torch.Tensor
     mask: torch.Tensor
     inverse: InverseInfo
+    mask_source: Literal["csv", "estimated"] = "estimated"
+
+
+def brain_mask_warning(volume: PreprocessedVolume) -> str:
+    """'' or one line naming the file when its brain mask covers more than ``MAX_BRAIN_FRACTION`` of the grid."""
+    fraction = float(volume.mask.float().mean())
+    if fraction <= MAX_BRAIN_FRACTION:
+        return ""
+    return (
+        f"{volume.inverse.source}: the brain mask ({volume.mask_source}) covers {fraction:.0%} of the field of "
+        "view (a skull-stripped brain on the MNI grid: ~30%): not a skull-stripped brain? Its in-brain metrics "
+        "cover all of it"
+    )
 
 
 def _spacing(affine: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -343,6 +415,27 @@ class _CheckLoaded(mt.MapTransform):
         return data
 
 
+class _MeasureBackground(mt.Transform):
+    """``background``: :func:`background_value` of the loaded image, on the input file's own grid."""
+
+    def __call__(self, data: dict) -> dict:
+        data["background"] = background_value(data["image"][0].detach().cpu().numpy())
+        return data
+
+
+class _PadOrCrop(mt.Transform):
+    """Centred pad/crop to ``spatial_size``: the image padded with its background value, the mask with 0."""
+
+    def __init__(self, spatial_size: tuple[int, int, int]) -> None:
+        self.resize = mt.ResizeWithPadOrCrop(spatial_size)
+
+    def __call__(self, data: dict) -> dict:
+        data["image"] = self.resize(data["image"], value=data["background"])
+        if "mask" in data:
+            data["mask"] = self.resize(data["mask"], value=0)
+        return data
+
+
 class _ResampleIfNeeded(mt.MapTransform):
     """``Spacingd`` (linear for the image, nearest for the mask), skipped when the spacing already fits."""
 
@@ -362,8 +455,8 @@ class _ResampleIfNeeded(mt.MapTransform):
 class _ScaleIntensity(mt.Transform):
     """Image to [0, 1]; low/high are stored in ``image.meta`` (``intensity_low`` / ``intensity_high``).
 
-    ``percentile``: low/high = percentiles over the foreground (voxels > 0), clip to [0, 1]; the background
-    (voxels <= 0) becomes exactly 0.
+    ``percentile``: low/high = percentiles over the foreground (voxels brighter than ``background``), clip to
+    [0, 1]; the background (and everything below ``low``) becomes exactly 0.
     ``minmax``: low/high = min/max over the whole volume.
     """
 
@@ -377,27 +470,31 @@ class _ScaleIntensity(mt.Transform):
         if not np.isfinite(values).all():
             raise DataError(f"{source}: NaN/Inf voxels")
         if self.prep.intensity == "percentile":
-            foreground = values[values > 0]
-            if foreground.size == 0:
-                raise DataError(f"{source}: no positive voxel inside the target field of view")
+            problem = foreground_problem(values, data["background"])
+            if problem:
+                raise DataError(f"{source}: {problem} (inside the target field of view)")
+            foreground = values[values > data["background"]]
             low, high = np.percentile(foreground, [self.prep.lower_percentile, self.prep.upper_percentile])
         else:
             low, high = values.min(), values.max()
         if not high > low:
             raise DataError(f"{source}: no intensity range to normalise (low = high = {float(low):g})")
         scaled = ((image - float(low)) / float(high - low)).clamp(0.0, 1.0)
-        if self.prep.intensity == "percentile":
-            scaled = torch.where(image > 0, scaled, torch.zeros_like(scaled))
         scaled.meta["intensity_low"], scaled.meta["intensity_high"] = float(low), float(high)
         data["image"] = scaled
         return data
 
 
 class _MakeMask(mt.Transform):
-    """``mask`` -> bool: the given mask > 0, else the image foreground (input intensity > 0)."""
+    """``mask`` -> bool: the given mask > 0, else :func:`estimate_brain_mask` of the image."""
 
     def __call__(self, data: dict) -> dict:
-        data["mask"] = data["mask"] > 0 if "mask" in data else data["image"] > 0
+        if "mask" in data:
+            data["mask"] = data["mask"] > 0
+        else:
+            image = data["image"]
+            estimate = estimate_brain_mask(image[0].detach().cpu().numpy(), data["background"])
+            data["mask"] = MetaTensor(torch.from_numpy(estimate)[None], meta=dict(image.meta))
         return data
 
 
@@ -429,6 +526,7 @@ def build_preprocessing(prep: PreprocessingConfig) -> mt.Compose:
             allow_missing_keys=True,
         ),
         _CheckLoaded(keys, allow_missing_keys=True),
+        _MeasureBackground(),
         mt.Orientationd(
             keys,
             axcodes=prep.orientation.upper(),
@@ -439,7 +537,7 @@ def build_preprocessing(prep: PreprocessingConfig) -> mt.Compose:
     if prep.target_spacing is not None:
         steps.append(_ResampleIfNeeded(tuple(prep.target_spacing)))
     steps += [
-        mt.ResizeWithPadOrCropd(keys, spatial_size=tuple(prep.target_shape), allow_missing_keys=True),
+        _PadOrCrop(tuple(prep.target_shape)),
         _MakeMask(),
         _ScaleIntensity(prep),
         _ApplyMask(prep.apply_mask),
@@ -473,9 +571,13 @@ def preprocess_volume(
         intensity=prep.intensity,
         low=image.meta["intensity_low"],
         high=image.meta["intensity_high"],
+        background=out["background"],
     )
     return PreprocessedVolume(
-        image=image.as_tensor().float(), mask=out["mask"].as_tensor().bool(), inverse=inverse
+        image=image.as_tensor().float(),
+        mask=out["mask"].as_tensor().bool(),
+        inverse=inverse,
+        mask_source="estimated" if mask_path is None else "csv",
     )
 
 
@@ -488,9 +590,9 @@ def restore_to_input_grid(
 
     Orientation, pad/crop and spacing are undone through the two affines (exact voxel copy when the grids
     differ by an axis permutation/flip/shift only, else linear interpolation); voxels outside the
-    preprocessed field of view become 0. ``original`` also undoes the intensity scaling (values <= 0 stay
-    0 under percentile scaling: the background); ``unit`` keeps [0, 1]. Returns float32 NIfTI with the
-    input's affine and spatial shape.
+    preprocessed field of view become 0. ``original`` also undoes the intensity scaling (under percentile
+    scaling, values <= 0 become the input's background value); ``unit`` keeps [0, 1]. Returns float32 NIfTI
+    with the input's affine and spatial shape.
     """
     array = volume.detach().cpu().float().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
     array = np.asarray(array, dtype=np.float32)
@@ -515,7 +617,7 @@ def restore_to_input_grid(
     if intensity == "original":
         scaled = restored * np.float32(inverse.high - inverse.low) + np.float32(inverse.low)
         if inverse.intensity == "percentile":
-            scaled = np.where(restored > 0, scaled, np.float32(0))
+            scaled = np.where(restored > 0, scaled, np.float32(inverse.background))
         restored = scaled
     elif intensity != "unit":
         raise ValueError(f"intensity must be 'original' or 'unit', got {intensity!r}")
@@ -724,7 +826,9 @@ class PreprocessedRows(torch.utils.data.Dataset):
         index = self.indices[position]
         try:
             volume = preprocess_volume(self.images[index], self.prep, self.masks[index])
-        except (DataError, OSError, ValueError, RuntimeError) as error:
+        except DataError as error:  # its message names the file already
+            return {"index": index, "volume": None, "error": str(error)}
+        except (OSError, ValueError, RuntimeError) as error:
             return {"index": index, "volume": None, "error": f"{self.images[index]}: {error}"}
         return {"index": index, "volume": volume, "error": ""}
 

@@ -14,9 +14,11 @@ Per input file, into ``--output_dir``:
 * ``<subject_id>_latent.<nii.gz|npy|pt>``: the latent (posterior mean; ``--sample`` for a draw seeded by
   ``--seed`` and the subject id) (C, d, h, w); as NIfTI (d, h, w, C) with the latent affine = preprocessed-grid
   affine @ [[f,0,0,(f-1)/2],[0,f,0,(f-1)/2],[0,0,f,(f-1)/2],[0,0,0,1]] (latent voxel = centre of its f-block);
-* ``metrics.csv``: per file, every input column (subject_id, image, mask and the CSV's extra columns), then
-  MSE, PSNR, SSIM, MS-SSIM, LPIPS3D and their in-brain variants (computed on the preprocessed grid; brain =
-  the CSV's mask, else the foreground), then recon_path and latent_path; a mean ± std table on stdout.
+* ``metrics.csv``: per file, every input column (subject_id, image, mask and the CSV's extra columns),
+  ``mask_source`` (``csv``: the brain is the CSV's mask; ``estimated``: ``dataset.estimate_brain_mask``),
+  then MSE, PSNR, SSIM, MS-SSIM, LPIPS3D and their in-brain variants (computed on the preprocessed grid),
+  then recon_path and latent_path; a mean ± std table on stdout. A brain mask covering more than half the
+  field of view (a raw head, not a skull-stripped brain) gets a ``WARNING:`` line naming the file.
   LPIPS3D uses the checkpoint's backbone, with its default weights when the checkpoint's
   ``perceptual.weights_path`` is not on this machine; without any weights (or with ``--no_lpips``) the
   lpips columns are left out, with a warning.
@@ -44,7 +46,14 @@ from tqdm import tqdm
 
 from checkpoints import CheckpointError
 from config import ConfigError
-from dataset import DataError, preflight_failures, preprocessed_batches, read_split, restore_to_input_grid
+from dataset import (
+    DataError,
+    brain_mask_warning,
+    preflight_failures,
+    preprocessed_batches,
+    read_split,
+    restore_to_input_grid,
+)
 from latents import (
     LATENT_FORMATS,
     NORMALISATIONS,
@@ -152,12 +161,15 @@ def main(argv: list[str] | None = None) -> int:
                 metric_names = list(values)
                 output_dir.mkdir(parents=True, exist_ok=True)
                 for b, (item, volume) in enumerate(zip(loaded, volumes, strict=True)):
+                    if warning := brain_mask_warning(volume):
+                        tqdm.write(f"WARNING: {warning}", file=sys.stderr)
                     recon_path, latent_path = recon_paths[item["index"]], latent_paths[item["index"]]
                     nib.save(restore_to_input_grid(recons[b], volume.inverse, args.intensity), recon_path)
                     write_latent(latents[b], latent_path, latent_affine(volume.inverse.output_affine, factor))
                     rows.append(
                         {
                             **frame.iloc[item["index"]].to_dict(),  # every input column, extras included
+                            "mask_source": volume.mask_source,
                             **{name: float(value[b]) for name, value in values.items()},
                             "recon_path": str(recon_path),
                             "latent_path": str(latent_path),

@@ -15,9 +15,14 @@ import torch
 
 from config import AugmentationConfig, PreprocessingConfig
 from dataset import (
+    MAX_BRAIN_FRACTION,
     DataError,
+    PreprocessedRows,
+    background_value,
+    brain_mask_warning,
     build_dataset,
     check_files,
+    estimate_brain_mask,
     preflight,
     preprocess_volume,
     preprocessing_cache_dir,
@@ -407,6 +412,104 @@ def test_apply_mask_with_given_mask(tmp_path):
     )
     assert torch.equal(out.mask[0], torch.from_numpy(mask > 0))
     assert torch.all(out.image[0, 8:] == 0) and torch.any(out.image[0, :8] > 0)
+
+
+# -------------------------------------------------------------------------- background, foreground, brain
+
+
+def write_offset(path: Path, data: np.ndarray, offset: float) -> Path:
+    """``data`` as int16 with ``scl_inter = offset``: the file's values are ``data + offset``."""
+    image = nib.Nifti1Image(np.round(data).astype(np.int16), np.diag([2.0, 2.0, 2.0, 1.0]))
+    image.header.set_slope_inter(1.0, offset)
+    nib.save(image, path)
+    return path
+
+
+def test_background_offset_changes_neither_mask_nor_scaling_and_comes_back(tmp_path):
+    """scl_inter = 10: the brain mask is the brain (not the whole volume), the [0, 1] image is the one of
+    the same data stored without offset, and --intensity original gives the background 10 back."""
+    data = np.round(brain_like())
+    plain = preprocess_volume(write_offset(tmp_path / "plain.nii.gz", data, 0.0), SMALL_PREP)
+    offset_file = write_offset(tmp_path / "offset.nii.gz", data, 10.0)
+    offset = preprocess_volume(offset_file, SMALL_PREP)
+    brain = torch.from_numpy(data > 0)[None]
+    assert torch.equal(offset.mask, brain) and torch.equal(plain.mask, brain)
+    assert offset.mask_source == "estimated" and 0.1 < float(offset.mask.float().mean()) < 0.5
+    torch.testing.assert_close(offset.image, plain.image)
+    assert offset.inverse.background == 10.0 and plain.inverse.background == 0.0
+
+    restored = restore_to_input_grid(offset.image, offset.inverse, "original").get_fdata()
+    source = nib.load(offset_file).get_fdata()
+    assert np.all(restored[data == 0] == 10.0)
+    unit = offset.image[0].numpy()
+    inside = (unit > 0) & (unit < 1)  # the voxels between the low and high percentiles: exact inverse
+    np.testing.assert_allclose(restored[inside], source[inside], rtol=1e-4)
+    with_mask = preprocess_volume(
+        offset_file, SMALL_PREP, write(tmp_path / "m.nii.gz", (data > 0).astype(np.uint8))
+    )
+    assert with_mask.mask_source == "csv" and torch.equal(with_mask.mask, brain)
+
+
+def test_validation_items_carry_the_estimated_brain_mask(tmp_path):
+    """train.py's validation reads its masks from the dataset items: an offset file gets the brain there too."""
+    data = np.round(brain_like())
+    frame = read_split(write_offset(tmp_path / "offset.nii.gz", data, 10.0))
+    item = build_dataset(frame, SMALL_PREP, None, cache="none")[0]
+    assert torch.equal(item["mask"], torch.from_numpy(data > 0)[None].float())
+
+
+def test_estimated_brain_mask_is_the_largest_component_with_holes_filled():
+    volume = np.full(SMALL_SHAPE, 5.0, np.float32)  # background 5
+    volume[3:13, 3:15, 3:11] = 50.0
+    volume[7, 8, 6] = 5.0  # a hole inside the brain
+    volume[0, 0, 0] = 80.0  # a bright speck in a corner
+    assert background_value(volume) == 5.0
+    expected = np.zeros(SMALL_SHAPE, bool)
+    expected[3:13, 3:15, 3:11] = True
+    np.testing.assert_array_equal(estimate_brain_mask(volume, 5.0), expected)
+
+
+def test_a_mask_covering_most_of_the_field_of_view_is_named(tmp_path):
+    head = np.round(brain_like())
+    head[1:-1, 1:-1, 1:-1] = np.maximum(head[1:-1, 1:-1, 1:-1], 30.0)  # "scalp" all round the brain
+    volume = preprocess_volume(write(tmp_path / "head.nii.gz", head), SMALL_PREP)
+    assert float(volume.mask.float().mean()) > MAX_BRAIN_FRACTION
+    warning = brain_mask_warning(volume)
+    assert warning.startswith(f"{tmp_path / 'head.nii.gz'}: the brain mask (estimated) covers ")
+    assert (
+        brain_mask_warning(preprocess_volume(write(tmp_path / "brain.nii.gz", brain_like()), SMALL_PREP))
+        == ""
+    )
+
+
+def test_preflight_and_preprocessing_refuse_the_same_volumes(tmp_path):
+    """One foreground rule: an all-negative inverted image is refused by both with one message; an
+    all-negative image brighter than its background passes both."""
+    inverted = write(tmp_path / "inverted.nii.gz", -brain_like() - 1.0)
+    problem = problem_of(inverted)
+    assert problem.startswith("no voxel brighter than the background (-1, ")
+    with pytest.raises(DataError) as refused:
+        preprocess_volume(inverted, SMALL_PREP)
+    assert str(refused.value).startswith(f"{inverted}: {problem}")
+
+    shifted = write(tmp_path / "shifted.nii.gz", brain_like() - 1000.0)
+    assert problem_of(shifted) == ""
+    out = preprocess_volume(shifted, SMALL_PREP)
+    assert torch.equal(out.mask, torch.from_numpy(brain_like() > 0)[None])
+    torch.testing.assert_close(
+        out.image, preprocess_volume(write(tmp_path / "b.nii.gz", brain_like()), SMALL_PREP).image
+    )
+
+
+def test_a_preprocessing_error_names_the_file_once(tmp_path):
+    """Foreground outside the target field of view: the pre-flight passes, the preprocessing refuses it."""
+    data = np.zeros((40, 18, 14), np.float32)
+    data[2:6, 6:12, 5:9] = 100.0  # cropped away by the centred 16-voxel crop
+    path = write(tmp_path / "offcentre.nii.gz", data)
+    frame = read_split(path)
+    assert check_files(frame).loc[0, "problem"] == ""
+    error = PreprocessedRows(frame, SMALL_PREP, [0])[0]["error"]
+    assert error.count(str(path)) == 1 and "inside the target field of view" in error
 
 
 # ------------------------------------------------------------------------------------------- datasets

@@ -554,10 +554,13 @@ def make_bad_file(kind: str, folder: Path) -> tuple[str, str]:
         data[6, 6, 6] = np.inf
         write_nifti(folder / "nan.nii.gz", data)
         return "nan.nii.gz", "nan.nii.gz: NaN/Inf voxels"
+    if kind == "inverted":  # all negative, the brain darker than its background: nothing to normalise
+        write_nifti(folder / "inverted.nii.gz", -good_array() - 1.0)
+        return "inverted.nii.gz", "inverted.nii.gz: no voxel brighter than the background (-1, "
     raise ValueError(kind)
 
 
-BAD_KINDS = ["missing", "truncated", "not_nifti", "not_nifti_gz", "4d", "2d", "constant", "nan"]
+BAD_KINDS = ["missing", "truncated", "not_nifti", "not_nifti_gz", "4d", "2d", "constant", "nan", "inverted"]
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
@@ -584,6 +587,7 @@ def test_bad_file_in_infer_and_save_latent(tmp_path, capsys, kind):
     error = capsys.readouterr().err
     assert code == 1, error
     assert "ERROR: 1 of 3 file(s) failed:" in error and problem in error
+    assert error.count(f"{bad_name}: ") == 1  # the file is named once
     assert sorted(p.name for p in (tmp_path / "infer").glob("*_recon.nii.gz")) == [
         "good0_recon.nii.gz",
         "good1_recon.nii.gz",
@@ -613,9 +617,9 @@ def broken_split(tmp_path) -> tuple[Path, dict[str, str]]:
 def test_dataset_check_lists_every_bad_file(broken_split, capsys):
     csv, problems = broken_split
     result = run_script("dataset.py", ["--check", str(csv)])
-    assert_clean_error(result, 1, "ERROR: 8 of 9 file(s) failed the pre-flight check:", *problems.values())
+    assert_clean_error(result, 1, "ERROR: 9 of 10 file(s) failed the pre-flight check:", *problems.values())
     assert dataset.main(["--check", str(csv), "--skip_bad_files"]) == 0
-    assert "SKIPPING 8 of 9 file(s):" in capsys.readouterr().err
+    assert "SKIPPING 9 of 10 file(s):" in capsys.readouterr().err
 
 
 def test_train_refuses_bad_files_then_skips_them_on_request(tmp_path, tiny_split, broken_split):
@@ -629,14 +633,14 @@ def test_train_refuses_bad_files_then_skips_them_on_request(tmp_path, tiny_split
     assert_clean_error(
         result,
         2,
-        "error: 8 of 9 file(s) failed the pre-flight check (fix them, or set data.skip_bad_files / "
+        "error: 9 of 10 file(s) failed the pre-flight check (fix them, or set data.skip_bad_files / "
         "--skip_bad_files to drop them):",
         *problems.values(),
     )
     assert not last_pt(tmp_path).exists()
     assert train.main([*args, "--set", "data.skip_bad_files=true"]) == 0
     log = (run_dir_of(tmp_path) / "train.log").read_text()
-    assert "SKIPPING 8 of 9 file(s) that failed the pre-flight check" in log
+    assert "SKIPPING 9 of 10 file(s) that failed the pre-flight check" in log
     assert all(problem in log for problem in problems.values())
     assert load_checkpoint(last_pt(tmp_path))["global_step"] == 1  # the one good volume
 

@@ -312,3 +312,41 @@ def test_decode_denormalises_a_latent_in_normalised_units(
     with pytest.raises(SystemExit):
         infer.main([*denormalised, "--denormalise", mode])  # no --latent_stats
     assert "--denormalise needs --decode and --latent_stats" in capsys.readouterr().err
+
+
+def test_in_brain_metrics_mask_source_and_background_of_offset_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """int16 files with scl_inter = 10 (background 10): without a mask column the in-brain metrics cover the
+    estimated brain, not the whole volume (mask_source 'estimated'); with one, that mask ('csv'). The
+    background comes back in --intensity original output (the input is larger than the model's grid, so its
+    rim lies outside it). A head-sized mask gets one warning naming its file."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shape, affine = (28, 32, 24), np.diag([2.0, 2.0, 2.0, 1.0])  # the tiny checkpoint's grid: 24x28x20, 2 mm
+    brain = np.asarray(nib.load(write_volume(data / "brain.nii.gz", shape, affine)).dataobj)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, size) for size in shape], indexing="ij"))
+    head = np.where(brain > 0, brain, np.where((grid**2).sum(0) < 0.9, 60, 0))  # 63 % of the model's grid
+    for name, values in [("offset", brain), ("masked", brain), ("head", head)]:
+        image = nib.Nifti1Image(values.astype(np.int16), affine)
+        image.header.set_slope_inter(1.0, 10.0)
+        nib.save(image, data / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image((brain > 0).astype(np.uint8), affine), data / "mask.nii.gz")
+    rows = {"image": ["offset.nii.gz", "masked.nii.gz", "head.nii.gz"], "mask": ["", "mask.nii.gz", ""]}
+    pd.DataFrame(rows).to_csv(data / "split.csv", index=False)
+
+    out = tmp_path / "out"
+    assert run_infer(tiny_checkpoint(tmp_path / "vae.pt"), data / "split.csv", out, "--no_lpips") == 0
+    error = capsys.readouterr().err
+    metrics = pd.read_csv(out / "metrics.csv").set_index("subject_id")
+    assert list(metrics["mask_source"]) == ["estimated", "csv", "estimated"]
+    for name in ("offset", "masked"):
+        assert metrics.loc[name, "psnr_brain"] != metrics.loc[name, "psnr"]
+        assert metrics.loc[name, "mse_brain"] != metrics.loc[name, "mse"]
+    warnings = [line for line in error.splitlines() if line.startswith("WARNING:")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"WARNING: {data / 'head.nii.gz'}: the brain mask")
+
+    recon = np.asarray(nib.load(out / "offset_recon.nii.gz").dataobj)
+    rim = np.ones(shape, bool)
+    rim[2:-2, 2:-2, 2:-2] = False  # outside the centred 24x28x20 grid
+    assert np.all(recon[rim] == 10.0) and recon.min() >= 10.0
