@@ -12,7 +12,8 @@ Two kinds of file share one format tag (:data:`CHECKPOINT_FORMAT`):
 Either (or a MAISI state dict) can seed a new run's VAE: :func:`init_vae_weights` (``train.init_from``).
 
 Every file is written atomically (temporary file in the same folder, fsync, ``os.replace``) and read only with
-``torch.load(weights_only=True)``: a file that needs code execution to load is refused.
+``torch.load(weights_only=True)``: a file that needs code execution to load is refused, and so is one whose zip
+records fail their CRC-32 (a damaged file; ``torch.load`` does not check them).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pickle
 import re
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,7 +39,9 @@ from utils import DistributedContext, gather_rng_states, new_file_mode, set_rng_
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "check_archive_crcs",
     "check_init_from",
+    "check_state_dict_fits",
     "inference_checkpoint",
     "init_vae_weights",
     "load_checkpoint",
@@ -118,7 +122,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint with ``weights_only=True``; refuse anything that needs code execution.
 
     Every problem is a CheckpointError of one line naming the file: missing, empty, not a zip/pickle file,
-    pickled Python objects (named by type; never unpickled), or damaged.
+    pickled Python objects (named by type; never unpickled), or damaged (every zip record's CRC-32 is checked
+    first; a legacy non-zip file has none to check).
     """
     path = Path(path)
     if not path.is_file():
@@ -129,6 +134,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is empty (0 bytes)")
     if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save: a zip archive, or a pickle (legacy)
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a zip/pickle file)")
+    if head == b"PK\x03\x04":
+        check_archive_crcs(path)
     try:
         with warnings.catch_warnings():  # torch's warnings about odd files would add lines to the one message
             warnings.simplefilter("ignore")
@@ -147,14 +154,35 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "need code execution to load; only plain tensors and JSON-like metadata are accepted"
         ) from None
     except Exception as error:  # a damaged file can make torch.load raise almost anything
-        lines = (
-            re.sub(r"\x1b\[[0-9;]*m|\[enforce fail at [^\]]*\][\s.]*", "", str(error)).strip().splitlines()
-        )
-        reason = f"{type(error).__name__}: {lines[0].split('. ')[0]}" if lines else type(error).__name__
-        raise CheckpointError(f"could not read checkpoint {path} (damaged?): {reason}") from None
+        raise _unreadable(path, error) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary")
     return payload
+
+
+def check_archive_crcs(path: Path) -> None:
+    """CheckpointError when a record of the zip archive ``torch.save`` wrote fails its CRC-32 (the file changed
+    after it was written: a flipped bit, a bad copy); ``torch.load`` itself does not check them.
+
+    Reads the whole file once more; BENCHMARKS.md (fault handling) gives the cost for the default model.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except Exception as error:  # a damaged directory or header: BadZipFile, struct.error, EOFError, …
+        raise _unreadable(path, error) from None
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is damaged: its record {damaged!r} fails the CRC-32 check of the zip archive (the file "
+            "changed after it was saved); use another copy or an earlier checkpoint"
+        )
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    """One line naming ``path`` and the first sentence of ``error`` (no ANSI codes, no C++ source locations)."""
+    lines = re.sub(r"\x1b\[[0-9;]*m|\[enforce fail at [^\]]*\][\s.]*", "", str(error)).strip().splitlines()
+    reason = f"{type(error).__name__}: {lines[0].split('. ')[0]}" if lines else type(error).__name__
+    return CheckpointError(f"could not read checkpoint {path} (damaged?): {reason}")
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -257,6 +285,13 @@ def model_config_differences(saved: dict[str, Any], current: dict[str, Any]) -> 
 
 def load_state_dict_strictly(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """``load_state_dict`` with an error that names the missing, unexpected and mis-shaped keys."""
+    check_state_dict_fits(module, state_dict, source)
+    module.load_state_dict(state_dict)
+
+
+def check_state_dict_fits(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """CheckpointError naming ``source`` and the missing, unexpected and mis-shaped keys of ``state_dict`` for
+    ``module`` (which may live on the meta device: only shapes are compared)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -276,7 +311,6 @@ def load_state_dict_strictly(module: nn.Module, state_dict: dict[str, torch.Tens
             f"shape mismatches [{head(mismatched)}]" if mismatched else "",
         ]
         raise CheckpointError(f"{source} does not fit the model config: " + "; ".join(p for p in parts if p))
-    module.load_state_dict(state_dict)
 
 
 def _is_state_dict(checkpoint: dict[str, Any]) -> bool:
@@ -332,12 +366,14 @@ def load_vae(
 # ------------------------------------------------------------------------------------------- fine-tuning
 
 
-def check_init_from(path: str | Path) -> Path:
-    """The ``train.init_from`` file; CheckpointError naming the key and the path when there is none."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"train.init_from: no checkpoint or MAISI state dict at {path}")
-    return path
+def check_init_from(path: str | Path, model_config: ModelConfig) -> None:
+    """Everything :func:`init_vae_weights` would refuse, before a run sets anything up (no run folder is left by
+    a refusal): the file exists, loads, and its weights fit ``model_config``'s VAE (built on the meta device:
+    no memory, no draw from the RNG). Raises CheckpointError / ConfigError as :func:`init_vae_weights`."""
+    weights, _, source = _init_from_weights(path, model_config)
+    with torch.device("meta"):
+        vae = build_vae(model_config)
+    check_state_dict_fits(vae, weights, source)
 
 
 def init_vae_weights(vae: nn.Module, path: str | Path, model_config: ModelConfig) -> str:
@@ -352,10 +388,21 @@ def init_vae_weights(vae: nn.Module, path: str | Path, model_config: ModelConfig
     Returns:
         the kind of file: ``"brain-vae3d checkpoint"`` or ``"MAISI state dict"``.
     Raises:
-        CheckpointError for a missing or unreadable file or weights that do not fit ``vae`` (naming the keys);
-        ConfigError for one of our checkpoints trained with another model config (naming the keys).
+        CheckpointError for a missing, unreadable or damaged file or weights that do not fit ``vae`` (naming the
+        keys); ConfigError for one of our checkpoints trained with another model config (naming the keys).
     """
-    path = check_init_from(path)
+    weights, kind, source = _init_from_weights(path, model_config)
+    load_state_dict_strictly(vae, weights, source)
+    return kind
+
+
+def _init_from_weights(
+    path: str | Path, model_config: ModelConfig
+) -> tuple[dict[str, torch.Tensor], str, str]:
+    """(VAE weights in our layout, the kind of file, how errors name it) of a ``train.init_from`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"train.init_from: no checkpoint or MAISI state dict at {path}")
     checkpoint = load_checkpoint(path)
     source = f"train.init_from {path}"
     if checkpoint.get("format") == CHECKPOINT_FORMAT:
@@ -367,8 +414,6 @@ def init_vae_weights(vae: nn.Module, path: str | Path, model_config: ModelConfig
                 f"{source} was trained with another model config (saved → this run): "
                 + "; ".join(differences)
             )
-        load_state_dict_strictly(vae, checkpoint["vae"], source)
-        return "brain-vae3d checkpoint"
+        return checkpoint["vae"], "brain-vae3d checkpoint", source
     converted = _converted_maisi_state_dict(checkpoint, source)
-    load_state_dict_strictly(vae, converted, f"{source} (converted from the MAISI layout)")
-    return "MAISI state dict"
+    return converted, "MAISI state dict", f"{source} (converted from the MAISI layout)"

@@ -225,7 +225,9 @@ def open_run(config: Config, context: DistributedContext, resume_arg: str | None
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if context.is_main:
         handlers.append(logging.FileHandler(run.run_dir / "train.log"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)
+    # under torchrun only rank 0 reports progress; the other ranks speak up only for warnings and errors
+    level, rank = (logging.INFO, "") if context.is_main else (logging.WARNING, f"[rank {context.rank}] ")
+    logging.basicConfig(level=level, format=f"%(asctime)s {rank}%(message)s", handlers=handlers, force=True)
     log.info(
         "run %s on %s (world size %d), amp=%s", train.run_name, context.device, context.world_size, amp_dtype
     )
@@ -793,14 +795,14 @@ def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
     os.replace(temporary, path)
 
 
-def verify_identical_weights(module: torch.nn.Module, context: DistributedContext) -> None:
-    """DDP sanity check: every rank must end with the same weights (compares per-tensor sums)."""
+def verify_identical_weights(module: torch.nn.Module, name: str, context: DistributedContext) -> None:
+    """DDP sanity check: every rank must end with the same weights of ``module`` (compares per-tensor sums)."""
     checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).to(context.device)
     gathered = [torch.zeros_like(checksum) for _ in range(context.world_size)]
     dist.all_gather(gathered, checksum)
     if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
-        raise RuntimeError("DDP ranks ended with different weights: the run is not trustworthy")
-    log.info("weights identical on all %d ranks", context.world_size)
+        raise RuntimeError(f"DDP ranks ended with different {name} weights: the run is not trustworthy")
+    log.info("%s weights identical on all %d ranks", name, context.world_size)
 
 
 def announce_cpu_cost(state: TrainState, loss: VAEGANLoss, run: Run, steps_left: int) -> None:
@@ -849,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config_file, args.overrides)
     train = config.train
     if train.init_from is not None and args.resume is None:
-        check_init_from(train.init_from)  # a mistyped path fails before any set-up
+        check_init_from(train.init_from, config.model)  # a wrong or misfit file fails before any set-up
     context = setup_distributed(train.device)
     seed_everything(train.seed + context.rank)
     run = open_run(config, context, args.resume)
@@ -916,8 +918,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
 
     if context.is_distributed:
-        verify_identical_weights(state.vae, context)
-        verify_identical_weights(state.discriminator, context)
+        verify_identical_weights(state.vae, "VAE", context)
+        verify_identical_weights(state.discriminator, "discriminator", context)
     if run.writer is not None:
         run.writer.close()
     if context.is_main:

@@ -603,6 +603,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    threads = torch.get_num_threads()  # set per run below; put back for a caller in the same process (tests)
     try:
         if args.summarise_only:
             summarise(args.out)
@@ -629,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     except (StudyError, ConfigError, dataset.DataError) as error:
         print(f"ERROR: {error}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 

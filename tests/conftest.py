@@ -1,4 +1,5 @@
-"""Shared test fixtures: keep torch to the two CI cores and locate the optional shared IXI data."""
+"""Shared test fixtures: keep torch to the two CI cores, fail a test that leaves torch's process-wide settings
+changed, and locate the optional shared IXI data."""
 
 from __future__ import annotations
 
@@ -13,6 +14,50 @@ sys.path.insert(0, str(REPO_ROOT))
 IXI_DIR = REPO_ROOT.parent / "shared" / "data" / "ixi"
 
 torch.set_num_threads(2)
+
+
+def torch_global_settings() -> dict[str, object]:
+    """torch's process-wide settings that change results or speed: a test must leave them as it found them."""
+    return {
+        "torch.get_num_threads()": torch.get_num_threads(),
+        "torch.get_default_dtype()": torch.get_default_dtype(),
+        "torch.are_deterministic_algorithms_enabled()": torch.are_deterministic_algorithms_enabled(),
+        "torch.is_deterministic_algorithms_warn_only_enabled()": (
+            torch.is_deterministic_algorithms_warn_only_enabled()
+        ),
+        "torch.backends.cudnn.deterministic": torch.backends.cudnn.deterministic,
+        "torch.backends.cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "torch.is_grad_enabled()": torch.is_grad_enabled(),
+        "torch.is_inference_mode_enabled()": torch.is_inference_mode_enabled(),
+    }
+
+
+def restore_torch_global_settings(settings: dict[str, object]) -> None:
+    """Put back what :func:`torch_global_settings` returned."""
+    torch.set_num_threads(settings["torch.get_num_threads()"])
+    torch.set_default_dtype(settings["torch.get_default_dtype()"])
+    torch.use_deterministic_algorithms(
+        settings["torch.are_deterministic_algorithms_enabled()"],
+        warn_only=settings["torch.is_deterministic_algorithms_warn_only_enabled()"],
+    )
+    torch.backends.cudnn.deterministic = settings["torch.backends.cudnn.deterministic"]
+    torch.backends.cudnn.benchmark = settings["torch.backends.cudnn.benchmark"]
+    torch.set_grad_enabled(settings["torch.is_grad_enabled()"])
+
+
+@pytest.fixture(autouse=True)
+def torch_settings_unchanged():
+    """Fail the test (at teardown) when it, its fixtures or the code it runs leave a torch setting changed, so
+    that no result depends on the order the tests run in; the settings are put back for the next test."""
+    before = torch_global_settings()
+    yield
+    after = torch_global_settings()
+    changed = [f"{name}: {before[name]} → {after[name]}" for name in before if after[name] != before[name]]
+    if changed:
+        restore_torch_global_settings(before)
+        pytest.fail(
+            "the test left torch's process-wide settings changed: " + "; ".join(changed), pytrace=False
+        )
 
 
 @pytest.fixture

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -50,6 +53,23 @@ def tiny_checkpoint(
     torch.manual_seed(0)
     save_checkpoint(inference_checkpoint(build_vae(config.model), config, None), path)
     return path
+
+
+def flip_byte_in_largest_tensor(path: Path) -> str:
+    """Flip one bit in the middle of the largest tensor record of a ``torch.save`` zip archive, in place (a
+    weight changes; the record's CRC-32 no longer matches). Returns the record's name."""
+    with zipfile.ZipFile(path) as archive:
+        tensors = [info for info in archive.infolist() if re.search(r"/data/\d+$", info.filename)]
+    record = max(tensors, key=lambda info: info.file_size)
+    with open(path, "r+b") as file:
+        file.seek(record.header_offset + 26)  # the local header's name and extra-field lengths
+        name_length, extra_length = struct.unpack("<HH", file.read(4))
+        offset = record.header_offset + 30 + name_length + extra_length + record.file_size // 2
+        file.seek(offset)
+        byte = file.read(1)[0]
+        file.seek(offset)
+        file.write(bytes([byte ^ 0x10]))
+    return record.filename
 
 
 def randomise_group_norms(model: torch.nn.Module) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_MODEL, tiny_checkpoint, tiny_maisi
+from helpers import TINY_MODEL, flip_byte_in_largest_tensor, tiny_checkpoint, tiny_maisi
 
 from checkpoints import CheckpointError, init_vae_weights, load_checkpoint, load_vae, save_checkpoint
 from config import Config, ConfigError, ModelConfig
@@ -193,6 +193,34 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path, kind):
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(path)
     assert str(error.value) == expected
+
+
+def test_checkpoint_with_a_flipped_bit_is_refused_by_every_loader(tmp_path):
+    """torch.load does not check the zip's CRC-32s, so one flipped bit in a weight loaded silently. The one safe
+    load refuses it for every user: load_checkpoint (train.py --resume), load_vae (infer.py, save_latent.py,
+    the notebook) and init_vae_weights (train.init_from), naming the file and the record."""
+    path = tiny_checkpoint(tmp_path / "vae.pt")
+    record = flip_byte_in_largest_tensor(path)
+    loaders = {
+        "load_checkpoint": lambda: load_checkpoint(path),
+        "load_vae": lambda: load_vae(path),
+        "init_vae_weights": lambda: init_vae_weights(build_vae(tiny_model()), path, tiny_model()),
+    }
+    for name, load in loaders.items():
+        with pytest.raises(CheckpointError) as error:
+            load()
+        assert str(error.value).startswith(f"{path} is damaged: its record {record!r} fails the CRC-32"), name
+
+
+def test_checkpoint_with_a_damaged_zip_directory_is_one_clear_line(tmp_path):
+    """A flipped byte in the archive's structure (a central-directory signature), which the CRC check reads
+    first: still one line naming the file, no traceback."""
+    path = tiny_checkpoint(tmp_path / "vae.pt")
+    data = bytearray(path.read_bytes())
+    data[data.rindex(b"PK\x01\x02")] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"^could not read checkpoint {path} \\(damaged\\?\\): "):
+        load_checkpoint(path)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask022", "umask002"])

@@ -33,6 +33,7 @@ import torch
 from helpers import (
     REPO_ROOT,
     SHAPE,
+    flip_byte_in_largest_tensor,
     oblique_affine,
     run_train_subprocess,
     tiny_checkpoint,
@@ -328,6 +329,18 @@ def test_train_resume_with_another_model_config_is_refused(run_copy, tiny_split)
     assert digest(path) == before
 
 
+def test_train_resume_from_a_damaged_checkpoint_is_refused(run_copy, tiny_split):
+    """One flipped bit inside a weight of last.pt: torch.load accepted it and the run went on with the changed
+    weight; now the zip's CRC-32 check refuses it, one line, and the file is left as it is."""
+    path = last_pt(run_copy)
+    record = flip_byte_in_largest_tensor(path)
+    before = digest(path)
+    args = [*tiny_overrides(run_copy, tiny_split, **FAST), "--set", "train.num_epochs=2", "--resume"]
+    result = run_script("train.py", args)
+    assert_clean_error(result, 2, f"error: {path} is damaged: its record {record!r} fails the CRC-32 check")
+    assert digest(path) == before
+
+
 def test_train_refused_resume_keeps_run_config(run_copy, tiny_split):
     config_path = run_dir_of(run_copy) / "config.json"
     before = config_path.read_text()
@@ -429,12 +442,20 @@ GARBAGE_CHECKPOINTS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["empty", "text", "pickled"])
+@pytest.mark.parametrize("kind", ["empty", "text", "pickled", "flipped"])
 @pytest.mark.parametrize("script", ["infer", "save_latent"])
 def test_garbage_checkpoint_is_one_clear_line(tmp_path, capsys, script, kind):
-    """An empty file, a text file or pickled objects as --model_checkpoint: one line naming file and problem."""
+    """An empty file, a text file, pickled objects or a checkpoint with one flipped bit in a weight (torch.load
+    accepted it, and infer.py wrote outputs with the changed weight) as --model_checkpoint: one line naming
+    the file and the problem."""
     checkpoint = tmp_path / f"{kind}.pt"
-    if kind == "pickled":
+    if kind == "flipped":
+        record = flip_byte_in_largest_tensor(tiny_checkpoint(checkpoint))
+        expected = (
+            f"ERROR: {checkpoint} is damaged: its record {record!r} fails the CRC-32 check of the zip archive "
+            "(the file changed after it was saved); use another copy or an earlier checkpoint"
+        )
+    elif kind == "pickled":
         torch.save({"format": CHECKPOINT_FORMAT, "payload": PickledCode(tmp_path / "marker")}, checkpoint)
         expected = (
             f"ERROR: refusing to load {checkpoint}: it contains pickled Python objects (posix.system) that "

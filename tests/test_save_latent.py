@@ -33,7 +33,10 @@ def latent_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.npy") if not p.name.startswith("."))
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, one_thread) -> None:
+    """Kill -9 mid-run, rerun, and get the uninterrupted run's latents and statistics to the last digit. The
+    killed run is a process of its own and the other two run here: all on one thread (a thread count changes
+    the float summation order, whatever the machine's core count or the tests run before)."""
     checkpoint = tiny_checkpoint(tmp_path / "vae.pt", target_shape=(48, 48, 48))
     n = 10
     split = make_split(tmp_path / "data", n, shape=(50, 50, 50))
@@ -47,7 +50,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
         str(split),
     ]
     command += ["--output_dir", str(killed), "--device", "cpu", "--num_workers", "0", "--batch_size", "2"]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 120
         while len(latent_files(killed)) < 3 and process.poll() is None and time.monotonic() < deadline:

@@ -33,6 +33,7 @@ from config import Config, ConfigError
 from losses import VAEGANLoss
 from model import build_vae
 from model.maisi_vae import convert_maisi_state_dict
+from utils import DistributedContext
 
 
 def test_two_epochs_cross_the_gan_stage(tmp_path, tiny_split):
@@ -157,13 +158,37 @@ def test_ddp_two_gloo_processes(tmp_path, tiny_split):
         timeout=400,
     )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
-    assert "weights identical on all 2 ranks" in process.stderr
+    console = process.stderr.splitlines()  # both ranks write to it; only rank 0 logs below WARNING
+    for line in ("VAE weights identical on all 2 ranks", "discriminator weights identical on all 2 ranks"):
+        assert sum(text.endswith(line) for text in console) == 1, process.stderr[-3000:]
+    assert sum("run tiny on cpu (world size 2)" in text for text in console) == 1, process.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tiny"
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.pt"]
     assert len(list(run_dir.glob("events.out.tfevents*"))) == 1
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert last["world_size"] == 2 and len(last["rng"]) == 2
     assert last["global_step"] == 2  # 4 volumes / (2 ranks × batch 2) = 1 step per epoch
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_logs_below_warning(tmp_path, tiny_split, capsys, rank):
+    """Under torchrun every rank shares the console: rank 1 (faked here) says nothing below WARNING and marks
+    what it does say; rank 0 logs everything, to the console and to train.log."""
+    args = train.parse_args(tiny_overrides(tmp_path, tiny_split))
+    config = train.load_config(args.config_file, args.overrides)
+    context = DistributedContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+    train.open_run(config, context, None)
+    train.log.info("progress for the user")
+    train.log.warning("something to look at")
+    console = capsys.readouterr().err.splitlines()
+    if rank == 0:
+        assert [line.split(" ", 2)[2] for line in console[-2:]] == [
+            "progress for the user",
+            "something to look at",
+        ]
+        assert "progress for the user" in (tmp_path / "runs" / "tiny" / "train.log").read_text()
+    else:
+        assert len(console) == 1 and console[0].endswith("[rank 1] something to look at"), console
 
 
 def test_adversarial_weight_fixed_or_adaptive(tmp_path, tiny_split):
@@ -321,6 +346,8 @@ def test_init_from_errors_are_clear(tmp_path, tiny_split):
     args = [*tiny_overrides(tmp_path, tiny_split, init_from=str(ours)), "--set", "model.latent_channels=3"]
     with pytest.raises(ConfigError, match=r"train\.init_from .*best_model\.pt .*latent_channels: 2 → 3"):
         train.main(args)
+    # every refusal before any set-up: no run folder whose train.log would lack the error (FAULTS.md row 22)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "best_runs").exists()
 
 
 def test_resume_does_not_apply_init_from(tmp_path, tiny_split):
