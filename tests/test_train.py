@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from checkpoints import CheckpointError, init_vae_weights, load_checkpoint
-from config import Config, ConfigError
+from config import Config, ConfigError, load_config
 from losses import VAEGANLoss
 from model import build_vae
 from model.maisi_vae import convert_maisi_state_dict
@@ -457,6 +457,21 @@ def test_ema_tracks_the_weights_and_is_what_validation_and_the_best_model_use(tm
     assert all(torch.equal(best["vae"][k], last["vae_ema"][k]) for k in last["vae_ema"])
     assert not all(torch.equal(last["vae"][k], last["vae_ema"][k]) for k in last["vae"])
     assert train.main([*tiny_overrides(tmp_path, tiny_split, num_epochs=2, ema_decay=0.99), "--resume"]) == 0
+
+
+def test_ema_is_on_by_default_and_null_switches_it_off(tmp_path, tiny_split):
+    """The default recipe (and the CPU preset) validates and saves the EMA; ``train.ema_decay=null`` trains
+    without one: no ``vae_ema`` in last.pt and best_model.pt holds the live weights."""
+    for path in (REPO_ROOT / "config.json", REPO_ROOT / "configs" / "cpu.json"):
+        assert load_config(path).train.ema_decay == 0.999
+    assert tiny_state()[0].vae_ema is not None
+    state, _, _ = tiny_state(ema_decay=None)
+    assert state.vae_ema is None and state.eval_vae is state.vae
+    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1, ema_decay=None)) == 0
+    last = load_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt")
+    best = load_checkpoint(tmp_path / "best_runs" / "tiny" / "best_model.pt")
+    assert "vae_ema" not in last and last["config"]["train"]["ema_decay"] is None
+    assert all(torch.equal(best["vae"][k], last["vae"][k]) for k in last["vae"])
 
 
 def test_time_budget_stops_validates_and_reports(tmp_path, tiny_split, capsys):
