@@ -62,7 +62,7 @@ from latents import (
     write_latent,
 )
 from metrics import image_metrics
-from utils import autocast
+from utils import DeviceOutOfMemoryError, autocast, explain_out_of_memory
 
 
 def summary_table(metrics: pd.DataFrame) -> str:
@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ids = list(frame["subject_id"].astype(str))
     rows, metric_names = [], []
     batches = preprocessed_batches(frame, prep, todo, args.batch_size, args.num_workers)
-    with tqdm(total=len(todo), desc="infer", unit="vol", disable=not todo) as progress:
+    remedies = f"lower --batch_size (now {args.batch_size}), or use --amp bf16 (now {args.amp})"
+    memory = explain_out_of_memory(model.device, args.batch_size, tuple(prep.target_shape), remedies)
+    with tqdm(total=len(todo), desc="infer", unit="vol", disable=not todo) as progress, memory:
         for batch in batches:
             failures.update({item["index"]: item["error"] for item in batch if item["error"]})
             loaded = [item for item in batch if not item["error"]]
@@ -181,4 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DeviceOutOfMemoryError as error:  # one line, no traceback; latents already written are kept
+        print(f"ERROR: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -60,6 +60,7 @@ from latents import (
     write_latent,
 )
 from metrics import LatentStatistics
+from utils import DeviceOutOfMemoryError, explain_out_of_memory
 
 SETTINGS_FILE = ".save_latent_settings.json"
 
@@ -155,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ids = list(frame["subject_id"].astype(str))
     batches = preprocessed_batches(frame, model.config.preprocessing, todo, args.batch_size, args.num_workers)
-    with tqdm(total=len(todo), desc="encode", unit="vol", disable=not todo) as progress:
+    remedies = f"lower --batch_size (now {args.batch_size}), or use --amp bf16 (now {args.amp})"
+    memory = explain_out_of_memory(
+        model.device, args.batch_size, tuple(model.config.preprocessing.target_shape), remedies
+    )
+    with tqdm(total=len(todo), desc="encode", unit="vol", disable=not todo) as progress, memory:
         for batch in batches:
             failures.update({item["index"]: item["error"] for item in batch if item["error"]})
             loaded = [item for item in batch if not item["error"]]
@@ -216,4 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DeviceOutOfMemoryError as error:  # one line, no traceback; latents already written are kept
+        print(f"ERROR: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -58,10 +57,13 @@ from model import MaisiVAE, PatchDiscriminator3D, build_discriminator, build_per
 from model.recompute import recompute
 from plotting import orthogonal_slices_figure
 from utils import (
+    DeviceOutOfMemoryError,
     DistributedContext,
     autocast,
     cleanup_distributed,
+    explain_out_of_memory,
     main_process_first,
+    peak_memory_gb,
     resolve_amp_dtype,
     seed_everything,
     setup_distributed,
@@ -777,13 +779,6 @@ def validate(
 # ------------------------------------------------------------------------------------------- reporting
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak allocated GPU memory, or the process's peak resident set size on CPU (GiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
     """One row per finished epoch (nested values such as latent statistics left out), written atomically."""
     rows = [{k: v for k, v in record.items() if not isinstance(v, dict)} for record in history]
@@ -908,7 +903,13 @@ def main(argv: list[str] | None = None) -> int:
 
     state.vae_step.train()
     stage = None
-    with recompute(use_recompute):
+    remedies = (
+        f"lower train.batch_size (now {train.batch_size}), set train.recompute=on (now "
+        f"{'on' if use_recompute else 'off'}) or train.amp=bf16 (now {train.amp}), e.g. --resume --set "
+        f"train.batch_size={max(1, train.batch_size // 2)}; the last checkpoint, {run.last_path}, is intact"
+    )
+    shape = tuple(config.preprocessing.target_shape)
+    with recompute(use_recompute), explain_out_of_memory(context.device, train.batch_size, shape, remedies):
         while state.epoch < train.num_epochs:
             new_stage = "gan" if state.epoch >= train.gan_start_epoch else "pretrain"
             if new_stage != stage:
@@ -936,6 +937,12 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, CheckpointError, dataset.DataError, NonFiniteTrainingError) as error:
+    except (
+        ConfigError,
+        CheckpointError,
+        dataset.DataError,
+        NonFiniteTrainingError,
+        DeviceOutOfMemoryError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
