@@ -6,7 +6,6 @@ Checkpoint files are owned by ``checkpoints.py``.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import resource
@@ -216,7 +215,6 @@ def explain_out_of_memory(
     except torch.OutOfMemoryError:
         size = "×".join(str(s) for s in shape)
         raise DeviceOutOfMemoryError(
-            f"out of memory on {device} with batches of {batch_size} volume(s) of {size} voxels "
-            f"({batch_size * math.prod(shape) * 4 / 2**20:.0f} MiB per float32 batch), peak memory "
+            f"out of memory on {device} with batches of {batch_size} volume(s) of {size} voxels, peak memory "
             f"{peak_memory_gb(device):.2f} GiB; {remedies}"
         ) from None
