@@ -38,15 +38,37 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from script_args import LATENT_FORMATS, NORMALISATIONS, add_model_arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--dataset", required=True, help="split CSV, folder of NIfTI files or one NIfTI file")
+    parser.add_argument("--output_dir", default="latents")
+    parser.add_argument("--mode", default="mean", choices=["mean", "sample"])
+    parser.add_argument("--format", default="npy", choices=LATENT_FORMATS)
+    parser.add_argument("--overwrite", action="store_true", help="re-encode latents that already exist")
+    parser.add_argument(
+        "--normalise",
+        default="none",
+        choices=NORMALISATIONS,
+        help="normalisation recorded in latent_stats.json for the diffusion stage (files stay unnormalised)",
+    )
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and argument errors answer here, before torch and MONAI load (seconds)
+
 from tqdm import tqdm
 
 from checkpoints import CheckpointError
 from config import ConfigError
 from dataset import DataError, preflight_failures, preprocessed_batches, read_split
 from latents import (
-    LATENT_FORMATS,
-    NORMALISATIONS,
-    add_model_arguments,
     check_output_dir,
     encode_batch,
     latent_affine,
@@ -108,22 +130,7 @@ def statistics_table(summary: dict[str, Any], count: int, output_dir: Path) -> s
 
 def main(argv: list[str] | None = None) -> int:
     """Returns 0 when every row was encoded, 1 when some failed, 2 on a fatal error (bad checkpoint/split)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_model_arguments(parser)
-    parser.add_argument("--dataset", required=True, help="split CSV, folder of NIfTI files or one NIfTI file")
-    parser.add_argument("--output_dir", default="latents")
-    parser.add_argument("--mode", default="mean", choices=["mean", "sample"])
-    parser.add_argument("--format", default="npy", choices=LATENT_FORMATS)
-    parser.add_argument("--overwrite", action="store_true", help="re-encode latents that already exist")
-    parser.add_argument(
-        "--normalise",
-        default="none",
-        choices=NORMALISATIONS,
-        help="normalisation recorded in latent_stats.json for the diffusion stage (files stay unnormalised)",
-    )
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
 
     try:  # everything that can fail as a whole is checked before any set-up or writing
         model = load_model(args.model_checkpoint, args.device, args.amp, maisi_model_config(args))

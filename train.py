@@ -29,6 +29,34 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config_file", default="config.json", help="JSON config (see config.py)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set train.num_epochs=2 (repeatable; VALUE is JSON)",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue a run: without a value, from runs/<run_name>/checkpoints/last.pt",
+    )
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and argument errors answer here, before torch and MONAI load (seconds)
+
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -178,30 +206,6 @@ class Run:
             dist.broadcast(flag, src=0)
             over = bool(flag.item())
         return over
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config_file", default="config.json", help="JSON config (see config.py)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value, e.g. --set train.num_epochs=2 (repeatable; VALUE is JSON)",
-    )
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        metavar="CHECKPOINT",
-        help="continue a run: without a value, from runs/<run_name>/checkpoints/last.pt",
-    )
-    return parser.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -736,7 +740,11 @@ def validate(
     preview: dict[str, torch.Tensor] = {}
     indices = list(range(context.rank, len(val_set), context.world_size))
     batch_size = config.train.val_batch_size or config.train.batch_size
-    for start in range(0, len(indices), batch_size):
+    starts = range(0, len(indices), batch_size)
+    # rank 0 only, and only on a terminal (disable=None): no progress lines in non-interactive logs
+    for start in tqdm(
+        starts, desc="validation", unit="batch", leave=False, disable=None if context.is_main else True
+    ):
         chunk = indices[start : start + batch_size]
         if isinstance(val_set, DeviceVolumeCache):
             batch = val_set.batch(chunk)

@@ -738,3 +738,26 @@ def test_infer_and_save_latent_out_of_memory_is_one_line(tmp_path, script):
     if script == "save_latent.py":  # the first batch's latents are kept, complete
         assert sorted(p.name for p in out.glob("sub*.npy")) == ["sub00.npy", "sub01.npy"]
         assert all(np.load(p).shape == (2, 12, 14, 10) for p in out.glob("sub*.npy"))
+
+
+# ------------------------------------------------------------------------------- --help answers at once
+
+
+@pytest.mark.parametrize("script", ["train.py", "infer.py", "save_latent.py", "dataset.py"])
+@pytest.mark.parametrize("args", [["--help"], ["--no_such_flag"]], ids=["help", "argument_error"])
+def test_help_and_argument_errors_answer_before_torch_and_monai_load(script, args):
+    """``--help`` and argparse errors come before the heavy imports (MONAI took ~10 s): the subprocess's
+    import log (``python -X importtime``) names no torch or monai module."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", script, *args], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    imported = [
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "import time:" in line
+    ]
+    assert "argparse" in imported  # the import log is there: the check below can fail
+    heavy = sorted({name.split(".")[0] for name in imported} & {"torch", "monai", "numpy", "pandas"})
+    assert heavy == [], f"{script} {args[0]} imported {heavy}"
+    if args == ["--help"]:
+        assert result.returncode == 0 and "usage:" in result.stdout
+    else:
+        assert result.returncode == 2 and f"{script}: error: " in result.stderr  # argparse's message
