@@ -3,7 +3,8 @@
 Shared by ``infer.py``, ``save_latent.py`` and the notebook (scripts never import each other):
 
 * :func:`add_model_arguments` / :func:`load_model`: the checkpoint (ours, or a bare MAISI state dict with
-  ``--maisi_*`` flags), device and AMP options of both scripts;
+  ``--maisi_*`` flags), device and AMP options of both scripts (the flags are defined in ``script_args.py``,
+  which needs no torch, and re-exported here);
 * :func:`encode_batch`: posterior mean, or a draw seeded per row (:func:`row_seed`), so reruns match;
 * :func:`build_metric_lpips`: the checkpoint's LPIPS3D for reporting, with the backbone's default weights
   when the training machine's ``perceptual.weights_path`` is not here (or none, with a warning);
