@@ -236,7 +236,9 @@ class TrainConfig:
     * ``lr_schedule``: ``constant``, or ``cosine`` decay to ``min_lr_fraction`` × ``learning_rate`` over the run
       (over ``time_budget_s`` when that is set); both after ``warmup_steps`` of linear warm-up.
     * ``ema_decay``: keep an exponential moving average of the VAE weights; validation, the best model and
-      the inference checkpoint then use the average.
+      the inference checkpoint then use the average. On by default (0.999): each step uses
+      ``min(ema_decay, (1 + t) / (10 + t))`` (``train.update_ema``), an averaging horizon of about a ninth of
+      the steps so far, up to ``1 / (1 - ema_decay)`` steps; ``null`` switches it off.
     * ``time_budget_s``: stop after this much wall-clock time since the start (validate and save first).
     * ``recompute``: the memory-saving recompute of ``model/recompute.py`` — ``auto``: on for CPU, off on
       CUDA unless the estimated training memory would not fit.
@@ -264,7 +266,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 0
     min_lr_fraction: float = 0.1
-    ema_decay: float | None = None
+    ema_decay: float | None = 0.999
     time_budget_s: float | None = None
     grad_clip: float | None = 1.0
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"

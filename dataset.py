@@ -43,6 +43,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The CLI's arguments (``--check`` or ``--make_demo``)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--check", metavar="SPLIT", help="pre-flight check a split CSV / folder / NIfTI file")
+    action.add_argument("--make_demo", metavar="OUT_DIR", help="build the demo cohort in OUT_DIR")
+    parser.add_argument("--skip_bad_files", action="store_true", help="with --check: list and drop bad files")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and argument errors answer here, before torch and MONAI load (seconds)
+
 import monai.transforms as mt
 import nibabel as nib
 import numpy as np
@@ -853,14 +869,7 @@ def preprocessed_batches(
 
 def main(argv: list[str] | None = None) -> int:
     """``--check split [--skip_bad_files]`` or ``--make_demo out_dir``; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--check", metavar="SPLIT", help="pre-flight check a split CSV / folder / NIfTI file")
-    action.add_argument("--make_demo", metavar="OUT_DIR", help="build the demo cohort in OUT_DIR")
-    parser.add_argument("--skip_bad_files", action="store_true", help="with --check: list and drop bad files")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if args.make_demo:
         for split, csv in make_demo_cohort(args.make_demo).items():
             print(f"{split}: {csv}")

@@ -39,52 +39,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import pandas as pd
-import torch
-from tqdm import tqdm
-
-from checkpoints import CheckpointError
-from config import ConfigError
-from dataset import (
-    DataError,
-    brain_mask_warning,
-    preflight_failures,
-    preprocessed_batches,
-    read_split,
-    restore_to_input_grid,
-)
-from latents import (
-    LATENT_FORMATS,
-    NORMALISATIONS,
-    add_model_arguments,
-    build_metric_lpips,
-    check_output_dir,
-    decode_latent_file,
-    encode_batch,
-    latent_affine,
-    load_model,
-    maisi_model_config,
-    output_paths,
-    read_latent_stats,
-    row_seed,
-    write_latent,
-)
-from metrics import image_metrics
-from utils import autocast
+from script_args import LATENT_FORMATS, NORMALISATIONS, add_model_arguments
 
 
-def summary_table(metrics: pd.DataFrame) -> str:
-    """One line per metric: mean ± std over the files."""
-    lines = [f"{'metric':<16}{'mean ± std':>24}   (n = {len(metrics)})"]
-    for name in metrics.columns:
-        values = metrics[name].astype(float)
-        lines.append(f"{name:<16}{values.mean():>14.4f} ± {values.std(ddof=0):<8.4f}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Returns 0 when every file was processed, 1 when some failed, 2 on a fatal error (checkpoint, input)."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -113,6 +71,56 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             "--denormalise needs --decode and --latent_stats (the latent_stats.json of save_latent.py)"
         )
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and argument errors answer here, before torch and MONAI load (seconds)
+
+import nibabel as nib
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from checkpoints import CheckpointError
+from config import ConfigError
+from dataset import (
+    DataError,
+    brain_mask_warning,
+    preflight_failures,
+    preprocessed_batches,
+    read_split,
+    restore_to_input_grid,
+)
+from latents import (
+    build_metric_lpips,
+    check_output_dir,
+    decode_latent_file,
+    encode_batch,
+    latent_affine,
+    load_model,
+    maisi_model_config,
+    output_paths,
+    read_latent_stats,
+    row_seed,
+    write_latent,
+)
+from metrics import image_metrics
+from utils import DeviceOutOfMemoryError, autocast, explain_out_of_memory
+
+
+def summary_table(metrics: pd.DataFrame) -> str:
+    """One line per metric: mean ± std over the files."""
+    lines = [f"{'metric':<16}{'mean ± std':>24}   (n = {len(metrics)})"]
+    for name in metrics.columns:
+        values = metrics[name].astype(float)
+        lines.append(f"{name:<16}{values.mean():>14.4f} ± {values.std(ddof=0):<8.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns 0 when every file was processed, 1 when some failed, 2 on a fatal error (checkpoint, input)."""
+    args = parse_args(argv)
 
     output_dir = Path(args.output_dir)
     try:  # everything that can fail as a whole is checked before any set-up or writing
@@ -144,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ids = list(frame["subject_id"].astype(str))
     rows, metric_names = [], []
     batches = preprocessed_batches(frame, prep, todo, args.batch_size, args.num_workers)
-    with tqdm(total=len(todo), desc="infer", unit="vol", disable=not todo) as progress:
+    remedies = f"lower --batch_size (now {args.batch_size}), or use --amp bf16 (now {args.amp})"
+    memory = explain_out_of_memory(model.device, args.batch_size, tuple(prep.target_shape), remedies)
+    with tqdm(total=len(todo), desc="infer", unit="vol", disable=not todo) as progress, memory:
         for batch in batches:
             failures.update({item["index"]: item["error"] for item in batch if item["error"]})
             loaded = [item for item in batch if not item["error"]]
@@ -193,4 +203,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DeviceOutOfMemoryError as error:  # one line, no traceback; latents already written are kept
+        print(f"ERROR: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -3,7 +3,8 @@
 Shared by ``infer.py``, ``save_latent.py`` and the notebook (scripts never import each other):
 
 * :func:`add_model_arguments` / :func:`load_model`: the checkpoint (ours, or a bare MAISI state dict with
-  ``--maisi_*`` flags), device and AMP options of both scripts;
+  ``--maisi_*`` flags), device and AMP options of both scripts (the flags are defined in ``script_args.py``,
+  which needs no torch, and re-exported here);
 * :func:`encode_batch`: posterior mean, or a draw seeded per row (:func:`row_seed`), so reruns match;
 * :func:`build_metric_lpips`: the checkpoint's LPIPS3D for reporting, with the backbone's default weights
   when the training machine's ``perceptual.weights_path`` is not here (or none, with a warning);
@@ -40,6 +41,7 @@ from checkpoints import load_vae
 from config import Config, ModelConfig, PerceptualConfig
 from dataset import DataError, PreprocessedVolume
 from model import LPIPS3D, MaisiVAE, build_perceptual_loss
+from script_args import LATENT_FORMATS, NORMALISATIONS, add_model_arguments
 from utils import autocast, new_file_mode, resolve_amp_dtype, resolve_device
 
 __all__ = [
@@ -67,38 +69,7 @@ __all__ = [
     "write_latent",
 ]
 
-LATENT_FORMATS = ("npy", "nii.gz", "pt")
-NORMALISATIONS = ("none", "global", "channel")
-
-
 # ------------------------------------------------------------------------------------------- the model
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Checkpoint, MAISI model flags, device, AMP, batch size, loader workers and sampling seed."""
-    parser.add_argument(
-        "--model_checkpoint", required=True, help="best_model.pt / last.pt, or a MAISI state dict"
-    )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
-    parser.add_argument("--batch_size", type=_positive_int, default=2, help="volumes per forward pass")
-    parser.add_argument(
-        "--num_workers", type=int, default=2, help="DataLoader processes that preprocess volumes"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="base seed of sampled latents")
-    maisi = parser.add_argument_group("MAISI state dict (a bare state dict carries no config)")
-    maisi.add_argument("--maisi_channels", type=int, nargs="+", help="e.g. 64 128 256")
-    maisi.add_argument("--maisi_num_res_blocks", type=int, nargs="+", help="e.g. 2 2 2")
-    maisi.add_argument("--maisi_latent_channels", type=int, default=4)
-    maisi.add_argument("--maisi_norm_num_groups", type=int, default=32)
-    maisi.add_argument("--maisi_attention_levels", type=int, nargs="+", help="0/1 per level (default all 0)")
 
 
 def maisi_model_config(args: argparse.Namespace) -> ModelConfig | None:

@@ -38,15 +38,37 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from script_args import LATENT_FORMATS, NORMALISATIONS, add_model_arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--dataset", required=True, help="split CSV, folder of NIfTI files or one NIfTI file")
+    parser.add_argument("--output_dir", default="latents")
+    parser.add_argument("--mode", default="mean", choices=["mean", "sample"])
+    parser.add_argument("--format", default="npy", choices=LATENT_FORMATS)
+    parser.add_argument("--overwrite", action="store_true", help="re-encode latents that already exist")
+    parser.add_argument(
+        "--normalise",
+        default="none",
+        choices=NORMALISATIONS,
+        help="normalisation recorded in latent_stats.json for the diffusion stage (files stay unnormalised)",
+    )
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and argument errors answer here, before torch and MONAI load (seconds)
+
 from tqdm import tqdm
 
 from checkpoints import CheckpointError
 from config import ConfigError
 from dataset import DataError, preflight_failures, preprocessed_batches, read_split
 from latents import (
-    LATENT_FORMATS,
-    NORMALISATIONS,
-    add_model_arguments,
     check_output_dir,
     encode_batch,
     latent_affine,
@@ -60,6 +82,7 @@ from latents import (
     write_latent,
 )
 from metrics import LatentStatistics
+from utils import DeviceOutOfMemoryError, explain_out_of_memory
 
 SETTINGS_FILE = ".save_latent_settings.json"
 
@@ -107,22 +130,7 @@ def statistics_table(summary: dict[str, Any], count: int, output_dir: Path) -> s
 
 def main(argv: list[str] | None = None) -> int:
     """Returns 0 when every row was encoded, 1 when some failed, 2 on a fatal error (bad checkpoint/split)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_model_arguments(parser)
-    parser.add_argument("--dataset", required=True, help="split CSV, folder of NIfTI files or one NIfTI file")
-    parser.add_argument("--output_dir", default="latents")
-    parser.add_argument("--mode", default="mean", choices=["mean", "sample"])
-    parser.add_argument("--format", default="npy", choices=LATENT_FORMATS)
-    parser.add_argument("--overwrite", action="store_true", help="re-encode latents that already exist")
-    parser.add_argument(
-        "--normalise",
-        default="none",
-        choices=NORMALISATIONS,
-        help="normalisation recorded in latent_stats.json for the diffusion stage (files stay unnormalised)",
-    )
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
 
     try:  # everything that can fail as a whole is checked before any set-up or writing
         model = load_model(args.model_checkpoint, args.device, args.amp, maisi_model_config(args))
@@ -155,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ids = list(frame["subject_id"].astype(str))
     batches = preprocessed_batches(frame, model.config.preprocessing, todo, args.batch_size, args.num_workers)
-    with tqdm(total=len(todo), desc="encode", unit="vol", disable=not todo) as progress:
+    remedies = f"lower --batch_size (now {args.batch_size}), or use --amp bf16 (now {args.amp})"
+    memory = explain_out_of_memory(
+        model.device, args.batch_size, tuple(model.config.preprocessing.target_shape), remedies
+    )
+    with tqdm(total=len(todo), desc="encode", unit="vol", disable=not todo) as progress, memory:
         for batch in batches:
             failures.update({item["index"]: item["error"] for item in batch if item["error"]})
             loaded = [item for item in batch if not item["error"]]
@@ -216,4 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DeviceOutOfMemoryError as error:  # one line, no traceback; latents already written are kept
+        print(f"ERROR: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +28,34 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config_file", default="config.json", help="JSON config (see config.py)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set train.num_epochs=2 (repeatable; VALUE is JSON)",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue a run: without a value, from runs/<run_name>/checkpoints/last.pt",
+    )
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and argument errors answer here, before torch and MONAI load (seconds)
 
 import pandas as pd
 import torch
@@ -58,10 +85,13 @@ from model import MaisiVAE, PatchDiscriminator3D, build_discriminator, build_per
 from model.recompute import recompute
 from plotting import orthogonal_slices_figure
 from utils import (
+    DeviceOutOfMemoryError,
     DistributedContext,
     autocast,
     cleanup_distributed,
+    explain_out_of_memory,
     main_process_first,
+    peak_memory_gb,
     resolve_amp_dtype,
     seed_everything,
     setup_distributed,
@@ -176,30 +206,6 @@ class Run:
             dist.broadcast(flag, src=0)
             over = bool(flag.item())
         return over
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config_file", default="config.json", help="JSON config (see config.py)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value, e.g. --set train.num_epochs=2 (repeatable; VALUE is JSON)",
-    )
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        metavar="CHECKPOINT",
-        help="continue a run: without a value, from runs/<run_name>/checkpoints/last.pt",
-    )
-    return parser.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -388,19 +394,18 @@ def wrap_for_training(state: TrainState, train: TrainConfig, context: Distribute
 
 
 def half_size(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """(D, H, W) halved per axis (at least 8): where the estimates below measure, to scale up by voxels."""
+    """(D, H, W) halved per axis (at least 8): where :func:`estimate_training_bytes` measures, to scale up."""
     return tuple(max(8, math.ceil(s / 2)) for s in shape)
 
 
 def estimate_cpu_step_seconds(state: TrainState, loss: VAEGANLoss, run: Run) -> float:
-    """Seconds per pretraining step on this CPU: forward + backward at half the size per axis, timed on the
-    second of two passes (the first pays one-off set-up) and scaled by the voxel ratio. A rough estimate; no
-    weight, gradient or random stream is changed."""
+    """Seconds per pretraining step on this CPU: forward + backward of one full-size batch, timed after a
+    warm-up pass that pays the one-off costs (allocations, kernel selection; a half-size pass scaled up by
+    the voxel count overestimated 4x, issue 17). No weight, gradient or random stream is changed."""
     shape = tuple(run.config.preprocessing.target_shape)
-    small = half_size(shape)
     with torch.random.fork_rng():
-        images = torch.rand(run.config.train.batch_size, 1, *small)
-        for _ in range(2):
+        images = torch.rand(run.config.train.batch_size, 1, *shape)
+        for _ in range(2):  # the first is the warm-up
             start = time.perf_counter()
             with autocast(images.device, run.amp_dtype):
                 recon, mu, sigma = state.vae(images)
@@ -408,7 +413,7 @@ def estimate_cpu_step_seconds(state: TrainState, loss: VAEGANLoss, run: Run) -> 
             total.backward()
             seconds = time.perf_counter() - start
     state.vae.zero_grad(set_to_none=True)
-    return seconds * math.prod(shape) / math.prod(small)
+    return seconds
 
 
 # ------------------------------------------------------------------------------------------- one step
@@ -737,7 +742,11 @@ def validate(
     preview: dict[str, torch.Tensor] = {}
     indices = list(range(context.rank, len(val_set), context.world_size))
     batch_size = config.train.val_batch_size or config.train.batch_size
-    for start in range(0, len(indices), batch_size):
+    starts = range(0, len(indices), batch_size)
+    # rank 0 only, and only on a terminal (disable=None): no progress lines in non-interactive logs
+    for start in tqdm(
+        starts, desc="validation", unit="batch", leave=False, disable=None if context.is_main else True
+    ):
         chunk = indices[start : start + batch_size]
         if isinstance(val_set, DeviceVolumeCache):
             batch = val_set.batch(chunk)
@@ -778,13 +787,6 @@ def validate(
 
 
 # ------------------------------------------------------------------------------------------- reporting
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak allocated GPU memory, or the process's peak resident set size on CPU (GiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
@@ -885,6 +887,14 @@ def main(argv: list[str] | None = None) -> int:
             "resumed %s at epoch %d, step %d (global step %d)",
             run.resume_path, state.epoch, state.step_in_epoch, state.global_step,
         )  # fmt: skip
+        if state.epoch >= train.num_epochs:
+            log.info(
+                "run %s is finished: all %d epochs are done, nothing to train. To train it further, resume with "
+                "more epochs, e.g. --resume --set train.num_epochs=%d",
+                train.run_name, train.num_epochs, state.epoch + max(1, train.num_epochs // 2),
+            )  # fmt: skip
+            cleanup_distributed()
+            return 0
     wrap_for_training(state, train, context)
     if context.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -903,7 +913,13 @@ def main(argv: list[str] | None = None) -> int:
 
     state.vae_step.train()
     stage = None
-    with recompute(use_recompute):
+    remedies = (
+        f"lower train.batch_size (now {train.batch_size}), set train.recompute=on (now "
+        f"{'on' if use_recompute else 'off'}) or train.amp=bf16 (now {train.amp}), e.g. --resume --set "
+        f"train.batch_size={max(1, train.batch_size // 2)}; the last checkpoint, {run.last_path}, is intact"
+    )
+    shape = tuple(config.preprocessing.target_shape)
+    with recompute(use_recompute), explain_out_of_memory(context.device, train.batch_size, shape, remedies):
         while state.epoch < train.num_epochs:
             new_stage = "gan" if state.epoch >= train.gan_start_epoch else "pretrain"
             if new_stage != stage:
@@ -931,6 +947,12 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, CheckpointError, dataset.DataError, NonFiniteTrainingError) as error:
+    except (
+        ConfigError,
+        CheckpointError,
+        dataset.DataError,
+        NonFiniteTrainingError,
+        DeviceOutOfMemoryError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

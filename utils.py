@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import resource
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -190,3 +191,30 @@ def new_file_mode() -> int:
         umask = os.umask(0)
         os.umask(umask)
     return 0o666 & ~umask
+
+
+class DeviceOutOfMemoryError(RuntimeError):
+    """The device ran out of memory; the message says with which batch and what to change (one line)."""
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident set size on CPU (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(
+    device: torch.device, batch_size: int, shape: tuple[int, ...], remedies: str
+) -> Iterator[None]:
+    """Turn a ``torch.OutOfMemoryError`` inside into one :class:`DeviceOutOfMemoryError` line: the batch size,
+    the volume size ``shape`` (D, H, W), the peak memory and ``remedies`` (what to change); no traceback."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        size = "×".join(str(s) for s in shape)
+        raise DeviceOutOfMemoryError(
+            f"out of memory on {device} with batches of {batch_size} volume(s) of {size} voxels, peak memory "
+            f"{peak_memory_gb(device):.2f} GiB; {remedies}"
+        ) from None

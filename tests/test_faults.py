@@ -692,3 +692,97 @@ def test_csv_without_image_column(tmp_path, tiny_split, capsys, script):
         code = save_latent.main([*common, "--dataset", str(csv)])
     assert code == 2
     assert f"ERROR: {expected}" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ out of memory
+
+
+def out_of_memory_on_call(target: str, call: int) -> str:
+    """A prelude making ``target`` (``module:Class.method``) raise a CUDA-style OutOfMemoryError on call
+    number ``call`` (1-based)."""
+    module, attribute = target.split(":")
+    owner, method = attribute.split(".")
+    return f"""
+import torch
+from {module} import {owner}
+_original, _calls = {owner}.{method}, []
+def _patched(*args, **kwargs):
+    _calls.append(1)
+    if len(_calls) == {call}:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return _original(*args, **kwargs)
+{owner}.{method} = _patched
+"""
+
+
+def assert_one_out_of_memory_line(result: subprocess.CompletedProcess, prefix: str, *fragments: str) -> None:
+    assert_clean_error(result, 2, *fragments)
+    lines = [line for line in result.stderr.splitlines() if "out of memory" in line]
+    assert (
+        len(lines) == 1 and lines[0].startswith(prefix) and lines[0] == result.stderr.strip().splitlines()[-1]
+    )
+
+
+def test_train_out_of_memory_is_one_line_keeping_the_checkpoint(run_copy, tiny_split):
+    path = last_pt(run_copy)
+    before = digest(path)
+    args = [*tiny_overrides(run_copy, tiny_split, num_epochs=2, **FAST), "--resume"]
+    result = run_script("train.py", args, prelude=out_of_memory_on_call("torch.optim:AdamW.step", 1))
+    size = "×".join(map(str, SHAPE))
+    assert_one_out_of_memory_line(
+        result,
+        "error: out of memory on cpu with batches of 2 volume(s) of " + size,
+        "peak memory",
+        "lower train.batch_size (now 2)",
+        "train.recompute=on",
+        "train.amp=bf16 (now auto)",
+        f"the last checkpoint, {path}, is intact",
+    )
+    assert digest(path) == before
+
+
+@pytest.mark.parametrize("script", ["infer.py", "save_latent.py"])
+def test_infer_and_save_latent_out_of_memory_is_one_line(tmp_path, script):
+    from helpers import make_split
+
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    split = make_split(tmp_path / "data", 4)
+    out = tmp_path / "out"
+    source = "--input_data" if script == "infer.py" else "--dataset"
+    args = ["--model_checkpoint", str(checkpoint), source, str(split), "--output_dir", str(out)]
+    args += ["--device", "cpu", "--num_workers", "0", "--batch_size", "2"]
+    prelude = out_of_memory_on_call("model.maisi_vae:MaisiVAE.encode", 2)  # the second batch
+    result = run_script(script, [*args, *(["--no_lpips"] if script == "infer.py" else [])], prelude=prelude)
+    assert_one_out_of_memory_line(
+        result,
+        "ERROR: out of memory on cpu with batches of 2 volume(s) of ",
+        "peak memory",
+        "lower --batch_size (now 2)",
+        "--amp bf16",
+    )
+    if script == "save_latent.py":  # the first batch's latents are kept, complete
+        assert sorted(p.name for p in out.glob("sub*.npy")) == ["sub00.npy", "sub01.npy"]
+        assert all(np.load(p).shape == (2, 12, 14, 10) for p in out.glob("sub*.npy"))
+
+
+# ------------------------------------------------------------------------------- --help answers at once
+
+
+@pytest.mark.parametrize("script", ["train.py", "infer.py", "save_latent.py", "dataset.py"])
+@pytest.mark.parametrize("args", [["--help"], ["--no_such_flag"]], ids=["help", "argument_error"])
+def test_help_and_argument_errors_answer_before_torch_and_monai_load(script, args):
+    """``--help`` and argparse errors come before the heavy imports (MONAI took ~10 s): the subprocess's
+    import log (``python -X importtime``) names no torch or monai module."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", script, *args], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    imported = [
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "import time:" in line
+    ]
+    assert "argparse" in imported  # the import log is there: the check below can fail
+    heavy = sorted({name.split(".")[0] for name in imported} & {"torch", "monai", "numpy", "pandas"})
+    assert heavy == [], f"{script} {args[0]} imported {heavy}"
+    if args == ["--help"]:
+        assert result.returncode == 0 and "usage:" in result.stdout
+    else:
+        assert result.returncode == 2 and f"{script}: error: " in result.stderr  # argparse's message
