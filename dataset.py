@@ -627,12 +627,8 @@ class Augmentation:
     def apply(
         self, images: torch.Tensor, masks: torch.Tensor, draws: Sequence[AugmentationDraw]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``images``/``masks`` (B, 1, D, H, W) float32 (mask 0/1) augmented per ``draws``, item by item, on
-        their device. Returns new tensors: image in [0, 1], mask 0/1."""
-        if len(draws) != images.shape[0] or images.shape != masks.shape:
-            raise ValueError(
-                f"{len(draws)} draws for images {tuple(images.shape)}, masks {tuple(masks.shape)}"
-            )
+        """``images``/``masks`` (B, 1, D, H, W) float32 (mask 0/1) augmented per ``draws`` (one per item), item
+        by item, on their device. Returns new tensors: image in [0, 1], mask 0/1."""
         shape, device = tuple(images.shape[2:]), images.device
         out_images, out_masks = [], []
         for image, mask, draw in zip(images[:, None], masks[:, None], draws, strict=True):  # (1, 1, D, H, W)
