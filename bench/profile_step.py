@@ -1,41 +1,20 @@
 """Where the time of a training step goes: ``train.train_step`` itself under ``torch.profiler``.
 
-    python bench/profile_step.py [--config config.json] [--set section.key=value ...] [--device cpu|cuda]
-        [--shape D H W] [--batch B] [--warmup 2] [--steps 5] [--stages pretrain gan]
+    python -m bench.profile_step [--config config.json] [--set section.key=value ...] [--device cpu|cuda]
+        [--shape D H W] [--batch_size B] [--warmup 2] [--steps 5] [--stages pretrain gan]
         [--data none|loader|device|both] [--data_limit 16] [--trace trace.json] [--json profile.json]
 
-The state is ``train.build_state``'s, the loss ``losses.VAEGANLoss.from_config`` with the LPIPS3D of
-``model.build_perceptual_loss`` (deepbet weights from the installed package or ``perceptual.weights_path``), the
-memory-saving recompute ``train.choose_recompute``'s and ``train.wrap_for_training`` applies ``train.compile``:
-what ``train.py`` runs. Nothing in ``train.py`` is changed: the ranges are put AROUND its calls from the outside
-(``record_function`` opened by forward pre-hooks and closed by forward hooks on the VAE, the LPIPS3D module and
-the discriminator, and by step pre/post hooks on both optimisers). Backward time is attributed through the
-profiler's sequence numbers: a backward node belongs to the module whose forward range created it.
-
-Per stage (pretrain, gan), after ``--warmup`` steps, ``--steps`` timed steps, then ``--steps`` profiled ones (after
-one more the profiler warms up on), all on the same random volumes in [0, 1]:
-
-* wall time per step (synchronised), host (CPU) time in ``train_step`` and, on CUDA, GPU kernel time;
-* the breakdown: VAE / LPIPS3D / discriminator forward and backward, optimiser steps, other backward (loss
-  terms, gradient accumulation), other (loss terms, clipping, the non-finite guard, EMA) — as shares of the
-  step's CPU time (cpu) or of its GPU kernel time (cuda; there the CPU-time breakdown is kept too, as
-  ``breakdown_host``: a step whose host time nears its wall time is bound by launching kernels);
-* host synchronisations per step, counted in a separate unprofiled pass: ``aten._local_scalar_dense`` calls
-  (``.item()``, ``bool(t)``), device-to-host copies and data-dependent-shape ops (``nonzero``, ``masked_select``,
-  ``unique``) by a ``TorchDispatchMode``; reads of tensor values on the host (``item``, ``tolist``, ``.cpu()``,
-  ``bool``/``float``/``int``) by a ``TorchFunctionMode`` (on the CPU these are the reads that would wait for a GPU);
-  on CUDA also the warnings of ``torch.cuda.set_sync_debug_mode("warn")``; plus the profiler's own count of
-  ``aten::_local_scalar_dense`` events (named with their caller: it also sees the calls made inside C++ kernels,
-  e.g. the CPU fused AdamW reading each parameter's step count, which are no synchronisation) and of
-  device-to-host memcpys. Under ``train.compile`` only the CUDA warnings and the profiler count (the modes
-  would make dynamo retrace);
-* the same counts for ``train.train_epoch`` over ``train.log_every_steps`` steps (it reads the losses and the
-  guard once per log interval and at the end of the epoch).
-
-Per epoch: one validation pass (``train.validate``), one checkpoint write (``checkpoints.save_checkpoint`` of
-``checkpoints.training_checkpoint``) and, with ``--data``, one epoch of training batches through
-``train.make_loaders`` (``loader``: DataLoader, ``device``: device cache; timed per batch, synchronised, i.e.
-the data wait if nothing overlapped it). The epoch table scales the step time to ``--epoch_volumes`` volumes.
+What ``train.py`` runs (``train.build_state``, ``losses.VAEGANLoss.from_config`` with
+``model.build_perceptual_loss``, ``train.choose_recompute``, ``train.wrap_for_training``), unchanged: the ranges
+are put AROUND its calls by hooks (:class:`Ranges`); backward time is attributed through the profiler's sequence
+numbers. Per stage, after ``--warmup`` steps: ``--steps`` timed steps, then ``--steps`` profiled ones (after one
+the profiler warms up on), on the same random volumes in [0, 1]: wall and host time per step, the breakdown
+(VAE / LPIPS3D / discriminator forward and backward, optimisers, other) as shares of CPU time (cpu) or GPU kernel
+time (cuda, plus ``breakdown_host``); host synchronisations per step in ``train_step`` (:func:`count_syncs`: a
+dispatch mode, a function mode, CUDA's sync-debug warnings, the profiler's own events) and in
+``train.train_epoch`` over one log interval. Per epoch: one ``train.validate`` pass, one checkpoint write and,
+with ``--data``, one epoch of batches through ``train.make_loaders`` (DataLoader vs device cache), timed per
+batch and synchronised. bench/README.md says what each count means.
 """
 
 from __future__ import annotations
@@ -44,7 +23,6 @@ import argparse
 import collections
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -61,22 +39,17 @@ from torch.autograd.profiler import record_function
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dataset
+import train
+from bench.harness import REPO_ROOT, load_average, machine_info, synchronize, timed, write_json
+from checkpoints import save_checkpoint, training_checkpoint
+from config import Config, apply_overrides, load_config
+from device_data import DeviceVolumeCache
+from losses import VAEGANLoss
+from model import build_perceptual_loss
+from model.recompute import recompute
+from utils import DistributedContext, resolve_amp_dtype
 
-import bench_model  # noqa: E402
-
-import dataset  # noqa: E402
-import train  # noqa: E402
-from checkpoints import save_checkpoint, training_checkpoint  # noqa: E402
-from config import Config, apply_overrides, load_config  # noqa: E402
-from device_data import DeviceVolumeCache  # noqa: E402
-from losses import VAEGANLoss  # noqa: E402
-from model import build_perceptual_loss  # noqa: E402
-from model.recompute import recompute  # noqa: E402
-from utils import DistributedContext, resolve_amp_dtype  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("vae", "lpips", "discriminator")
 OPTIMIZERS = ("optimizer_g", "optimizer_d")
 STEP_RANGE = "train_step"
@@ -299,20 +272,6 @@ def count_syncs(run: Callable[[], Any], device: torch.device, use_modes: bool) -
 # ------------------------------------------------------------------------------------------ timing
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(run: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """(seconds, result) of ``run()``, synchronised before and after."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = run()
-    synchronize(device)
-    return time.perf_counter() - start, result
-
-
 def profile_stage(
     stage: str,
     state: train.TrainState,
@@ -510,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--shape", type=int, nargs=3, default=None, help="default: preprocessing.target_shape"
     )
-    parser.add_argument("--batch", type=int, default=None, help="default: train.batch_size")
+    parser.add_argument("--batch_size", type=int, default=None, help="default: train.batch_size")
     parser.add_argument("--warmup", type=int, default=2, help="unprofiled steps first, per stage")
     parser.add_argument("--steps", type=int, default=5, help="timed, profiled and counted steps per stage")
     parser.add_argument("--stages", nargs="+", choices=("pretrain", "gan"), default=["pretrain", "gan"])
@@ -542,8 +501,8 @@ def profile(args: argparse.Namespace, folder: Path) -> int:
     overrides = [f"train.device={json.dumps(device.type)}", *args.overrides]
     if args.shape is not None:
         overrides.append(f"preprocessing.target_shape={json.dumps(args.shape)}")
-    if args.batch is not None:
-        overrides.append(f"train.batch_size={args.batch}")
+    if args.batch_size is not None:
+        overrides.append(f"train.batch_size={args.batch_size}")
     config = load_config(args.config, overrides)
     if args.data != "none" and args.data_limit is not None:
         for split in ("train", "val"):
@@ -584,9 +543,9 @@ def profile(args: argparse.Namespace, folder: Path) -> int:
         "warmup": args.warmup,
         "steps": args.steps,
         "inputs": "random volumes in [0, 1]",
-        "load_average_start": [round(v, 2) for v in os.getloadavg()],
+        "load_average_start": load_average(),
     }
-    info = bench_model.machine_info(device)
+    info = machine_info(device)
     print("machine:", json.dumps(info))
     print("settings:", json.dumps(settings), flush=True)
     result: dict[str, Any] = {"machine": info, "settings": settings, "stages": {}}
@@ -599,7 +558,7 @@ def profile(args: argparse.Namespace, folder: Path) -> int:
                 state, loss, images, config, stage, folder
             )
         result["epoch"] = per_epoch(state, lpips, config, context, amp_dtype, args, folder)
-    settings["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    settings["load_average_end"] = load_average()
     for stage, values in result["stages"].items():
         loop = values["syncs_in_train_epoch_per_log_interval"]
         print(f"{stage}: syncs in train.train_epoch over {loop['steps']} steps: {loop['counts'] or 'none'}")
@@ -607,8 +566,7 @@ def profile(args: argparse.Namespace, folder: Path) -> int:
     print("checkpoint write:", json.dumps(result["epoch"]["checkpoint"]))
     print("\n".join(epoch_table(result, config, args.epoch_volumes)))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 
