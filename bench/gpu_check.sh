@@ -9,25 +9,12 @@
 #   STEPS="throughput profile" bash bench/gpu_check.sh     # only these steps (env always runs)
 #   ARCHIVE=$OUT/gpu_check.tar.gz bash bench/gpu_check.sh  # also pack RESULTS (no checkpoints) after each step
 #
-# Steps, in priority order; each runs under `timeout` with the smaller of its own limit and what the deadline
-# leaves (time_to_quality's minimum is kept free for it while earlier steps run); a step whose minimum no
-# longer fits is skipped and says so in status.txt and the JSON's notes. Estimated H200 times:
-#   env              CUDA, MONAI/nibabel/deepbet (installed from the carried wheels in WHEELS=.whl into
-#                    /tmp/site when missing), IXI data (TRAIN_CSV/VAL_CSV, else the carried .gpu_data
-#                    unpacked to /tmp/gpu_data, else ../shared/data/ixi), LPIPS3D's deepbet weights
-#                    (DEEPBET_MODEL → perceptual.weights_path); stops the run when broken              ~20 s
-#   throughput       bench.train_throughput --train: train.py, seed config, the 100 IXI training volumes,
-#                    4 epochs, GAN from epoch 2, one validation on 2 volumes at the end                 ~45 s
-#   model            bench.model_step ours vs AutoencoderKL, bf16, channels_last_3d: eager, then
-#                    torch.compile'd in the same process (compiling took ~40 s + ~25 s before)         ~80 s
-#   time_to_quality  bench.quality --seconds: train.py for TTQ_SECONDS (180), then the MONAI-recipe
-#                    baseline for as long, both judged on the 20 IXI validation volumes                ~380 s
-#   profile          bench.profile_step: where train_step's time goes (both stages), syncs per step,
-#                    data paths, validation, checkpoint write                                           ~30 s
-# Sum ~555 s: with the default TOTAL_S the compiled half of `model` or `profile` may be cut; TOTAL_S=600
-# leaves room for all. PYTHON (python3), PEAK_TFLOPS (989), BASELINE_WORKERS (8) can be set. The earlier
-# scaling / NCDHW / encode / data-loader checks are left out (NCDHW: bench.model_step --no_channels_last; the others'
-# scripts were retired, see bench/README.md).
+# Steps in priority order (env, throughput, model, time_to_quality, profile: what each runs and its estimated
+# H200 time are in bench/README.md), each under `timeout` with the smaller of its own limit and what the
+# deadline leaves (time_to_quality's minimum is kept free for it while earlier steps run); a step whose minimum
+# no longer fits is skipped and says so in status.txt and the JSON's notes. With the default TOTAL_S the
+# compiled half of `model` or `profile` may be cut; TOTAL_S=600 leaves room for all. PYTHON (python3),
+# PEAK_TFLOPS (989), BASELINE_WORKERS (8), TTQ_SECONDS (180) can be set.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."

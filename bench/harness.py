@@ -30,6 +30,18 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IXI = REPO_ROOT.parent / "shared" / "data" / "ixi"
 NEVER = 10**6  # an epoch count no run reaches: "never" for num_epochs, val_every or gan_start_epoch
+# summary.csv column -> metrics.csv column, for the last validation (best_<column> for the best epoch)
+LAST_METRICS = {
+    "val_psnr_brain": "val/psnr_brain",
+    "val_ssim_brain": "val/ssim_brain",
+    "val_lpips_brain": "val/lpips_brain",
+    "val_psnr": "val/psnr",
+    "val_ssim": "val/ssim",
+    "latent_std": "val/latent_std",
+    "latent_std_min": "val/latent_std_min",
+    "latent_std_max": "val/latent_std_max",
+}
+BEST_METRICS = ("val_psnr_brain", "val_ssim_brain", "val_lpips_brain")
 MALLOC_ENV = (
     "MALLOC_MMAP_THRESHOLD_"  # 64 KiB: freed tensor buffers go back to the OS, RSS follows live memory
 )
@@ -173,28 +185,15 @@ def prepare_process(module: str, argv: list[str], measure: str, device: str) -> 
         os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
-def _without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
-    """``argv`` without the ``--name value`` pairs of the given option names."""
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item in names:
-            skip = True
-        elif not any(item.startswith(name + "=") for name in names):
-            out.append(item)
-    return out
-
-
 def time_and_memory_processes(module: str, argv: list[str]) -> dict[str, Any]:
     """``python -m module argv`` twice (``--measure time``, then ``--measure memory``), their JSON merged: times
     from the plain process, peak memory from the one with the lowered mmap threshold."""
     outputs = {}
-    kept = _without_options(argv, ("--json", "--measure"))
     with tempfile.TemporaryDirectory() as folder:
         for kind in ("time", "memory"):
             path = Path(folder) / f"{kind}.json"
-            command = [sys.executable, "-m", module, *kept, "--measure", kind, "--json", str(path)]
+            # argparse keeps an option's last value: these two replace any given in argv
+            command = [sys.executable, "-m", module, *argv, "--measure", kind, "--json", str(path)]
             subprocess.run(command, check=True, cwd=REPO_ROOT)
             outputs[kind] = json.loads(path.read_text())
     merged = outputs["time"]
@@ -301,3 +300,25 @@ def validated_epochs(metrics_csv: Path) -> pd.DataFrame:
     if "val/psnr_brain" not in history:
         return history.iloc[:0]
     return history.dropna(subset=["val/psnr_brain"])
+
+
+def run_results(metrics_csv: Path) -> dict[str, Any]:
+    """A run's summary columns from its metrics.csv: steps, epochs, clock, and the LAST validation's metrics
+    (the model the budget bought) and the best epoch's by ``val/psnr_brain`` (``best_*``)."""
+    import pandas as pd
+
+    epochs = pd.read_csv(metrics_csv)
+    last_epoch = epochs.iloc[-1]
+    results: dict[str, Any] = {
+        "steps": int(last_epoch["global_step"]),
+        "epochs": int(last_epoch["epoch"]) + 1,
+        "elapsed_s": round(float(last_epoch["time/elapsed_s"]), 1),
+        "stopped_by_time_budget": bool(last_epoch["stopped_by_time_budget"]),
+    }
+    history = validated_epochs(metrics_csv)
+    if len(history):
+        last, best = history.iloc[-1], history.loc[history["val/psnr_brain"].idxmax()]
+        results.update({column: float(last[source]) for column, source in LAST_METRICS.items()})
+        results.update(best_epoch=int(best["epoch"]), best_elapsed_s=round(float(best["time/elapsed_s"]), 1))
+        results.update({f"best_{column}": float(best[LAST_METRICS[column]]) for column in BEST_METRICS})
+    return results

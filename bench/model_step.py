@@ -1,7 +1,7 @@
 """Model-only training step, ours vs MONAI ``AutoencoderKlMaisi(num_splits=1)`` and ``AutoencoderKL``.
 
     python -m bench.model_step [--shape 92 112 92] [--batch_size 1] [--steps 3] [--device cpu|cuda]
-        [--variants ours ours_ckpt ours_bf16 maisi monai_kl] [--compile] [--no_channels_last]
+        [--variants ours ours_ckpt ours_bf16 maisi monai_kl] [--no_channels_last]
         [--peak_tflops 989] [--measure both|time|memory] [--json out.json] [--compiled_json out.json]
 
 One step = forward, MSE + 1e-6·KL, backward, Adam, on our ``MaisiVAE`` (``_ckpt``: activation checkpointing,
@@ -28,6 +28,7 @@ from torch import nn
 from bench import harness
 from losses import kl_divergence
 from model.maisi_vae import MaisiVAE
+from utils import resolve_device
 
 MODULE = "bench.model_step"
 CONFIG = dict(channels=(32, 64, 128), latent_channels=4, num_res_blocks=(1, 1, 1), norm_num_groups=32)
@@ -110,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the VAEs (cuda)")
     parser.add_argument("--no_channels_last", action="store_true", help="cuda: keep inputs in NCDHW format")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak for MFU (cuda)")
     parser.add_argument(
@@ -132,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     harness.prepare_process(MODULE, argv, args.measure, args.device)
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
+    device = resolve_device(args.device)
     gpu = device.type == "cuda"
     channels_last = gpu and not args.no_channels_last
     torch.manual_seed(0)
@@ -143,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     info = harness.machine_info(device)
     print("machine:", json.dumps(info))
-    passes = [(args.compile and gpu, args.json)]
-    if args.compiled_json is not None:
-        passes.append((gpu, args.compiled_json))
+    passes = [(False, args.json)] + ([(gpu, args.compiled_json)] if args.compiled_json else [])
     flops = step_flops(model_step("ours", x, False)) if gpu else None
     for compiled, json_path in passes:
         steps = {variant: model_step(variant, x, compiled) for variant in args.variants}
@@ -165,12 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         print("settings:", json.dumps(settings))
         results = harness.run_rounds(steps, args.steps, device)
         settings["load_average_end"] = harness.load_average()
-        for r in results.values():
-            if flops is not None:
-                r["mfu"] = flops / r["s_per_step"] / (args.peak_tflops * 1e12)
-        harness.print_table(results)
         if flops is not None:
             print(f"step FLOPs of ours (conv+matmul, FlopCounterMode): {flops / 1e12:.3f} TFLOP")
+            for r in results.values():
+                r["mfu"] = flops / r["s_per_step"] / (args.peak_tflops * 1e12)
+        harness.print_table(results)
         harness.write_json(json_path, {"machine": info, "settings": settings, "results": results})
     return 0
 

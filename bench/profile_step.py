@@ -2,7 +2,7 @@
 
     python -m bench.profile_step [--config config.json] [--set section.key=value ...] [--device cpu|cuda]
         [--shape D H W] [--batch_size B] [--warmup 2] [--steps 5] [--stages pretrain gan]
-        [--data none|loader|device|both] [--data_limit 16] [--trace trace.json] [--json profile.json]
+        [--data loader|device|both] [--data_limit 16] [--trace trace.json] [--json profile.json]
 
 What ``train.py`` runs (``train.build_state``, ``losses.VAEGANLoss.from_config`` with
 ``model.build_perceptual_loss``, ``train.choose_recompute``, ``train.wrap_for_training``), unchanged: the ranges
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -44,7 +43,6 @@ import train
 from bench.harness import REPO_ROOT, load_average, machine_info, synchronize, timed, write_json
 from checkpoints import save_checkpoint, training_checkpoint
 from config import Config, apply_overrides, load_config
-from device_data import DeviceVolumeCache
 from losses import VAEGANLoss
 from model import build_perceptual_loss
 from model.recompute import recompute
@@ -377,15 +375,6 @@ def time_data_path(config: Config, context: DistributedContext, mode: str, folde
     }
 
 
-def synthetic_val_set(config: Config, volumes: int, device: torch.device) -> DeviceVolumeCache:
-    """``volumes`` random heads (a ball of [0, 1] noise, mask = the ball) at the config's shape, on ``device``."""
-    shape = tuple(config.preprocessing.target_shape)
-    grid = torch.stack(torch.meshgrid(*(torch.linspace(-1, 1, s) for s in shape), indexing="ij"))
-    ball = (grid.pow(2).sum(0) < 0.8).expand(volumes, 1, *shape)
-    images = torch.rand(volumes, 1, *shape) * ball
-    return DeviceVolumeCache(images.half().to(device), ball.to(torch.uint8).to(device))
-
-
 def per_epoch(
     state: train.TrainState,
     lpips: nn.Module,
@@ -397,15 +386,11 @@ def per_epoch(
 ) -> dict[str, Any]:
     """Data paths (``--data``), one validation pass and one checkpoint write."""
     out: dict[str, Any] = {"data": {}}
-    modes = {"none": (), "loader": ("loader",), "device": ("device",), "both": ("loader", "device")}
-    val_set = None
-    for mode in modes[args.data]:
+    for mode in ("loader", "device") if args.data == "both" else (args.data,):
         result = time_data_path(config, context, mode, folder)
         val_set = result.pop("val_set")
         out["data"][mode] = result
         print(f"data ({mode}): {json.dumps(result)}", flush=True)
-    if val_set is None:
-        val_set = synthetic_val_set(config, args.val_volumes, context.device)
     validation_s, _ = timed(
         lambda: train.validate(state.eval_vae, val_set, lpips, config, context, amp_dtype), context.device
     )
@@ -413,7 +398,7 @@ def per_epoch(
         "volumes": len(val_set),
         "s": validation_s,
         "s_per_volume": validation_s / len(val_set),
-        "source": "synthetic" if args.data == "none" else "the config's validation split",
+        "source": "the config's validation split",
     }
     path = folder / "last.pt"
     checkpoint_s, _ = timed(
@@ -422,22 +407,6 @@ def per_epoch(
     )
     out["checkpoint"] = {"s": checkpoint_s, "mib": path.stat().st_size / 2**20}
     return out
-
-
-def epoch_table(result: dict[str, Any], config: Config, volumes: int) -> list[str]:
-    """Seconds per epoch of ``volumes`` training volumes: steps, data wait (if not overlapped), validation
-    (every ``train.val_every`` epochs, at this validation split size) and the checkpoint."""
-    steps = math.ceil(volumes / config.train.batch_size)
-    lines = [f"per epoch of {volumes} volumes ({steps} steps, batch {config.train.batch_size}):"]
-    epoch = result["epoch"]
-    for stage, values in result["stages"].items():
-        parts = {"steps": steps * values["wall_ms_per_step"] / 1e3}
-        for mode, data in epoch["data"].items():
-            parts[f"data wait if not overlapped ({mode})"] = steps * data["s_per_batch_after_first"]
-        parts["validation / val_every"] = epoch["validation"]["s"] / config.train.val_every
-        parts["checkpoint"] = epoch["checkpoint"]["s"]
-        lines.append(f"  {stage}: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
-    return lines
 
 
 def print_stage(stage: str, values: dict[str, Any]) -> None:
@@ -475,15 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", choices=("pretrain", "gan"), default=["pretrain", "gan"])
     parser.add_argument(
         "--data",
-        choices=("none", "loader", "device", "both"),
-        default="none",
+        choices=("loader", "device", "both"),
+        default="both",
         help="time one epoch of batches from the config's train split: DataLoader, device cache or both",
     )
     parser.add_argument("--data_limit", type=int, default=None, help="first N rows of each split for --data")
-    parser.add_argument(
-        "--val_volumes", type=int, default=4, help="synthetic validation volumes (--data none)"
-    )
-    parser.add_argument("--epoch_volumes", type=int, default=100, help="training volumes per epoch (table)")
     parser.add_argument(
         "--trace", type=Path, default=None, help="Chrome trace per stage: <stem>_<stage>.json"
     )
@@ -504,7 +469,7 @@ def profile(args: argparse.Namespace, folder: Path) -> int:
     if args.batch_size is not None:
         overrides.append(f"train.batch_size={args.batch_size}")
     config = load_config(args.config, overrides)
-    if args.data != "none" and args.data_limit is not None:
+    if args.data_limit is not None:
         for split in ("train", "val"):
             csv = folder / f"{split}.csv"
             dataset.read_split(getattr(config.data, f"{split}_csv")).head(args.data_limit).to_csv(
@@ -564,7 +529,6 @@ def profile(args: argparse.Namespace, folder: Path) -> int:
         print(f"{stage}: syncs in train.train_epoch over {loop['steps']} steps: {loop['counts'] or 'none'}")
     print("validation:", json.dumps(result["epoch"]["validation"]))
     print("checkpoint write:", json.dumps(result["epoch"]["checkpoint"]))
-    print("\n".join(epoch_table(result, config, args.epoch_volumes)))
     if args.json is not None:
         write_json(args.json, result)
         print(f"wrote {args.json}")

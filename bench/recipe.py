@@ -42,7 +42,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 import dataset  # noqa: E402
 import train  # noqa: E402
 from bench import harness  # noqa: E402
-from bench.harness import IXI, NEVER, REPO_ROOT, run_folders, validated_epochs  # noqa: E402
+from bench.harness import IXI, NEVER, REPO_ROOT, run_folders, run_results, validated_epochs  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 
 CALIBRATION = "_calibration"
@@ -64,18 +64,6 @@ VARIANTS: dict[str, list[str]] = {
     "beta1e-6": ["train.beta=1e-6"],
     "augment": ["augmentation.enabled=true"],
 }
-# summary.csv column -> metrics.csv column, for the last validation (best_<column> for the best epoch)
-LAST_METRICS = {
-    "val_psnr_brain": "val/psnr_brain",
-    "val_ssim_brain": "val/ssim_brain",
-    "val_lpips_brain": "val/lpips_brain",
-    "val_psnr": "val/psnr",
-    "val_ssim": "val/ssim",
-    "latent_std": "val/latent_std",
-    "latent_std_min": "val/latent_std_min",
-    "latent_std_max": "val/latent_std_max",
-}
-BEST_METRICS = ("val_psnr_brain", "val_ssim_brain", "val_lpips_brain")
 
 
 class StudyError(RuntimeError):
@@ -131,26 +119,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if metrics_csv.is_file():
         row.update(run_results(metrics_csv))
     return row
-
-
-def run_results(metrics_csv: Path) -> dict[str, Any]:
-    """A run's summary columns from its metrics.csv: steps, epochs, clock, and the LAST validation's metrics
-    (the model the budget bought) and the best epoch's by ``val/psnr_brain`` (``best_*``)."""
-    epochs = pd.read_csv(metrics_csv)
-    last_epoch = epochs.iloc[-1]
-    results: dict[str, Any] = {
-        "steps": int(last_epoch["global_step"]),
-        "epochs": int(last_epoch["epoch"]) + 1,
-        "elapsed_s": round(float(last_epoch["time/elapsed_s"]), 1),
-        "stopped_by_time_budget": bool(last_epoch["stopped_by_time_budget"]),
-    }
-    history = validated_epochs(metrics_csv)
-    if len(history):
-        last, best = history.iloc[-1], history.loc[history["val/psnr_brain"].idxmax()]
-        results.update({column: float(last[source]) for column, source in LAST_METRICS.items()})
-        results.update(best_epoch=int(best["epoch"]), best_elapsed_s=round(float(best["time/elapsed_s"]), 1))
-        results.update({f"best_{column}": float(best[LAST_METRICS[column]]) for column in BEST_METRICS})
-    return results
 
 
 def run_pinned(spec: dict[str, Any], cores: list[int]) -> dict[str, Any]:
@@ -329,16 +297,20 @@ def pending(specs: list[dict[str, Any]], summary: pd.DataFrame, path: Path) -> l
 
 
 def report(row: dict[str, Any], index: int, total: int) -> None:
-    """One line per finished run."""
-    if "val_psnr_brain" not in row:
-        print(f"[{index}/{total}] {row['variant']} seed {row['seed']}: {row['status']} (no validation)")
-        return
+    """One line per finished run: its status and the summary columns that say how it went."""
+    keys = (
+        "steps",
+        "epochs",
+        "val_psnr_brain",
+        "val_ssim_brain",
+        "best_val_psnr_brain",
+        "best_epoch",
+        "wall_s",
+    )
+    values = ", ".join(f"{key} {row[key]:.6g}" for key in keys if key in row)
+    load = f"load {row['load_start']:.2f} -> {row['load_end']:.2f}"
     print(
-        f"[{index}/{total}] {row['variant']} seed {row['seed']}: {row['status']}, {row['steps']} steps, "
-        f"{row['epochs']} epochs, in-brain PSNR {row['val_psnr_brain']:.2f} dB, "
-        f"SSIM {row['val_ssim_brain']:.4f} (best PSNR {row['best_val_psnr_brain']:.2f} at epoch "
-        f"{row['best_epoch']}), wall {row['wall_s']:.0f} s, "
-        f"load {row['load_start']:.2f} -> {row['load_end']:.2f}",
+        f"[{index}/{total}] {row['variant']} seed {row['seed']}: {row['status']}, {values}, {load}",
         flush=True,
     )
 

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench import harness
 from bench.harness import IXI, REPO_ROOT
 
@@ -92,7 +94,7 @@ def throughput(run_dir: Path) -> dict[str, Any]:
 
 
 def speed_ratio(path: Path) -> tuple[float | None, dict[str, Any]]:
-    """AutoencoderKL's s/step ÷ ours from a ``bench/step.py`` JSON, and what it was measured with."""
+    """AutoencoderKL's s/step ÷ ours from a ``bench.model_step`` JSON, and what it was measured with."""
     data = json.loads(path.read_text())
     results = data["results"]
     ours, monai = results["ours"]["s_per_step"], results["monai_kl"]["s_per_step"]
@@ -116,21 +118,14 @@ def step_status(results: Path) -> dict[str, str]:
     return {line.split()[0]: line for line in path.read_text().splitlines() if line.strip()}
 
 
-def machine(results: Path, pieces: list[dict[str, Any]]) -> tuple[str | None, str | None]:
-    """(device name, torch version): ``env.json``, else the pieces' machine records, else this process."""
+def machine(results: Path) -> tuple[str | None, str | None]:
+    """(device name, torch version): ``env.json`` (``gpu_check.sh``'s first step), else this process."""
     env = results / "env.json"
     if env.exists():
         data = json.loads(env.read_text())
         return data.get("device"), data.get("torch")
-    for piece in pieces:
-        info = piece.get("machine") or piece.get("settings", {}).get("machine")
-        if info:
-            return info.get("gpu") or info.get("cpu"), info.get("torch")
-    if "torch" in sys.modules:
-        torch = sys.modules["torch"]
-        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-        return name, torch.__version__
-    return None, None
+    info = harness.machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return info.get("gpu", info["cpu"]), info["torch"]
 
 
 def assemble(results: Path, dry_run: bool) -> dict[str, Any]:
@@ -139,7 +134,6 @@ def assemble(results: Path, dry_run: bool) -> dict[str, Any]:
     notes: list[str] = []
     values: dict[str, Any] = dict.fromkeys(KEYS)
     settings: dict[str, Any] = {}
-    pieces: list[dict[str, Any]] = []
 
     def missing(keys: str, step: str, what: str) -> None:
         state = status.get(step, f"{step}: not run")
@@ -169,7 +163,6 @@ def assemble(results: Path, dry_run: bool) -> dict[str, Any]:
         path = results / f"{name}.json"
         if path.exists():
             values[key], settings[name] = speed_ratio(path)
-            pieces.append(json.loads(path.read_text()))
         else:
             missing(key, "model", f"{name}.json")
     path = results / "time_to_quality.json"
@@ -186,7 +179,6 @@ def assemble(results: Path, dry_run: bool) -> dict[str, Any]:
             "overrides": ttq["settings"]["overrides"],
             "baseline": ttq["settings"]["baseline"],
         }
-        pieces.append(ttq)
     else:
         what = (
             "time_to_quality.json with both runs"
@@ -194,7 +186,7 @@ def assemble(results: Path, dry_run: bool) -> dict[str, Any]:
             else "the baseline half of time_to_quality.json"
         )
         missing("time_to_quality", "time_to_quality", what)
-    device, torch_version = machine(results, pieces)
+    device, torch_version = machine(results)
     out: dict[str, Any] = {"device": device, "torch": torch_version, "commit": harness.commit()}
     if dry_run:
         out["dry_run"] = True

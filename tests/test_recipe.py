@@ -11,6 +11,7 @@ import pytest
 from helpers import tiny_overrides
 
 import train
+from bench import harness
 from bench import recipe as recipe_module
 
 COLUMNS = [
@@ -97,9 +98,9 @@ def test_tiny_study_resumes_and_summarises(
     assert (out / "psnr_vs_time.png").is_file()
 
 
-def test_run_results_are_the_last_validation_and_the_best_epoch(recipe, tmp_path: Path) -> None:
+def test_run_results_are_the_last_validation_and_the_best_epoch(tmp_path: Path) -> None:
     """Epoch 1 is not validated, epoch 2 is the best, epoch 3 (stopped by the budget) the last."""
-    names = list(recipe.LAST_METRICS.values())
+    names = list(harness.LAST_METRICS.values())
     rows = []
     for epoch, psnr in enumerate([18.0, None, 21.0, 19.5]):
         values = {name: None if psnr is None else psnr + k for k, name in enumerate(names)}
@@ -113,7 +114,7 @@ def test_run_results_are_the_last_validation_and_the_best_epoch(recipe, tmp_path
             }
         )
     pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
-    results = recipe.run_results(tmp_path / "metrics.csv")
+    results = harness.run_results(tmp_path / "metrics.csv")
     assert results["steps"] == 40 and results["epochs"] == 4 and results["stopped_by_time_budget"]
     assert results["val_psnr_brain"] == 19.5 and results["latent_std_max"] == 19.5 + 7
     assert results["best_epoch"] == 2 and results["best_elapsed_s"] == 15.0
