@@ -42,9 +42,9 @@ LAST_METRICS = {
     "latent_std_max": "val/latent_std_max",
 }
 BEST_METRICS = ("val_psnr_brain", "val_ssim_brain", "val_lpips_brain")
-MALLOC_ENV = (
-    "MALLOC_MMAP_THRESHOLD_"  # 64 KiB: freed tensor buffers go back to the OS, RSS follows live memory
-)
+# glibc's mmap threshold, at 64 KiB in a CPU memory run: freed tensor buffers go back to the OS, RSS follows
+# the live memory
+MALLOC_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 
 # ------------------------------------------------------------------------------------------- the machine

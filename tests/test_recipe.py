@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from helpers import tiny_overrides
 
 import train
@@ -56,7 +57,9 @@ def test_tiny_study_resumes_and_summarises(
     recipe, tiny_split: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
     argv = study_argv(tmp_path, tiny_split, "--variants", "default", "l1", "--seeds", "0", "--budget_s", "3")
+    threads = torch.get_num_threads()
     assert recipe.main(argv) == 0
+    assert torch.get_num_threads() == threads  # the runs' --threads 1 did not stay with the process
     out = tmp_path / "study"
     summary = pd.read_csv(out / "summary.csv")
     assert set(COLUMNS) <= set(summary.columns)
