@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -409,6 +410,15 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _remove_stale_temps(output_dir: Path, subject_id: str) -> None:
+    """Delete the temp files a killed run left for this subject (never trusted, never renamed)."""
+    for relative in output_paths(subject_id).values():
+        path = output_dir / relative
+        stem = path.name.removesuffix(".nii.gz").removesuffix(path.suffix)
+        for temp in path.parent.glob(f".{glob.escape(stem)}.tmp-*"):
+            temp.unlink(missing_ok=True)
+
+
 def _finished(output_dir: Path, subject_id: str, options: PrepareOptions, source: str) -> dict | None:
     """The QC row of a subject prepared before with the same options and input, else None."""
     paths = output_paths(subject_id)
@@ -434,6 +444,7 @@ def prepare_subject(row: dict[str, Any], output_dir: str | Path, options: Prepar
     done = _finished(output_dir, subject_id, options, source)
     if done is not None:
         return {**done, "resumed": True}
+    _remove_stale_temps(output_dir, subject_id)
     start = time.perf_counter()
     try:
         qc, linear = _prepare(source, mask_source, output_dir, subject_id, options)
