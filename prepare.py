@@ -81,13 +81,12 @@ def _run(rows: list[dict[str, Any]], output_dir: Path, options: pr.PrepareOption
             )
         print(f"[{done}/{len(rows)}] {line}", flush=True)
 
-    if jobs <= 1:
-        pr.init_worker()
+    if jobs <= 1 and pr.init_worker():  # else ITK is already multi-threaded here: a fresh worker process
         for i, row in enumerate(rows):
             report(i, pr.prepare_subject(row, output_dir, options))
     else:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=pr.init_worker) as pool:
+        with ProcessPoolExecutor(max(jobs, 1), mp_context=context, initializer=pr.init_worker) as pool:
             futures = {
                 pool.submit(pr.prepare_subject, row, output_dir, options): i for i, row in enumerate(rows)
             }

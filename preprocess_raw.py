@@ -43,6 +43,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +89,8 @@ MNI2MM_AFFINE = np.array(
 )
 MNI_XFORM_CODE = 4  # NIfTI code for MNI152 space
 ANTS_SEED = 1
+ITK_THREADS_VARIABLE = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
+_deterministic_here: bool | None = None  # set by the first init_worker() call of this process
 TEMPLATE_FWHM_MM = math.sqrt(3.0)  # light smoothing of the 1 mm template before it goes to 2 mm
 QC_THRESHOLDS = {"ncc_min": 0.3, "dice_min": 0.85, "det_min": 0.4, "det_max": 1.6}
 MAX_OVERVIEW_SUBJECTS = 60  # the overview sheet shows the worst-NCC subjects, at most this many
@@ -118,15 +121,23 @@ class PrepareOptions:
 # --------------------------------------------------------------------------------------------- set-up
 
 
-def init_worker() -> None:
-    """Make this process deterministic: ITK on one thread, ANTs seed :data:`ANTS_SEED`, torch on one thread."""
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
+def init_worker() -> bool:
+    """Make this process deterministic: ITK on one thread, ANTs seed :data:`ANTS_SEED`, torch on one thread.
+
+    Returns False when that cannot be guaranteed here: ANTs was imported before with ITK multi-threaded (ITK
+    fixes its thread count at first use), so the work must run in a fresh process.
+    """
+    global _deterministic_here
+    if _deterministic_here is None:  # decided at the first call: what ITK saw at its first use
+        _deterministic_here = "ants" not in sys.modules or os.environ.get(ITK_THREADS_VARIABLE) == "1"
+    os.environ[ITK_THREADS_VARIABLE] = "1"
     import torch
     from ants.config import set_ants_deterministic
 
     # on=True would refuse the non-"Repro" 'Affine' transform; on=False still passes --random-seed to ANTs
     set_ants_deterministic(False, seed_value=ANTS_SEED)
     torch.set_num_threads(1)
+    return _deterministic_here
 
 
 def _versions() -> dict[str, str]:

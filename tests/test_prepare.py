@@ -233,3 +233,13 @@ def test_native_ixi_head_deepbet_and_affine_match_the_reference(ixi_dir, tmp_pat
     reference_mni = np.asarray(nib.load(ixi_dir / "native" / row["reference_mni2mm_mask"]).dataobj) > 0
     assert 2 * (registered & reference_mni).sum() / (registered.sum() + reference_mni.sum()) > 0.85
     assert pd.read_csv(tmp_path / "out" / "qc.csv").loc[0, "status"] == "ok"
+
+
+def test_init_worker_refuses_a_process_where_itk_may_already_run_multithreaded(monkeypatch):
+    """ITK fixes its thread count at first use: prepare.py then runs the subjects in a fresh process."""
+    import ants  # noqa: F401  (ANTs imported "before", as a caller's own code may have done)
+
+    monkeypatch.setattr(pr, "_deterministic_here", None)  # as in a process that never called it
+    monkeypatch.delenv(pr.ITK_THREADS_VARIABLE, raising=False)
+    assert pr.init_worker() is False
+    assert pr.init_worker() is False  # still: setting the variable now does not change a running ITK
