@@ -366,9 +366,12 @@ def input_warnings(frame: pd.DataFrame, prep: PreprocessingConfig | None = None)
         keys = {image: (shape, zooms, affine.tobytes()) for image, (shape, zooms, affine) in grids.items()}
         counts = pd.Series(list(keys.values())).value_counts(sort=True)
         if len(counts) > 1:
-            common = counts.index[0]
+            common = counts.index[0] if counts.iloc[0] > 1 else None  # None: no two files share a grid
             for image, key in keys.items():
-                if key != common:
+                if common is None:
+                    why = f"grid {_describe(key[0], key[1])}: the split mixes grids (no two of its {len(keys)} files"
+                    reasons[image].insert(0, f"{why} share shape, voxel size and affine)")
+                elif key != common:
                     note = "" if key[:2] != common[:2] else " (same shape and voxel size, other affine)"
                     reasons[image].insert(
                         0,

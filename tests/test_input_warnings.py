@@ -50,6 +50,8 @@ def test_a_split_that_mixes_grids_names_the_odd_file(tmp_path):
     lines = dataset.input_warnings(_frame(*images, odd))
     assert len(lines) == 1 and lines[0].startswith(f"{odd}: grid 30x30x30 at 1x1x1 mm")
     assert "mixes grids" in lines[0] and "prepare.py" in lines[0]
+    lines = dataset.input_warnings(_frame(images[0], odd))  # no grid shared: every file is named
+    assert [line.split(":")[0] for line in lines] == [images[0], odd]
 
 
 def test_an_input_off_the_checkpoint_grid_is_named(tmp_path):
