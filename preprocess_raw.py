@@ -351,11 +351,10 @@ def save_overview(qc: pd.DataFrame, output_dir: Path) -> Path | None:
     for row_axes, (_, row) in zip(axes, done.iterrows(), strict=True):
         image = np.asarray(nib.load(output_dir / row["image"]).dataobj, dtype=np.float32)
         _draw_slices(row_axes, image, template_mask)
-        row_axes[0].set_title(
-            f"{row['subject_id']}  ncc {row['ncc']:.3f}  dice {row['dice']:.3f}  {row['status']}",
-            fontsize=8,
-            loc="left",
-        )
+        title = f"{row['subject_id']}  ncc {row['ncc']:.3f}  dice {row['dice']:.3f}  {row['status']}"
+        row_axes[1].set_title(
+            title, fontsize=8
+        )  # centred over the row (a left title is hidden by the next image)
     fig.tight_layout()
     path = output_dir / "qc_overview.png"
     _atomic(path, lambda tmp: fig.savefig(tmp, dpi=70, format="png"))
