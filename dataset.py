@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     action.add_argument("--check", metavar="SPLIT", help="pre-flight check a split CSV / folder / NIfTI file")
     action.add_argument("--make_demo", metavar="OUT_DIR", help="build the demo cohort in OUT_DIR")
     parser.add_argument("--skip_bad_files", action="store_true", help="with --check: list and drop bad files")
+    parser.add_argument(
+        "--strict", action="store_true", help="with --check: inputs that do not look model-ready are errors"
+    )
     return parser.parse_args(argv)
 
 
@@ -1043,19 +1046,8 @@ def preprocessed_batches(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``--check split [--skip_bad_files]`` or ``--make_demo out_dir``; returns the exit code."""
+    """``--check split [--skip_bad_files] [--strict]`` or ``--make_demo out_dir``; returns the exit code."""
     args = parse_args(argv)
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--check", metavar="SPLIT", help="pre-flight check a split CSV / folder / NIfTI file")
-    action.add_argument("--make_demo", metavar="OUT_DIR", help="build the demo cohort in OUT_DIR")
-    parser.add_argument("--skip_bad_files", action="store_true", help="with --check: list and drop bad files")
-    parser.add_argument(
-        "--strict", action="store_true", help="with --check: inputs that do not look model-ready are errors"
-    )
-    args = parser.parse_args(argv)
     if args.make_demo:
         for split, csv in make_demo_cohort(args.make_demo).items():
             print(f"{split}: {csv}")
