@@ -235,8 +235,11 @@ def test_native_ixi_head_deepbet_and_affine_match_the_reference(ixi_dir, tmp_pat
     assert pd.read_csv(tmp_path / "out" / "qc.csv").loc[0, "status"] == "ok"
 
 
-def test_init_worker_refuses_a_process_where_itk_may_already_run_multithreaded(monkeypatch):
-    """ITK fixes its thread count at first use: prepare.py then runs the subjects in a fresh process."""
+def test_init_worker_refuses_a_process_where_itk_may_already_run_multithreaded(monkeypatch, one_thread):
+    """ITK fixes its thread count at first use: prepare.py then runs the subjects in a fresh process.
+
+    ``one_thread``: init_worker sets torch to one thread, as in a worker; the fixture puts the count back.
+    """
     import ants  # noqa: F401  (ANTs imported "before", as a caller's own code may have done)
 
     monkeypatch.setattr(pr, "_deterministic_here", None)  # as in a process that never called it
