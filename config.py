@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from metrics import VALIDATION_METRICS
+
 __all__ = [
     "AugmentationConfig",
     "Config",
@@ -340,6 +342,12 @@ class TrainConfig:
             "train.max_consecutive_nonfinite",
         )
         _check(self.log_every_steps >= 1, "train.log_every_steps must be >= 1", "train.log_every_steps")
+        _check(
+            self.best_metric in VALIDATION_METRICS,
+            f"train.best_metric must be a validation metric, one of {', '.join(VALIDATION_METRICS)}; got "
+            f"{self.best_metric!r}",
+            "train.best_metric",
+        )
         _check(
             self.run_name and "/" not in self.run_name and self.run_name not in (".", ".."),
             f"train.run_name must be a plain folder name; got {self.run_name!r}",
