@@ -3,7 +3,7 @@
     python bench/bench_device_data.py [--device cpu|cuda] [--n 8] [--batch_size 2] [--shape 91 109 91]
         [--probs default|all] [--workers 0] [--epochs 2] [--split CSV] [--json out.json]
 
-Both paths are ``train.py``'s own, built by ``train.make_loaders`` and iterated by ``train.epoch_batches``
+Both paths are ``train.py``'s own, built by ``device_data.make_loaders`` and iterated by ``device_data.epoch_batches``
 (shuffle seeding, ``set_epoch``, copy to ``--device``) exactly as training does, so both deliver the same
 batches (same shuffle, same per-item augmentation):
 * ``monai`` (``data.device_cache=off``): DataLoader over ``VolumeDataset`` (memory cache, per-item MONAI
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from config import AugmentationConfig, Config  # noqa: E402
 from dataset import read_split  # noqa: E402
-from device_data import DeviceBatches, cache_fits  # noqa: E402
+from device_data import DeviceBatches, cache_fits, epoch_batches, make_loaders  # noqa: E402
 from utils import DistributedContext  # noqa: E402
 
 SEED = 0
@@ -73,7 +73,7 @@ def synchronize(device: torch.device) -> None:
 def training_batches(
     csv: Path, args: argparse.Namespace, aug: AugmentationConfig, device_cache: str, device: torch.device
 ) -> tuple[train.Run, object, torch.Generator, float]:
-    """``train.make_loaders`` of a config with ``data.device_cache=device_cache``: (run, training batches,
+    """``device_data.make_loaders`` of a config with ``data.device_cache=device_cache``: (run, training batches,
     shuffle generator, set-up seconds)."""
     config = Config.from_dict(
         {
@@ -92,17 +92,17 @@ def training_batches(
     )
     context = DistributedContext(rank=0, world_size=1, local_rank=0, device=device)
     start = time.perf_counter()
-    batches, _, generator = train.make_loaders(config, context)
+    batches, _, generator = make_loaders(config, context)
     setup_s = time.perf_counter() - start
     return train.Run(config, context, None, csv.parent), batches, generator, setup_s
 
 
 def epoch_rate(run: train.Run, batches, generator: torch.Generator, epoch: int) -> float:
-    """Volumes/s of one epoch of ``train.epoch_batches`` (the images training gets, on the run's device)."""
+    """Volumes/s of one epoch of ``device_data.epoch_batches`` (the images training gets, on the run's device)."""
     device = run.context.device
     synchronize(device)
     start, count = time.perf_counter(), 0
-    for images in train.epoch_batches(batches, generator, run, epoch, 0, len(batches)):
+    for images in epoch_batches(batches, generator, run.config.train, device, epoch, 0, len(batches)):
         count += images.shape[0]
     synchronize(device)
     return count / (time.perf_counter() - start)

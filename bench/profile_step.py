@@ -70,7 +70,7 @@ import dataset  # noqa: E402
 import train  # noqa: E402
 from checkpoints import save_checkpoint, training_checkpoint  # noqa: E402
 from config import Config, apply_overrides, load_config  # noqa: E402
-from device_data import DeviceVolumeCache  # noqa: E402
+from device_data import DeviceVolumeCache, epoch_batches, make_loaders  # noqa: E402
 from losses import VAEGANLoss  # noqa: E402
 from model import build_perceptual_loss  # noqa: E402
 from model.recompute import recompute  # noqa: E402
@@ -394,12 +394,11 @@ def with_overrides(config: Config, overrides: list[str]) -> Config:
 
 
 def time_data_path(config: Config, context: DistributedContext, mode: str, folder: Path) -> dict[str, Any]:
-    """``train.make_loaders`` with ``data.device_cache`` on (``device``) or off (``loader``): its set-up time and
-    one epoch of training batches through ``train.epoch_batches``, synchronised after each batch."""
+    """``device_data.make_loaders`` with ``data.device_cache`` on (``device``) or off (``loader``): its set-up
+    time and one epoch of training batches through ``device_data.epoch_batches``, synchronised after each batch."""
     config = with_overrides(config, [f"data.device_cache={json.dumps('on' if mode == 'device' else 'off')}"])
-    setup_s, (loader, val_set, generator) = timed(lambda: train.make_loaders(config, context), context.device)
-    run = train.Run(config, context, None, folder)
-    batches = train.epoch_batches(loader, generator, run, 0, 0, len(loader))
+    setup_s, (loader, val_set, generator) = timed(lambda: make_loaders(config, context), context.device)
+    batches = epoch_batches(loader, generator, config.train, context.device, 0, 0, len(loader))
     seconds = []
     while True:
         start = time.perf_counter()
