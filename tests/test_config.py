@@ -76,6 +76,10 @@ def test_round_trip_through_json(tmp_path):
         (["augmentation.noise_prob=1.5"], "probability in [0, 1]"),
         (["train.num_epochs"], "must look like section.key=value"),
         (["train.batch_size=true"], "expected int"),
+        (
+            ['train.best_metric="val/psnr_brian"'],
+            "train.best_metric must be a validation metric, one of val/mse,",
+        ),
     ],
 )
 def test_bad_values_are_clear_errors(overrides, expected):

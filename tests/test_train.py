@@ -30,7 +30,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import device_data
 import train
-from checkpoints import CheckpointError, init_vae_weights, load_checkpoint
+from checkpoints import (
+    CheckpointError,
+    init_vae_weights,
+    load_checkpoint,
+    resume,
+    save_checkpoint,
+    training_checkpoint,
+)
 from config import Config, ConfigError, load_config
 from device_data import (
     choose_recompute,
@@ -412,6 +419,41 @@ def weights_and_optimiser_state(state: train.TrainState) -> list[torch.Tensor]:
     for optimizer in (state.optimizer_g, state.optimizer_d):
         tensors += [v for s in optimizer.state.values() for v in s.values()]
     return [t.detach().clone() for t in tensors]
+
+
+def test_train_state_saves_and_restores_every_field(tmp_path):
+    """``TrainState.state_dict()`` is last.pt's field list: the on-disk keys stay those of format brain-vae3d/1
+    (a last.pt from before the state saved itself resumes), and ``resume`` restores each into a fresh state."""
+    state, loss, config = tiny_state(ema_decay=0.9)
+    train.train_step(state, loss, torch.rand(2, 1, *SHAPE), True, config.train, None)
+    state.epoch, state.step_in_epoch, state.best_value, state.skipped_steps = 1, 3, 30.5, 2
+    state.history.append({"epoch": 0, "val/psnr": 30.5})
+    payload = training_checkpoint(state, config, train.SINGLE_PROCESS, "gan", None)
+    assert set(payload) == {
+        *("format", "config", "vae", "discriminator", "optimizer_g", "optimizer_d", "scaler_g", "scaler_d"),
+        *("epoch", "step_in_epoch", "global_step", "stage", "rng", "world_size", "history", "best_value"),
+        *("skipped_steps", "latent_stats", "vae_ema"),
+    }
+    save_checkpoint(payload, tmp_path / "last.pt")
+    fresh, _, _ = tiny_state(ema_decay=0.9)
+    assert resume(fresh, tmp_path / "last.pt", config, train.SINGLE_PROCESS)
+    restored, trained = weights_and_optimiser_state(fresh), weights_and_optimiser_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(restored, trained, strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(fresh.vae_ema.parameters(), state.vae_ema.parameters(), strict=True)
+    )
+    assert (fresh.epoch, fresh.step_in_epoch, fresh.global_step) == (1, 3, 1)
+    assert (fresh.best_value, fresh.skipped_steps, fresh.history) == (30.5, 2, state.history)
+    # without an EMA there is no vae_ema key; a run that switches the EMA on at resume starts it from the VAE
+    no_ema, _, plain = tiny_state(ema_decay=None)
+    assert "vae_ema" not in no_ema.state_dict()
+    save_checkpoint(
+        training_checkpoint(no_ema, plain, train.SINGLE_PROCESS, "pretrain", None), tmp_path / "a.pt"
+    )
+    assert resume(fresh, tmp_path / "a.pt", config, train.SINGLE_PROCESS)
+    assert all(
+        torch.equal(a, b) for a, b in zip(fresh.vae_ema.parameters(), no_ema.vae.parameters(), strict=True)
+    )
 
 
 def test_train_step_waits_for_no_value_and_a_nonfinite_step_changes_nothing():
