@@ -689,37 +689,34 @@ def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
 class FitResult:
     """What :func:`fit` returns on every rank (only rank 0, ``is_main``, wrote the files)."""
 
-    run_dir: Path
+    run_dir: Path  # config.json, train.log, metrics.csv, checkpoints/last.pt, previews/, TensorBoard events
     best_model: Path
-    metrics_csv: Path
     best_metric: str
     best_value: float | None
     history: list[dict[str, Any]]  # one record per finished epoch: metrics.csv's rows + latent statistics
-    epochs: int
-    global_step: int
-    skipped_steps: int
     elapsed_s: float
     is_main: bool
 
     @classmethod
     def of(cls, state: TrainState, run: Run) -> FitResult:
+        best_model = run.best_dir / "best_model.pt"
+        best_metric, is_main = run.config.train.best_metric, run.context.is_main
         return cls(
-            run.run_dir, run.best_dir / "best_model.pt", run.run_dir / "metrics.csv", run.config.train.best_metric,
-            state.best_value, state.history, state.epoch, state.global_step, state.skipped_steps, run.elapsed(),
-            run.context.is_main,
-        )  # fmt: skip
+            run.run_dir, best_model, best_metric, state.best_value, state.history, run.elapsed(), is_main
+        )
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.run_dir / "metrics.csv"
 
     def summary(self) -> str:
         """Where the results are: the best epoch and its metric, best_model.pt, metrics.csv, TensorBoard."""
-        best = [r for r in self.history if r.get(self.best_metric) == self.best_value]
-        best_text = (
-            f"best {self.best_metric} {self.best_value:.4f} at epoch {best[-1]['epoch']}"
-            if best
-            else "no validation"
-        )
+        last = self.history[-1]  # fit trains (and validates) at least one epoch, or resumes a run that did
+        best = [r["epoch"] for r in self.history if r.get(self.best_metric) == self.best_value]
         return (
-            f"training finished: {self.epochs} epoch(s), {self.global_step} steps, {self.skipped_steps} skipped, "
-            f"{self.elapsed_s / 60:.1f} min; {best_text}\n"
+            f"training finished: {last['epoch'] + 1} epoch(s), {last['global_step']} steps, "
+            f"{last['train/skipped_steps']} skipped, {self.elapsed_s / 60:.1f} min; best {self.best_metric} "
+            f"{self.best_value:.4f}{f' at epoch {best[-1]}' if best else ''}\n"
             f"  best model:  {self.best_model}\n"
             f"  metrics:     {self.metrics_csv}\n"
             f"  TensorBoard: tensorboard --logdir {self.run_dir}"
