@@ -3,10 +3,10 @@
     python -m bench.cpu_estimate [--config_file configs/cpu.json] [--set section.key=value ...]
         [--out_dir bench/results/cpu_estimate]
 
-Runs ``train.main`` (train.py's own code, imported) on the preset into a temporary folder, records the
-estimate it announces before the first step (``train.estimate_cpu_step_seconds``, train.py's own function,
-wrapped only to read its return value) and compares the announced total (seconds per step × the run's steps)
-with the measured wall-clock time of the whole ``train.main`` call (set-up, validations, checkpoints and the
+Runs ``train.fit`` (train.py's own code, imported) on the preset into a temporary folder, records the
+estimate it announces before the first step (``device_data.estimate_cpu_step_seconds`` through the
+name train.py calls, wrapped only to read its return value) and compares the announced total (seconds per step × the run's steps)
+with the measured wall-clock time of the whole ``train.fit`` call (set-up, validations, checkpoints and the
 slower GAN-stage steps included, as the user sees it) and with the training epochs alone. Prints the
 machine, the settings and the 1-minute load average before and after (on a shared machine the absolute
 times are inflated; the ratio is what matters), and writes ``--out_dir/summary.json``.
@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 import train
-from bench.train_runs import location_overrides, run_folders, train_argv
+from bench import harness
 from config import load_config
 
 
@@ -74,16 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="cpu_estimate_") as work:
-        overrides = [*args.overrides, *location_overrides(Path(work), "cpu_estimate"), 'train.device="cpu"']
+        overrides = [*args.overrides, 'train.device="cpu"']
         load_before = os.getloadavg()[0]
         start = time.perf_counter()
         with recorded_estimates() as estimates:
-            train.main(train_argv(args.config_file, overrides))
+            run = harness.train_run(args.config_file, overrides, Path(work), "cpu_estimate")
         measured_s = time.perf_counter() - start
         load_after = os.getloadavg()[0]
-        history = pd.read_csv(run_folders(Path(work), "cpu_estimate")[0] / "metrics.csv")
+        history = pd.read_csv(run.metrics_csv)
     if len(estimates) != 1:
-        raise RuntimeError(f"expected one CPU estimate from train.main, got {len(estimates)}")
+        raise RuntimeError(f"expected one CPU estimate from train.fit, got {len(estimates)}")
     steps = int(history["global_step"].iloc[-1])
     step_s = estimates[0]
     batch_size = load_config(args.config_file, args.overrides).train.batch_size
