@@ -279,22 +279,11 @@ def open_run(config: Config, context: DistributedContext, resume: str | Path | N
     return run
 
 
-def build_state(
-    config: Config,
-    device: torch.device,
-    vae: nn.Module | None = None,
-    discriminator: nn.Module | None = None,
-) -> TrainState:
-    """Fresh models (or the given ones), fused AdamW optimisers, gradient scalers (fp16 only), EMA, on ``device``.
-
-    ``vae`` / ``discriminator`` default to the config's; another VAE must map (B, C, *S) to
-    (recon, mu, sigma) and expose ``last_decoder_layer_weight`` (``bench/`` passes MONAI's models).
-    """
+def build_state(config: Config, device: torch.device) -> TrainState:
+    """The config's fresh models, fused AdamW optimisers, gradient scalers (fp16 only) and EMA, on ``device``."""
     train = config.train
-    if vae is None:
-        vae = build_vae(config.model, use_checkpointing=train.gradient_checkpointing)
-    if discriminator is None:
-        discriminator = build_discriminator(config.discriminator, config.model.out_channels)
+    vae = build_vae(config.model, use_checkpointing=train.gradient_checkpointing)
+    discriminator = build_discriminator(config.discriminator, config.model.out_channels)
     vae, discriminator = vae.to(device), discriminator.to(device)  # the VAE keeps its channels-last weights
     if train.channels_last:
         vae = vae.to(memory_format=torch.channels_last_3d)
