@@ -66,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample", action="store_true", help="save/decode a posterior draw, not the mean")
     parser.add_argument("--latent_format", default="nii.gz", choices=LATENT_FORMATS)
     parser.add_argument("--no_lpips", action="store_true", help="leave out the LPIPS3D metrics")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="inputs not on the model's grid or not skull-stripped are errors",
+    )
     args = parser.parse_args(argv)
     if args.denormalise != "none" and (args.decode is None or args.latent_stats is None):
         parser.error(
@@ -91,6 +96,7 @@ from dataset import (
     preprocessed_batches,
     read_split,
     restore_to_input_grid,
+    warn_inputs,
 )
 from latents import (
     build_metric_lpips,
@@ -139,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     vae, prep, factor = model.vae, model.config.preprocessing, model.vae.downsample_factor
     failures = preflight_failures(frame)
+    try:  # inputs not on the checkpoint's grid or not skull-stripped: a warning (--strict: an error)
+        warn_inputs(frame.drop(index=list(failures)), prep, strict=args.strict)
+    except DataError as error:
+        print(f"ERROR: {error}", file=sys.stderr)
+        return 2
     todo = [i for i in range(len(frame)) if i not in failures]
     lpips = None
     if todo and not args.no_lpips:

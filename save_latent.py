@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=NORMALISATIONS,
         help="normalisation recorded in latent_stats.json for the diffusion stage (files stay unnormalised)",
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="inputs not on the model's grid or not skull-stripped are errors",
+    )
     return parser.parse_args(argv)
 
 
@@ -67,7 +72,7 @@ from tqdm import tqdm
 
 from checkpoints import CheckpointError
 from config import ConfigError
-from dataset import DataError, preflight_failures, preprocessed_batches, read_split
+from dataset import DataError, preflight_failures, preprocessed_batches, read_split, warn_inputs
 from latents import (
     check_output_dir,
     encode_batch,
@@ -150,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # pre-flight: the same per-file check as training; bad rows are reported at the end
     failures = preflight_failures(frame)
+    try:  # inputs not on the checkpoint's grid or not skull-stripped: a warning (--strict: an error)
+        warn_inputs(frame.drop(index=list(failures)), model.config.preprocessing, strict=args.strict)
+    except DataError as error:
+        print(f"ERROR: {error}", file=sys.stderr)
+        return 2
     # batches are fixed chunks of the good rows; a chunk with a missing latent is re-encoded whole, so every
     # latent comes from the same batch as in an uninterrupted run (results depend on the batch in the last bits)
     good = [i for i in range(len(frame)) if i not in failures]

@@ -51,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="CHECKPOINT",
         help="continue a run: without a value, from runs/<run_name>/checkpoints/last.pt",
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="inputs of mixed grids or not skull-stripped are errors (= --set data.strict_input_checks=true)",
+    )
     return parser.parse_args(argv)
 
 
@@ -825,7 +830,8 @@ def fit(config: Config, resume: str | Path | None = None) -> FitResult:
 def main(argv: list[str] | None = None) -> int:
     """The command line: arguments → config → :func:`fit` → where the results are (rank 0 prints it)."""
     args = parse_args(argv)
-    result = fit(load_config(args.config_file, args.overrides), resume=args.resume)
+    strict = ["data.strict_input_checks=true"] if args.strict else []
+    result = fit(load_config(args.config_file, [*args.overrides, *strict]), resume=args.resume)
     if result.is_main:
         print(result.summary())
     return 0
