@@ -19,14 +19,16 @@ records fail their CRC-32 (a damaged file; ``torch.load`` does not check them).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import re
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import torch
 from torch import nn
@@ -39,6 +41,7 @@ from utils import DistributedContext, gather_rng_states, new_file_mode, set_rng_
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "atomic_write",
     "check_archive_crcs",
     "check_init_from",
     "check_state_dict_fits",
@@ -50,6 +53,7 @@ __all__ = [
     "model_config_differences",
     "resume",
     "save_checkpoint",
+    "save_json",
     "training_checkpoint",
 ]
 
@@ -61,33 +65,24 @@ class CheckpointError(RuntimeError):
 
 
 class ResumableState(Protocol):
-    """What a training checkpoint holds: the fields of ``train.TrainState``."""
+    """What a training checkpoint holds: a ``train.TrainState``, which lists its own fields."""
 
-    vae: nn.Module
-    discriminator: nn.Module
-    optimizer_g: torch.optim.Optimizer
-    optimizer_d: torch.optim.Optimizer
-    scaler_g: torch.amp.GradScaler
-    scaler_d: torch.amp.GradScaler
-    vae_ema: nn.Module | None
-    epoch: int
-    step_in_epoch: int
-    global_step: int
-    history: list[dict[str, Any]]
-    best_value: float | None
-    skipped_steps: int
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------- file I/O
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write ``payload`` atomically: a kill or a full disk at any moment leaves the old file intact.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], kind: str = "file") -> None:
+    """Write ``path`` atomically: ``write`` fills a temporary file in the same folder, which is fsynced and
+    renamed over ``path``, so a kill or a full disk at any moment leaves the old file (if any) intact.
 
     The file gets the mode of any new file under the process umask (e.g. 0644), not mkstemp's 0600.
 
-    Raises CheckpointError (naming the path and the cause) when the write fails; the partial temporary
-    file is removed.
+    Raises CheckpointError (naming the ``kind`` of file, the path and the cause) when the write fails; the
+    partial temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +92,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     try:
         os.fchmod(handle, new_file_mode())  # mkstemp makes it 0600; give it the mode of any new file
         with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp_name, path)
@@ -106,7 +101,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
             os.unlink(temp_name)
         if isinstance(error, OSError):
             raise CheckpointError(
-                f"could not write checkpoint {path}: {error.strerror or error}; the previous file (if any) "
+                f"could not write {kind} {path}: {error.strerror or error}; the previous file (if any) "
                 "is unchanged"
             ) from error
         raise
@@ -116,6 +111,16 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """``torch.save(payload)`` to ``path`` with :func:`atomic_write`."""
+    atomic_write(path, lambda file: torch.save(payload, file), kind="checkpoint")
+
+
+def save_json(data: Any, path: str | Path) -> None:
+    """``data`` as indented JSON in ``path``, with :func:`atomic_write`."""
+    atomic_write(path, lambda file: file.write(json.dumps(data, indent=2).encode()), kind="JSON file")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -195,27 +200,16 @@ def training_checkpoint(
     stage: str,
     latent_stats: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The payload of ``last.pt`` (collective under DDP: every rank must call it; rank 0 saves it)."""
+    """The payload of ``last.pt``: ``state.state_dict()`` plus the format, config, stage, every rank's RNG state
+    and the latent statistics (collective under DDP: every rank must call it; rank 0 saves it)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "config": config.to_dict(),
-        "vae": state.vae.state_dict(),
-        "discriminator": state.discriminator.state_dict(),
-        "optimizer_g": state.optimizer_g.state_dict(),
-        "optimizer_d": state.optimizer_d.state_dict(),
-        "scaler_g": state.scaler_g.state_dict(),
-        "scaler_d": state.scaler_d.state_dict(),
-        "epoch": state.epoch,
-        "step_in_epoch": state.step_in_epoch,
-        "global_step": state.global_step,
+        **state.state_dict(),
         "stage": stage,
         "rng": gather_rng_states(context),
         "world_size": context.world_size,
-        "history": state.history,
-        "best_value": state.best_value,
-        "skipped_steps": state.skipped_steps,
         "latent_stats": latent_stats,
-        **({} if state.vae_ema is None else {"vae_ema": state.vae_ema.state_dict()}),
     }
 
 
@@ -231,17 +225,7 @@ def resume(state: ResumableState, path: Path, config: Config, context: Distribut
     differences = model_config_differences(checkpoint["config"]["model"], config.to_dict()["model"])
     if differences:
         raise ConfigError(f"{path} was trained with another model config: " + "; ".join(differences))
-    state.vae.load_state_dict(checkpoint["vae"])
-    state.discriminator.load_state_dict(checkpoint["discriminator"])
-    if state.vae_ema is not None:  # a run that switched the EMA on at resume starts it from the weights
-        state.vae_ema.load_state_dict(checkpoint.get("vae_ema", checkpoint["vae"]))
-    state.optimizer_g.load_state_dict(checkpoint["optimizer_g"])
-    state.optimizer_d.load_state_dict(checkpoint["optimizer_d"])
-    state.scaler_g.load_state_dict(checkpoint["scaler_g"])
-    state.scaler_d.load_state_dict(checkpoint["scaler_d"])
-    state.epoch, state.step_in_epoch = checkpoint["epoch"], checkpoint["step_in_epoch"]
-    state.global_step, state.history = checkpoint["global_step"], checkpoint["history"]
-    state.best_value, state.skipped_steps = checkpoint["best_value"], checkpoint["skipped_steps"]
+    state.load_state_dict(checkpoint)
     if checkpoint["world_size"] != context.world_size:
         return False
     set_rng_state(checkpoint["rng"][context.rank])

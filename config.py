@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from metrics import VALIDATION_METRICS
+
 __all__ = [
     "AugmentationConfig",
     "Config",
@@ -54,6 +56,20 @@ def _check(condition: bool, message: str, *keys: str) -> None:
         raise ConfigError(message, keys)
 
 
+def _check_minimum(
+    section: str, values: Any, minimum: int, names: tuple[str, ...], nullable: bool = False
+) -> None:
+    """``section.name >= minimum`` for each of ``names`` of the dataclass ``values`` (or null, when ``nullable``)."""
+    for name in names:
+        value = getattr(values, name)
+        allowed = "null or " if nullable else ""
+        _check(
+            (nullable and value is None) or value >= minimum,
+            f"{section}.{name} must be {allowed}>= {minimum}",
+            f"{section}.{name}",
+        )
+
+
 @dataclass
 class ModelConfig:
     """MAISI-style KL-VAE (see ``model/maisi_vae.py``). Defaults = the seed model.
@@ -76,8 +92,9 @@ class ModelConfig:
     upsample_mode: Literal["trilinear", "transposed"] = "trilinear"
 
     def validate(self) -> None:
-        for name in ("in_channels", "out_channels", "latent_channels", "norm_num_groups"):
-            _check(getattr(self, name) >= 1, f"model.{name} must be >= 1", f"model.{name}")
+        _check_minimum(
+            "model", self, 1, ("in_channels", "out_channels", "latent_channels", "norm_num_groups")
+        )
         _check(len(self.channels) >= 1, "model.channels: give at least one level", "model.channels")
         for name in ("num_res_blocks", "attention_levels"):
             _check(
@@ -201,7 +218,12 @@ class AugmentationConfig:
             "augmentation.gamma_range must be [low, high] with 0 < low <= high",
             "augmentation.gamma_range",
         )
-        _check(self.noise_std >= 0, "augmentation.noise_std must be >= 0", "augmentation.noise_std")
+        _check_minimum(
+            "augmentation", self, 0, ("noise_std", "rotate_degrees", "scale_fraction", "translate_voxels")
+        )
+        _check(
+            self.scale_fraction < 1, "augmentation.scale_fraction must be < 1", "augmentation.scale_fraction"
+        )
 
 
 @dataclass
@@ -225,7 +247,7 @@ class DataConfig:
     device_cache: Literal["auto", "on", "off"] = "auto"
 
     def validate(self) -> None:
-        _check(self.num_workers >= 0, "data.num_workers must be >= 0", "data.num_workers")
+        _check_minimum("data", self, 0, ("num_workers",))
 
 
 @dataclass
@@ -287,34 +309,18 @@ class TrainConfig:
     best_runs_dir: str = "best_runs"
 
     def validate(self) -> None:
-        _check(self.batch_size >= 1, "train.batch_size must be >= 1", "train.batch_size")
+        _check_minimum("train", self, 1, ("batch_size", "num_epochs", "val_every", "log_every_steps"))
+        _check_minimum("train", self, 1, ("max_consecutive_nonfinite",))
+        _check_minimum("train", self, 0, ("weight_decay", "beta", "perceptual_weight", "adversarial_weight"))
+        _check_minimum("train", self, 0, ("warmup_steps", "gan_start_epoch"))
+        nullable = ("max_steps_per_epoch", "val_batch_size", "checkpoint_every_steps")
+        _check_minimum("train", self, 1, nullable, nullable=True)
         _check(self.learning_rate > 0, "train.learning_rate must be > 0", "train.learning_rate")
-        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0", "train.weight_decay")
-        _check(self.num_epochs >= 1, "train.num_epochs must be >= 1", "train.num_epochs")
-        _check(
-            self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
-            "train.max_steps_per_epoch must be null or >= 1",
-            "train.max_steps_per_epoch",
-        )
-        for name in ("beta", "perceptual_weight", "adversarial_weight"):
-            _check(getattr(self, name) >= 0, f"train.{name} must be >= 0", f"train.{name}")
-        _check(
-            self.gan_start_epoch >= 0,
-            "train.gan_start_epoch must be >= 0 (an epoch index)",
-            "train.gan_start_epoch",
-        )
         _check(
             self.grad_clip is None or self.grad_clip > 0,
             "train.grad_clip must be null or > 0",
             "train.grad_clip",
         )
-        _check(self.val_every >= 1, "train.val_every must be >= 1", "train.val_every")
-        _check(
-            self.val_batch_size is None or self.val_batch_size >= 1,
-            "train.val_batch_size must be null or >= 1",
-            "train.val_batch_size",
-        )
-        _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0", "train.warmup_steps")
         _check(
             0.0 <= self.min_lr_fraction <= 1.0,
             "train.min_lr_fraction must be in [0, 1]",
@@ -331,16 +337,11 @@ class TrainConfig:
             "train.time_budget_s",
         )
         _check(
-            self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
-            "train.checkpoint_every_steps must be null or >= 1",
-            "train.checkpoint_every_steps",
+            self.best_metric in VALIDATION_METRICS,
+            f"train.best_metric must be a validation metric, one of {', '.join(VALIDATION_METRICS)}; got "
+            f"{self.best_metric!r}",
+            "train.best_metric",
         )
-        _check(
-            self.max_consecutive_nonfinite >= 1,
-            "train.max_consecutive_nonfinite must be >= 1",
-            "train.max_consecutive_nonfinite",
-        )
-        _check(self.log_every_steps >= 1, "train.log_every_steps must be >= 1", "train.log_every_steps")
         _check(
             self.run_name and "/" not in self.run_name and self.run_name not in (".", ".."),
             f"train.run_name must be a plain folder name; got {self.run_name!r}",

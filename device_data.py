@@ -5,7 +5,8 @@ augments the item with :class:`dataset.Augmentation`) -> collate -> copy to the 
 preprocessed volumes on the device (:class:`DeviceVolumeCache`: float16 image + uint8 mask) and
 :class:`DeviceBatches` augments whole batches there with the same :class:`dataset.Augmentation`, behind the
 interface of the training DataLoader. :func:`cache_fits` says whether the cache fits (and why, in one line for
-the log); when it does not, the caller keeps the DataLoader path.
+the log); when it does not, :func:`make_loaders` (training's choice of data path) keeps the DataLoader path.
+The training memory and CPU step-time estimates live beside :func:`cache_fits`.
 
 Why one augmentation of our own (small torch transforms) rather than MONAI's random transforms on the device:
 MONAI's are per item and keep their random state and decisions inside the transform objects (no public way
@@ -21,15 +22,29 @@ with a float32 cache a batch is bitwise the DataLoader's (``tests/test_device_da
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
+import pandas as pd
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, Sampler
 
+import dataset
+import demo_cohort
+from config import Config, TrainConfig
 from dataset import Augmentation, VolumeDataset
+from model.recompute import recompute
+from utils import DistributedContext, autocast, main_process_first
+
+if TYPE_CHECKING:
+    from losses import VAEGANLoss
 
 __all__ = [
     "FLOAT16_MAX_ABS_ERROR",
@@ -38,8 +53,17 @@ __all__ = [
     "DeviceVolumeCache",
     "cache_bytes",
     "cache_fits",
+    "choose_recompute",
+    "cpu_cost_message",
+    "epoch_batches",
+    "estimate_cpu_step_seconds",
+    "estimate_training_bytes",
     "free_memory_bytes",
+    "make_loaders",
+    "steps_per_epoch",
 ]
+
+log = logging.getLogger(__name__)
 
 Storage = Literal["float16", "float32"]
 STORAGE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
@@ -115,6 +139,91 @@ def cache_fits(
         False,
         f"device cache off (DataLoader path): {what} > {max_fraction:.0%} of {_gib(free)} free on {device}",
     )
+
+
+def half_size(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(D, H, W) halved per axis (at least 8): where :func:`estimate_training_bytes` measures, to scale up."""
+    return tuple(max(8, math.ceil(s / 2)) for s in shape)
+
+
+def estimate_training_bytes(
+    vae: nn.Module, shape: tuple[int, ...], batch_size: int, device: torch.device
+) -> int:
+    """Bytes autograd saves for a VAE forward without the recompute, measured at 1/8 of the voxels and scaled,
+    times 3 for gradients, the perceptual and discriminator passes and allocator slack (a deliberate
+    over-estimate; ``shape`` is (D, H, W))."""
+    small = half_size(shape)
+    saved = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    cuda_devices = [device] if device.type == "cuda" else []
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with recompute(False), torch.random.fork_rng(devices=cuda_devices), hooks:
+        vae(torch.zeros(1, 1, *small, device=device))
+    return int(3 * saved * batch_size * math.prod(shape) / math.prod(small))
+
+
+def choose_recompute(
+    train: TrainConfig, vae: nn.Module, shape: tuple[int, ...], device: torch.device
+) -> bool:
+    """``train.recompute``: ``on`` / ``off``, or ``auto``: on for CPU; on CUDA off unless the estimated training
+    memory without it would exceed 80 % of the free device memory."""
+    if train.recompute != "auto":
+        return train.recompute == "on"
+    if device.type != "cuda":
+        return True
+    free = free_memory_bytes(device)
+    need = estimate_training_bytes(vae, shape, train.batch_size, device)
+    log.info("recompute auto: ~%.1f GiB estimated without it, %.1f GiB free", need / 2**30, free / 2**30)
+    return need > 0.8 * free
+
+
+def estimate_cpu_step_seconds(
+    vae: nn.Module,
+    loss: VAEGANLoss,
+    batch_size: int,
+    shape: tuple[int, ...],
+    amp_dtype: torch.dtype | None,
+) -> float:
+    """Seconds per pretraining step on this CPU: forward + backward of one full-size batch (``batch_size`` volumes
+    of ``shape`` (D, H, W)), timed after a warm-up pass that pays the one-off costs (allocations, kernel
+    selection; a half-size pass scaled up by the voxel count overestimated 4x, issue 17). No weight, gradient or
+    random stream is changed."""
+    with torch.random.fork_rng():
+        images = torch.rand(batch_size, 1, *shape)
+        for _ in range(2):  # the first is the warm-up
+            start = time.perf_counter()
+            with autocast(images.device, amp_dtype):
+                recon, mu, sigma = vae(images)
+                total, _ = loss.generator(images, recon, mu, sigma)
+            total.backward()
+            seconds = time.perf_counter() - start
+    vae.zero_grad(set_to_none=True)
+    return seconds
+
+
+def cpu_cost_message(seconds_per_step: float, steps_left: int, time_budget_s: float | None) -> str:
+    """One log line for a CPU run before its first step: the time per step (:func:`estimate_cpu_step_seconds`)
+    and for the ``steps_left`` (or what ``train.time_budget_s`` allows), and the CPU preset when steps are slow."""
+    total = seconds_per_step * steps_left
+    if time_budget_s is not None and total > time_budget_s:
+        allowed = time_budget_s / seconds_per_step
+        plan = f"{steps_left} steps left, of which train.time_budget_s={time_budget_s:g} allows about {allowed:.0f}"
+    else:
+        plan = f"{steps_left} steps left ≈ " + (
+            f"{total / 60:.0f} min" if total < 5400 else f"{total / 3600:.1f} h"
+        )
+    message = (
+        f"CPU training: about {seconds_per_step:.1f} s per pretraining step (a rough estimate from one full-size "
+        f"step; GAN-stage steps are slower), {plan}"
+    )
+    if seconds_per_step > 10:
+        message += "; for a run that finishes in minutes on a CPU, use --config_file configs/cpu.json"
+    return message
 
 
 # ------------------------------------------------------------------------------------------------- cache
@@ -245,4 +354,93 @@ class DeviceBatches:
                 batch["image"], batch["mask"] = self.augmentation(
                     batch["image"], batch["mask"], indices, self.epoch
                 )
-            yield batch
+                yield batch
+
+
+# ------------------------------------------------------------------------------------- training data path
+
+
+def make_loaders(
+    config: Config, context: DistributedContext
+) -> tuple[DataLoader | DeviceBatches, VolumeDataset | DeviceVolumeCache, torch.Generator]:
+    """The training batches (shuffled, augmented, sharded across ranks), the validation volumes (not augmented)
+    and the generator that orders the shuffle.
+
+    With ``data.device_cache`` on (``auto``: on CUDA when the volumes fit) both sets live on the training
+    device and the augmentation runs there in batch (:class:`DeviceBatches`); otherwise a DataLoader feeds
+    augmented volumes from the ``data.cache``. Both paths draw the same shuffle and augmentations.
+    """
+    data, train = config.data, config.train
+    with main_process_first(context):
+        demo_cohort.ensure_demo_data(data)
+    train_frame = dataset.preflight(dataset.read_split(data.train_csv), skip_bad_files=data.skip_bad_files)
+    val_frame = dataset.preflight(dataset.read_split(data.val_csv), skip_bad_files=data.skip_bad_files)
+    dataset.warn_inputs(pd.concat([train_frame, val_frame]), strict=data.strict_input_checks)
+    log.info("train: %d volumes, val: %d volumes", len(train_frame), len(val_frame))
+    augmentation = config.augmentation if config.augmentation.enabled else None
+    cache_dir = Path(data.cache_dir)
+    use_device_cache = data.device_cache == "on"
+    if data.device_cache == "auto" and context.device.type == "cuda":
+        shape = tuple(config.preprocessing.target_shape)
+        use_device_cache, reason = cache_fits(len(train_frame) + len(val_frame), shape, context.device)
+        log.info(reason)
+    generator = torch.Generator()
+    build = {"prep": config.preprocessing, "cache": data.cache, "cache_dir": cache_dir}
+    val_set = dataset.build_dataset(val_frame, augmentation=None, **build)
+    train_set = dataset.build_dataset(
+        train_frame, augmentation=None if use_device_cache else augmentation, seed=train.seed, **build
+    )
+    if context.is_distributed:
+        sampler = DistributedSampler(train_set, shuffle=True, seed=train.seed, drop_last=False)
+    else:
+        sampler = RandomSampler(train_set, generator=generator)
+    if use_device_cache:
+        with torch.random.fork_rng():  # copying through a DataLoader must not move the model's random stream
+            train_cache = DeviceVolumeCache.from_dataset(
+                train_set, context.device, num_workers=data.num_workers
+            )
+            val_cache = DeviceVolumeCache.from_dataset(val_set, context.device, num_workers=data.num_workers)
+        log.info(
+            "device cache: %.2f GiB on %s", (train_cache.nbytes + val_cache.nbytes) / 2**30, context.device
+        )
+        batch_augmentation = None if augmentation is None else Augmentation(augmentation, train.seed)
+        batches = DeviceBatches(train_cache, batch_augmentation, sampler, train.batch_size, generator)
+        return batches, val_cache, generator
+    loader = DataLoader(
+        train_set,
+        batch_size=train.batch_size,
+        sampler=sampler,
+        num_workers=data.num_workers,
+        pin_memory=context.device.type == "cuda",
+        persistent_workers=False,
+        generator=generator,
+    )
+    return loader, val_set, generator
+
+
+def epoch_batches(
+    loader: DataLoader | DeviceBatches,
+    generator: torch.Generator,
+    train: TrainConfig,
+    device: torch.device,
+    epoch: int,
+    first: int,
+    last: int,
+) -> Iterator[torch.Tensor]:
+    """The epoch's training images (B, 1, D, H, W) on ``device``, batches ``first`` to ``last - 1``.
+
+    The shuffle order and every augmentation are functions of (seed, epoch, index), so a resumed epoch
+    replays the same batches.
+    """
+    generator.manual_seed(train.seed * 1_000_003 + epoch)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    (loader if isinstance(loader, DeviceBatches) else loader.dataset).set_epoch(epoch)
+    memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
+    for batch in islice(loader, first, last):
+        yield batch["image"].to(device, non_blocking=True).to(memory_format=memory_format)
+
+
+def steps_per_epoch(loader: DataLoader | DeviceBatches, train: TrainConfig) -> int:
+    """Batches per epoch (``len(loader)``, capped by ``train.max_steps_per_epoch``)."""
+    return len(loader) if train.max_steps_per_epoch is None else min(len(loader), train.max_steps_per_epoch)

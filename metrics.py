@@ -23,12 +23,20 @@ from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
 if TYPE_CHECKING:
     from model.lpips3D import LPIPS3D
 
-__all__ = ["LatentStatistics", "image_metrics", "ms_ssim_scales"]
+__all__ = ["VALIDATION_METRICS", "LatentStatistics", "image_metrics", "ms_ssim_scales"]
 
 SSIM_KERNEL = 11
 MS_SSIM_KERNEL = 7
 KERNEL_SIGMA = 1.5
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363)
+# what :func:`image_metrics` returns (with an LPIPS module), whole volume and in-brain
+IMAGE_METRICS = tuple(
+    f"{name}{where}" for name in ("mse", "psnr", "ssim", "ms_ssim", "lpips") for where in ("", "_brain")
+)
+# the KL divergence and the :class:`LatentStatistics` summary values that training validation reports too
+LATENT_METRICS = ("kl", "latent_std", "latent_std_min", "latent_std_max", "scale_factor")
+# every number ``train.validate`` reports (the choices of ``train.best_metric``)
+VALIDATION_METRICS = tuple(f"val/{name}" for name in IMAGE_METRICS + LATENT_METRICS)
 
 
 def ms_ssim_scales(spatial_shape: tuple[int, ...]) -> int:

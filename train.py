@@ -3,10 +3,13 @@
     python train.py --config_file config.json [--set train.num_epochs=2 ...] [--resume [PATH]]
     torchrun --nproc_per_node 2 train.py --config_file config.json          # DDP (NCCL on GPU, gloo on CPU)
 
-``main`` reads top to bottom: config → set-up (run folder, data, models, loss) → state/resume → loop over
-epochs (:func:`train_epoch`: :func:`train_step` per batch; then :func:`end_of_epoch`: validation, best model,
-checkpoint) → summary. Only rank 0 writes logs and checkpoints. The loss is ``losses.VAEGANLoss``; checkpoint
-files are ``checkpoints.py``'s; :func:`train_step` and :func:`validate` are importable (``bench/`` times them).
+``main`` parses the arguments, loads the config, calls :func:`fit` and reports where the results are.
+:func:`fit` (what tests and ``bench/`` call with a ``Config``) reads top to bottom: set-up (run folder, data,
+models, loss) → state/resume → loop over epochs (:func:`train_epoch`: :func:`train_step` per batch; then
+:func:`end_of_epoch`: validation, best model, checkpoint) → teardown, and returns a :class:`FitResult`. Only
+rank 0 writes logs and checkpoints. The loss is ``losses.VAEGANLoss``; the data path is
+``device_data.make_loaders``'s; checkpoint files are ``checkpoints.py``'s; :func:`train_step` and
+:func:`validate` are importable (``bench/`` times them).
 
 The hot loop does not wait for the device: losses, skipped-step flags and the non-finite guard live on the
 device and are read every ``train.log_every_steps`` steps (and at the end of an epoch). A step whose loss or
@@ -17,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from itertools import islice
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -68,22 +68,30 @@ import torch.distributed as dist
 from torch import nn
 from torch._functorch import config as functorch_config
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 import dataset
-import demo_cohort
 from checkpoints import (
     CheckpointError,
+    atomic_write,
     check_init_from,
     inference_checkpoint,
     init_vae_weights,
-    resume,
     save_checkpoint,
+    save_json,
     training_checkpoint,
 )
+from checkpoints import resume as restore_checkpoint
 from config import Config, ConfigError, TrainConfig, load_config
-from device_data import DeviceBatches, DeviceVolumeCache, cache_fits, free_memory_bytes
+from device_data import (
+    DeviceVolumeCache,
+    choose_recompute,
+    cpu_cost_message,
+    epoch_batches,
+    estimate_cpu_step_seconds,
+    make_loaders,
+    steps_per_epoch,
+)
 from losses import VAEGANLoss, kl_divergence
 from metrics import LatentStatistics, image_metrics
 from model import MaisiVAE, PatchDiscriminator3D, build_discriminator, build_perceptual_loss, build_vae
@@ -95,17 +103,18 @@ from utils import (
     autocast,
     cleanup_distributed,
     explain_out_of_memory,
-    main_process_first,
     peak_memory_gb,
     resolve_amp_dtype,
     seed_everything,
     setup_distributed,
+    verify_identical_weights,
 )
 
 log = logging.getLogger("train")
 
 SINGLE_PROCESS = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 LOG_NAMES = ("loss", "recon", "kl", "perceptual", "adversarial", "adversarial_weight", "discriminator")
+RUNTIME_ONLY = {"checkpoint": False}  # field metadata: a TrainState field that checkpoints do not hold
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -146,6 +155,7 @@ class TrainState:
     ``discriminator_step`` are what the step calls: the same modules, or their torch.compile / DDP wrappers.
     ``vae_ema`` is the moving average of the VAE weights (``train.ema_decay``), or None.
     ``epoch`` / ``step_in_epoch`` point at the next batch to train on; ``global_step`` counts batches.
+    The fields are the checkpoint's list (:meth:`state_dict`), except those marked :data:`RUNTIME_ONLY`.
     """
 
     vae: MaisiVAE
@@ -161,9 +171,9 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_value: float | None = None
     skipped_steps: int = 0
-    vae_step: nn.Module | None = None
-    discriminator_step: nn.Module | None = None
-    guard: NonFiniteGuard | None = None
+    vae_step: nn.Module | None = field(default=None, metadata=RUNTIME_ONLY)
+    discriminator_step: nn.Module | None = field(default=None, metadata=RUNTIME_ONLY)
+    guard: NonFiniteGuard | None = field(default=None, metadata=RUNTIME_ONLY)
 
     def __post_init__(self) -> None:
         self.vae_step = self.vae_step or self.vae
@@ -174,6 +184,34 @@ class TrainState:
     def eval_vae(self) -> MaisiVAE:
         """The weights that are validated and saved as the best model: the EMA when there is one."""
         return self.vae if self.vae_ema is None else self.vae_ema
+
+    def _saved_fields(self) -> list[str]:
+        return [f.name for f in fields(self) if f.metadata.get("checkpoint", True)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every saved field by name: modules, optimisers and scalers as their ``state_dict()``, counters and
+        history as they are; no ``vae_ema`` key without an EMA."""
+        saved = {}
+        for name in self._saved_fields():
+            value = getattr(self, name)
+            if hasattr(value, "state_dict"):
+                saved[name] = value.state_dict()
+            elif name != "vae_ema":
+                saved[name] = value
+        return saved
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore every saved field from ``saved`` (a :meth:`state_dict`); an EMA switched on at resume starts
+        from the saved VAE weights."""
+        for name in self._saved_fields():
+            value = getattr(self, name)
+            if name == "vae_ema":
+                if value is not None:
+                    value.load_state_dict(saved.get("vae_ema", saved["vae"]))
+            elif hasattr(value, "load_state_dict"):
+                value.load_state_dict(saved[name])
+            else:
+                setattr(self, name, saved[name])
 
 
 @dataclass
@@ -216,13 +254,14 @@ class Run:
 # ------------------------------------------------------------------------------------------- set-up
 
 
-def open_run(config: Config, context: DistributedContext, resume_arg: str | None) -> Run:
-    """The run folder and logging; a new run never overwrites an old one (``--resume`` continues it)."""
+def open_run(config: Config, context: DistributedContext, resume: str | Path | None) -> Run:
+    """The run folder and logging; a new run never overwrites an old one (``resume`` continues it: a
+    checkpoint, or ``"auto"`` for the run's own ``last.pt``)."""
     train = config.train
     amp_dtype = resolve_amp_dtype(train.amp, context.device)
     run = Run(config, context, amp_dtype, Path(train.runs_dir) / train.run_name)
-    if resume_arg is not None:
-        run.resume_path = run.last_path if resume_arg == "auto" else Path(resume_arg)
+    if resume is not None:
+        run.resume_path = run.last_path if resume == "auto" else Path(resume)
         if not run.resume_path.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {run.resume_path}")
     elif run.last_path.exists():
@@ -245,80 +284,11 @@ def open_run(config: Config, context: DistributedContext, resume_arg: str | None
     return run
 
 
-def make_loaders(
-    config: Config, context: DistributedContext
-) -> tuple[DataLoader | DeviceBatches, dataset.VolumeDataset | DeviceVolumeCache, torch.Generator]:
-    """The training batches (shuffled, augmented, sharded across ranks), the validation volumes (not augmented)
-    and the generator that orders the shuffle.
-
-    With ``data.device_cache`` on (``auto``: on CUDA when the volumes fit) both sets live on the training
-    device and the augmentation runs there in batch (``device_data.py``); otherwise a DataLoader feeds
-    augmented volumes from the ``data.cache``. Both paths draw the same shuffle and augmentations.
-    """
-    data, train = config.data, config.train
-    with main_process_first(context):
-        demo_cohort.ensure_demo_data(data)
-    train_frame = dataset.preflight(dataset.read_split(data.train_csv), skip_bad_files=data.skip_bad_files)
-    val_frame = dataset.preflight(dataset.read_split(data.val_csv), skip_bad_files=data.skip_bad_files)
-    dataset.warn_inputs(pd.concat([train_frame, val_frame]), strict=data.strict_input_checks)
-    log.info("train: %d volumes, val: %d volumes", len(train_frame), len(val_frame))
-    augmentation = config.augmentation if config.augmentation.enabled else None
-    cache_dir = Path(data.cache_dir)
-    use_device_cache = data.device_cache == "on"
-    if data.device_cache == "auto" and context.device.type == "cuda":
-        shape = tuple(config.preprocessing.target_shape)
-        use_device_cache, reason = cache_fits(len(train_frame) + len(val_frame), shape, context.device)
-        log.info(reason)
-    generator = torch.Generator()
-    build = {"prep": config.preprocessing, "cache": data.cache, "cache_dir": cache_dir}
-    val_set = dataset.build_dataset(val_frame, augmentation=None, **build)
-    train_set = dataset.build_dataset(
-        train_frame, augmentation=None if use_device_cache else augmentation, seed=train.seed, **build
-    )
-    if context.is_distributed:
-        sampler = DistributedSampler(train_set, shuffle=True, seed=train.seed, drop_last=False)
-    else:
-        sampler = RandomSampler(train_set, generator=generator)
-    if use_device_cache:
-        with torch.random.fork_rng():  # copying through a DataLoader must not move the model's random stream
-            train_cache = DeviceVolumeCache.from_dataset(
-                train_set, context.device, num_workers=data.num_workers
-            )
-            val_cache = DeviceVolumeCache.from_dataset(val_set, context.device, num_workers=data.num_workers)
-        log.info(
-            "device cache: %.2f GiB on %s", (train_cache.nbytes + val_cache.nbytes) / 2**30, context.device
-        )
-        batch_augmentation = None if augmentation is None else dataset.Augmentation(augmentation, train.seed)
-        batches = DeviceBatches(train_cache, batch_augmentation, sampler, train.batch_size, generator)
-        return batches, val_cache, generator
-    loader = DataLoader(
-        train_set,
-        batch_size=train.batch_size,
-        sampler=sampler,
-        num_workers=data.num_workers,
-        pin_memory=context.device.type == "cuda",
-        persistent_workers=False,
-        generator=generator,
-    )
-    return loader, val_set, generator
-
-
-def build_state(
-    config: Config,
-    device: torch.device,
-    vae: nn.Module | None = None,
-    discriminator: nn.Module | None = None,
-) -> TrainState:
-    """Fresh models (or the given ones), fused AdamW optimisers, gradient scalers (fp16 only), EMA, on ``device``.
-
-    ``vae`` / ``discriminator`` default to the config's; another VAE must map (B, C, *S) to
-    (recon, mu, sigma) and expose ``last_decoder_layer_weight`` (``bench/`` passes MONAI's models).
-    """
+def build_state(config: Config, device: torch.device) -> TrainState:
+    """The config's fresh models, fused AdamW optimisers, gradient scalers (fp16 only) and EMA, on ``device``."""
     train = config.train
-    if vae is None:
-        vae = build_vae(config.model, use_checkpointing=train.gradient_checkpointing)
-    if discriminator is None:
-        discriminator = build_discriminator(config.discriminator, config.model.out_channels)
+    vae = build_vae(config.model, use_checkpointing=train.gradient_checkpointing)
+    discriminator = build_discriminator(config.discriminator, config.model.out_channels)
     vae, discriminator = vae.to(device), discriminator.to(device)  # the VAE keeps its channels-last weights
     if train.channels_last:
         vae = vae.to(memory_format=torch.channels_last_3d)
@@ -343,42 +313,6 @@ def build_state(
     )
 
 
-def choose_recompute(
-    train: TrainConfig, vae: nn.Module, shape: tuple[int, ...], device: torch.device
-) -> bool:
-    """``train.recompute``: ``on`` / ``off``, or ``auto``: on for CPU; on CUDA off unless the estimated training
-    memory without it would exceed 80 % of the free device memory."""
-    if train.recompute != "auto":
-        return train.recompute == "on"
-    if device.type != "cuda":
-        return True
-    free = free_memory_bytes(device)
-    need = estimate_training_bytes(vae, shape, train.batch_size, device)
-    log.info("recompute auto: ~%.1f GiB estimated without it, %.1f GiB free", need / 2**30, free / 2**30)
-    return need > 0.8 * free
-
-
-def estimate_training_bytes(
-    vae: nn.Module, shape: tuple[int, ...], batch_size: int, device: torch.device
-) -> int:
-    """Bytes autograd saves for a VAE forward without the recompute, measured at 1/8 of the voxels and scaled,
-    times 3 for gradients, the perceptual and discriminator passes and allocator slack (a deliberate
-    over-estimate; ``shape`` is (D, H, W))."""
-    small = half_size(shape)
-    saved = 0
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
-        saved += tensor.numel() * tensor.element_size()
-        return tensor
-
-    cuda_devices = [device] if device.type == "cuda" else []
-    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    with recompute(False), torch.random.fork_rng(devices=cuda_devices), hooks:
-        vae(torch.zeros(1, 1, *small, device=device))
-    return int(3 * saved * batch_size * math.prod(shape) / math.prod(small))
-
-
 def wrap_for_training(state: TrainState, train: TrainConfig, context: DistributedContext) -> None:
     """Set ``state.vae_step`` / ``discriminator_step``: torch.compile (``train.compile``) and DDP wrappers."""
     vae: nn.Module = state.vae
@@ -397,29 +331,6 @@ def wrap_for_training(state: TrainState, train: TrainConfig, context: Distribute
         vae = DistributedDataParallel(vae, device_ids=device_ids)
         discriminator = DistributedDataParallel(discriminator, device_ids=device_ids)
     state.vae_step, state.discriminator_step = vae, discriminator
-
-
-def half_size(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """(D, H, W) halved per axis (at least 8): where :func:`estimate_training_bytes` measures, to scale up."""
-    return tuple(max(8, math.ceil(s / 2)) for s in shape)
-
-
-def estimate_cpu_step_seconds(state: TrainState, loss: VAEGANLoss, run: Run) -> float:
-    """Seconds per pretraining step on this CPU: forward + backward of one full-size batch, timed after a
-    warm-up pass that pays the one-off costs (allocations, kernel selection; a half-size pass scaled up by
-    the voxel count overestimated 4x, issue 17). No weight, gradient or random stream is changed."""
-    shape = tuple(run.config.preprocessing.target_shape)
-    with torch.random.fork_rng():
-        images = torch.rand(run.config.train.batch_size, 1, *shape)
-        for _ in range(2):  # the first is the warm-up
-            start = time.perf_counter()
-            with autocast(images.device, run.amp_dtype):
-                recon, mu, sigma = state.vae(images)
-                total, _ = loss.generator(images, recon, mu, sigma)
-            total.backward()
-            seconds = time.perf_counter() - start
-    state.vae.zero_grad(set_to_none=True)
-    return seconds
 
 
 # ------------------------------------------------------------------------------------------- one step
@@ -520,34 +431,6 @@ def train_step(
 
 
 # ------------------------------------------------------------------------------------------- epochs
-
-
-def epoch_batches(
-    loader: DataLoader | DeviceBatches,
-    generator: torch.Generator,
-    run: Run,
-    epoch: int,
-    first: int,
-    last: int,
-) -> Iterator[torch.Tensor]:
-    """The epoch's training images (B, 1, D, H, W) on the device, batches ``first`` to ``last - 1``.
-
-    The shuffle order and every augmentation are functions of (seed, epoch, index), so a resumed epoch
-    replays the same batches.
-    """
-    train, device = run.config.train, run.context.device
-    generator.manual_seed(train.seed * 1_000_003 + epoch)
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    (loader if isinstance(loader, DeviceBatches) else loader.dataset).set_epoch(epoch)
-    memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
-    for batch in islice(loader, first, last):
-        yield batch["image"].to(device, non_blocking=True).to(memory_format=memory_format)
-
-
-def steps_per_epoch(loader: DataLoader | DeviceBatches, train: TrainConfig) -> int:
-    """Batches per epoch (``len(loader)``, capped by ``train.max_steps_per_epoch``)."""
-    return len(loader) if train.max_steps_per_epoch is None else min(len(loader), train.max_steps_per_epoch)
 
 
 def train_epoch(
@@ -679,11 +562,6 @@ def end_of_epoch(
                 title=f"{train.run_name} epoch {epoch}: PSNR {val_metrics['val/psnr']:.2f} dB",
             )
             run.writer.add_figure("val/preview", figure, state.global_step)
-        if train.best_metric not in record:
-            raise ConfigError(
-                f"train.best_metric {train.best_metric!r} is not a validation metric; available: "
-                f"{sorted(k for k in record if k.startswith('val/'))}"
-            )
         value = record[train.best_metric]
         improved = state.best_value is None or (
             value > state.best_value if train.best_metric_mode == "max" else value < state.best_value
@@ -703,8 +581,8 @@ def end_of_epoch(
                     ),
                     run.best_dir / "best_model.pt",
                 )
-                (run.best_dir / "config.json").write_text(json.dumps(run.config.to_dict(), indent=2))
-                (run.best_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+                save_json(run.config.to_dict(), run.best_dir / "config.json")
+                save_json(record, run.best_dir / "metrics.json")
         channel_std = "/".join(f"{s:.2f}" for s in latent_stats["channel_std"])
         log.info(
             "epoch %d: val PSNR %.2f dB (brain %.2f), SSIM %.4f (brain %.4f), latent std %.3f (per channel %s)%s",
@@ -797,126 +675,127 @@ def validate(
 
 def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
     """One row per finished epoch (nested values such as latent statistics left out), written atomically."""
-    rows = [{k: v for k, v in record.items() if not isinstance(v, dict)} for record in history]
-    temporary = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame(rows).to_csv(temporary, index=False)
-    os.replace(temporary, path)
+    rows = pd.DataFrame([{k: v for k, v in record.items() if not isinstance(v, dict)} for record in history])
+    atomic_write(path, lambda file: rows.to_csv(file, index=False), kind="metrics file")
 
 
-def verify_identical_weights(module: torch.nn.Module, name: str, context: DistributedContext) -> None:
-    """DDP sanity check: every rank must end with the same weights of ``module`` (compares per-tensor sums)."""
-    checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).to(context.device)
-    gathered = [torch.zeros_like(checksum) for _ in range(context.world_size)]
-    dist.all_gather(gathered, checksum)
-    if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
-        raise RuntimeError(f"DDP ranks ended with different {name} weights: the run is not trustworthy")
-    log.info("%s weights identical on all %d ranks", name, context.world_size)
+@dataclass
+class FitResult:
+    """What :func:`fit` returns on every rank (only rank 0, ``is_main``, wrote the files)."""
 
+    run_dir: Path  # config.json, train.log, metrics.csv, checkpoints/last.pt, previews/, TensorBoard events
+    best_model: Path
+    best_metric: str
+    best_value: float | None
+    history: list[dict[str, Any]]  # one record per finished epoch: metrics.csv's rows + latent statistics
+    elapsed_s: float
+    is_main: bool
 
-def announce_cpu_cost(state: TrainState, loss: VAEGANLoss, run: Run, steps_left: int) -> None:
-    """On a CPU, before the first step: the estimated time per step and for the run, and the CPU preset."""
-    seconds = estimate_cpu_step_seconds(state, loss, run)
-    total = seconds * steps_left
-    budget = run.config.train.time_budget_s
-    if budget is not None and total > budget:
-        plan = f"{steps_left} steps left, of which train.time_budget_s={budget:g} allows about {budget / seconds:.0f}"
-    else:
-        plan = f"{steps_left} steps left ≈ " + (
-            f"{total / 60:.0f} min" if total < 5400 else f"{total / 3600:.1f} h"
+    @classmethod
+    def of(cls, state: TrainState, run: Run) -> FitResult:
+        best_model = run.best_dir / "best_model.pt"
+        best_metric, is_main = run.config.train.best_metric, run.context.is_main
+        return cls(
+            run.run_dir, best_model, best_metric, state.best_value, state.history, run.elapsed(), is_main
         )
-    message = (
-        f"CPU training: about {seconds:.1f} s per pretraining step (a rough estimate from a half-size step; "
-        f"GAN-stage steps are slower), {plan}"
-    )
-    if seconds > 10:
-        message += "; for a run that finishes in minutes on a CPU, use --config_file configs/cpu.json"
-    log.info(message)
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.run_dir / "metrics.csv"
+
+    def summary(self) -> str:
+        """Where the results are: the best epoch and its metric, best_model.pt, metrics.csv, TensorBoard."""
+        last = self.history[-1]  # fit trains (and validates) at least one epoch, or resumes a run that did
+        best = [r["epoch"] for r in self.history if r.get(self.best_metric) == self.best_value]
+        return (
+            f"training finished: {last['epoch'] + 1} epoch(s), {last['global_step']} steps, "
+            f"{last['train/skipped_steps']} skipped, {self.elapsed_s / 60:.1f} min; best {self.best_metric} "
+            f"{self.best_value:.4f}{f' at epoch {best[-1]}' if best else ''}\n"
+            f"  best model:  {self.best_model}\n"
+            f"  metrics:     {self.metrics_csv}\n"
+            f"  TensorBoard: tensorboard --logdir {self.run_dir}"
+        )
 
 
-def summarise(state: TrainState, run: Run) -> None:
-    """Print where the results are: the best epoch and its metric, best_model.pt, metrics.csv, TensorBoard."""
+# ------------------------------------------------------------------------------------------- fit, main
+
+
+def initialise_weights(state: TrainState, run: Run) -> None:
+    """``train.init_from``'s VAE weights (and the EMA's) for a new run; a resumed run keeps its checkpoint's."""
+    init_from = run.config.train.init_from
+    if init_from is not None and run.resume_path is None:
+        kind = init_vae_weights(state.vae, init_from, run.config.model)
+        if state.vae_ema is not None:
+            state.vae_ema.load_state_dict(state.vae.state_dict())
+        log.info("initialised the VAE from %s (%s)", init_from, kind)
+    elif init_from is not None:
+        log.info(
+            "train.init_from %s not applied: --resume continues with its checkpoint's weights", init_from
+        )
+
+
+def resume_state(state: TrainState, run: Run) -> bool:
+    """Restore ``state`` from ``run.resume_path``; False when that run has already trained every epoch."""
     train = run.config.train
-    best = [r for r in state.history if r.get(train.best_metric) == state.best_value]
-    best_text = (
-        f"best {train.best_metric} {state.best_value:.4f} at epoch {best[-1]['epoch']}"
-        if best
-        else "no validation"
-    )
-    print(
-        f"training finished: {state.epoch} epoch(s), {state.global_step} steps, {state.skipped_steps} skipped, "
-        f"{run.elapsed() / 60:.1f} min; {best_text}\n"
-        f"  best model:  {run.best_dir / 'best_model.pt'}\n"
-        f"  metrics:     {run.run_dir / 'metrics.csv'}\n"
-        f"  TensorBoard: tensorboard --logdir {run.run_dir}"
-    )
+    if not restore_checkpoint(state, run.resume_path, run.config, run.context):
+        log.warning("resuming with a different world size: RNG streams restart from the seed")
+    log.info(
+        "resumed %s at epoch %d, step %d (global step %d)",
+        run.resume_path, state.epoch, state.step_in_epoch, state.global_step,
+    )  # fmt: skip
+    if state.epoch < train.num_epochs:
+        return True
+    log.info(
+        "run %s is finished: all %d epochs are done, nothing to train. To train it further, resume with "
+        "more epochs, e.g. --resume --set train.num_epochs=%d",
+        train.run_name, train.num_epochs, state.epoch + max(1, train.num_epochs // 2),
+    )  # fmt: skip
+    return False
 
 
-# ------------------------------------------------------------------------------------------- main
+def fit(config: Config, resume: str | Path | None = None) -> FitResult:
+    """Train ``config``'s VAE: a new run, or with ``resume`` (a ``last.pt``, or ``"auto"`` for this run's own)
+    the continuation of one. Under torchrun every rank calls it; only rank 0 writes files.
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    strict = ["data.strict_input_checks=true"] if args.strict else []
-    config = load_config(args.config_file, [*args.overrides, *strict])
+    Raises ConfigError, CheckpointError, dataset.DataError, NonFiniteTrainingError or DeviceOutOfMemoryError
+    (one-line messages; ``main`` prints them).
+    """
     train = config.train
-    if train.init_from is not None and args.resume is None:
+    if train.init_from is not None and resume is None:
         check_init_from(train.init_from, config.model)  # a wrong or misfit file fails before any set-up
     context = setup_distributed(train.device)
     seed_everything(train.seed + context.rank)
-    run = open_run(config, context, args.resume)
-
+    run = open_run(config, context, resume)
     loader, val_set, shuffle_generator = make_loaders(config, context)
     state = build_state(config, context.device)
-    if train.init_from is not None and run.resume_path is None:
-        kind = init_vae_weights(state.vae, train.init_from, config.model)
-        if state.vae_ema is not None:
-            state.vae_ema.load_state_dict(state.vae.state_dict())
-        log.info("initialised the VAE from %s (%s)", train.init_from, kind)
-    elif train.init_from is not None:
-        log.info(
-            "train.init_from %s not applied: --resume continues with its checkpoint's weights",
-            train.init_from,
-        )
+    initialise_weights(state, run)
     lpips = build_perceptual_loss(config.perceptual).to(context.device)
     log.info("perceptual loss: %s", lpips.description)
     loss = VAEGANLoss.from_config(config, lpips)
-    use_recompute = choose_recompute(
-        train, state.vae, tuple(config.preprocessing.target_shape), context.device
-    )
+    shape = tuple(config.preprocessing.target_shape)
+    use_recompute = choose_recompute(train, state.vae, shape, context.device)
     log.info(
         "memory-saving recompute: %s (train.recompute=%s)", "on" if use_recompute else "off", train.recompute
     )
 
-    if run.resume_path is not None:
-        if not resume(state, run.resume_path, config, context):
-            log.warning("resuming with a different world size: RNG streams restart from the seed")
-        log.info(
-            "resumed %s at epoch %d, step %d (global step %d)",
-            run.resume_path, state.epoch, state.step_in_epoch, state.global_step,
-        )  # fmt: skip
-        if state.epoch >= train.num_epochs:
-            log.info(
-                "run %s is finished: all %d epochs are done, nothing to train. To train it further, resume with "
-                "more epochs, e.g. --resume --set train.num_epochs=%d",
-                train.run_name, train.num_epochs, state.epoch + max(1, train.num_epochs // 2),
-            )  # fmt: skip
-            cleanup_distributed()
-            return 0
+    if run.resume_path is not None and not resume_state(state, run):
+        cleanup_distributed()
+        return FitResult.of(state, run)
     wrap_for_training(state, train, context)
     if context.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        # written only now, after a --resume was accepted: a refused resume leaves the run's files alone
-        (run.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        # written only now, after a resume was accepted: a refused resume leaves the run's files alone
+        save_json(config.to_dict(), run.run_dir / "config.json")
         # purge_step drops events a killed run logged after its last checkpoint (the x-axis is global_step)
         run.writer = SummaryWriter(
             str(run.run_dir), purge_step=state.global_step if run.resume_path else None
         )
     per_epoch = steps_per_epoch(loader, train)
     if context.device.type == "cpu" and context.is_main:
-        announce_cpu_cost(
-            state, loss, run, per_epoch * (train.num_epochs - state.epoch) - state.step_in_epoch
-        )
+        seconds = estimate_cpu_step_seconds(state.vae, loss, train.batch_size, shape, run.amp_dtype)
+        steps_left = per_epoch * (train.num_epochs - state.epoch) - state.step_in_epoch
+        log.info(cpu_cost_message(seconds, steps_left, train.time_budget_s))
 
     state.vae_step.train()
     stage = None
@@ -925,7 +804,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{'on' if use_recompute else 'off'}) or train.amp=bf16 (now {train.amp}), e.g. --resume --set "
         f"train.batch_size={max(1, train.batch_size // 2)}; the last checkpoint, {run.last_path}, is intact"
     )
-    shape = tuple(config.preprocessing.target_shape)
     with recompute(use_recompute), explain_out_of_memory(context.device, train.batch_size, shape, remedies):
         while state.epoch < train.num_epochs:
             new_stage = "gan" if state.epoch >= train.gan_start_epoch else "pretrain"
@@ -933,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("epoch %d: stage %s", state.epoch, new_stage)
             stage = new_stage
             batches = epoch_batches(
-                loader, shuffle_generator, run, state.epoch, state.step_in_epoch, per_epoch
+                loader, shuffle_generator, train, context.device, state.epoch, state.step_in_epoch, per_epoch
             )
             record = train_epoch(state, run, loss, batches, per_epoch - state.step_in_epoch, stage)
             end_of_epoch(state, run, record, val_set, lpips)
@@ -945,9 +823,17 @@ def main(argv: list[str] | None = None) -> int:
         verify_identical_weights(state.discriminator, "discriminator", context)
     if run.writer is not None:
         run.writer.close()
-    if context.is_main:
-        summarise(state, run)
     cleanup_distributed()
+    return FitResult.of(state, run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: arguments → config → :func:`fit` → where the results are (rank 0 prints it)."""
+    args = parse_args(argv)
+    strict = ["data.strict_input_checks=true"] if args.strict else []
+    result = fit(load_config(args.config_file, [*args.overrides, *strict]), resume=args.resume)
+    if result.is_main:
+        print(result.summary())
     return 0
 
 

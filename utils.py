@@ -6,6 +6,7 @@ Checkpoint files are owned by ``checkpoints.py``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import resource
@@ -29,6 +30,7 @@ __all__ = [
     "seed_everything",
     "set_rng_state",
     "setup_distributed",
+    "verify_identical_weights",
 ]
 
 
@@ -176,6 +178,16 @@ def main_process_first(context: DistributedContext) -> Iterator[None]:
     yield
     if context.is_distributed and context.is_main:
         dist.barrier()
+
+
+def verify_identical_weights(module: torch.nn.Module, name: str, context: DistributedContext) -> None:
+    """DDP sanity check: every rank must end with the same weights of ``module`` (compares per-tensor sums)."""
+    checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).to(context.device)
+    gathered = [torch.zeros_like(checksum) for _ in range(context.world_size)]
+    dist.all_gather(gathered, checksum)
+    if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
+        raise RuntimeError(f"DDP ranks ended with different {name} weights: the run is not trustworthy")
+    logging.getLogger(__name__).info("%s weights identical on all %d ranks", name, context.world_size)
 
 
 def new_file_mode() -> int:

@@ -3,10 +3,10 @@
     python -m bench.cpu_estimate [--config_file configs/cpu.json] [--set section.key=value ...]
         [--out_dir bench/results/cpu_estimate]
 
-Runs ``train.main`` (train.py's own code, through :func:`bench.harness.train_run`) on the preset into a
-temporary folder, records the estimate it announces before the first step (``train.estimate_cpu_step_seconds``,
-train.py's own function, wrapped only to read its return value) and compares the announced total (seconds per
-step × the run's steps) with the measured wall-clock time of the whole ``train.main`` call (set-up,
+Runs ``train.fit`` (train.py's own code, through :func:`bench.harness.train_run`) on the preset into a
+temporary folder, records the estimate it announces before the first step (``device_data.estimate_cpu_step_seconds``
+as train.py calls it, wrapped only to read its return value) and compares the announced total (seconds per
+step × the run's steps) with the measured wall-clock time of the whole ``train.fit`` call (set-up,
 validations, checkpoints and the slower GAN-stage steps included, as the user sees it) and with the training
 epochs alone. Prints the machine, the settings and the 1-minute load average before and after (on a shared
 machine the absolute times are inflated; the ratio is what matters), and writes ``--out_dir/summary.json``.
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         history = pd.read_csv(run.metrics_csv)
     load_after = harness.load_average()[0]
     if len(estimates) != 1:
-        raise RuntimeError(f"expected one CPU estimate from train.main, got {len(estimates)}")
+        raise RuntimeError(f"expected one CPU estimate from train.fit, got {len(estimates)}")
     steps, step_s = int(history["global_step"].iloc[-1]), estimates[0]
     batch_size = load_config(args.config_file, args.overrides).train.batch_size
     seconds_per_step = batch_size / history["train/volumes_per_s"]  # per epoch

@@ -254,10 +254,12 @@ def data_overrides(train_csv: str | Path, val_csv: str | Path) -> list[str]:
 
 
 def train_run(config_file: str | Path, overrides: list[str], out: Path, name: str) -> TrainRun:
-    """THE one place a benchmark trains: ``train.py``'s own code on ``config_file`` + ``overrides`` (the last
-    one wins), as run ``name`` under ``out`` (``out/runs/name``, ``out/best_runs/name``; a killed earlier
-    attempt's folders are removed first). Exceptions of the run (e.g. ``train.NonFiniteTrainingError``) pass."""
+    """THE one place a benchmark trains: ``train.fit`` (train.py's own code) on ``config_file`` + ``overrides``
+    (the last one wins), as run ``name`` under ``out`` (``out/runs/name``, ``out/best_runs/name``; a killed
+    earlier attempt's folders are removed first). Exceptions of the run (e.g. ``train.NonFiniteTrainingError``)
+    pass."""
     import train
+    from config import load_config
 
     folder, best_folder = run_folders(out, name)
     for path in (folder, best_folder):
@@ -267,12 +269,14 @@ def train_run(config_file: str | Path, overrides: list[str], out: Path, name: st
         f"train.runs_dir={json.dumps(str(folder.parent))}",
         f"train.best_runs_dir={json.dumps(str(best_folder.parent))}",
     ]
-    argv = ["--config_file", str(config_file)]
-    argv += [item for value in [*overrides, *location] for item in ("--set", value)]
-    print("train.py", " ".join(argv), flush=True)
+    config = load_config(config_file, [*overrides, *location])
+    print(
+        f"train.py --config_file {config_file}",
+        *(f"--set {value}" for value in [*overrides, *location]),
+        flush=True,
+    )
     start = time.perf_counter()
-    if train.main(argv) != 0:
-        raise RuntimeError(f"train.py {' '.join(argv)} failed")
+    train.fit(config)
     return TrainRun(folder, best_folder, time.perf_counter() - start)
 
 

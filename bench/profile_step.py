@@ -5,7 +5,7 @@
         [--data loader|device|both] [--data_limit 16] [--trace trace.json] [--json profile.json]
 
 What ``train.py`` runs (``train.build_state``, ``losses.VAEGANLoss.from_config`` with
-``model.build_perceptual_loss``, ``train.choose_recompute``, ``train.wrap_for_training``), unchanged: the ranges
+``model.build_perceptual_loss``, ``device_data.choose_recompute``, ``train.wrap_for_training``), unchanged: the ranges
 are put AROUND its calls by hooks (:class:`Ranges`); backward time is attributed through the profiler's sequence
 numbers. Per stage, after ``--warmup`` steps: ``--steps`` timed steps, then ``--steps`` profiled ones (after one
 the profiler warms up on), on the same random volumes in [0, 1]: wall and host time per step, the breakdown
@@ -13,7 +13,7 @@ the profiler warms up on), on the same random volumes in [0, 1]: wall and host t
 time (cuda, plus ``breakdown_host``); host synchronisations per step in ``train_step`` (:func:`count_syncs`: a
 dispatch mode, a function mode, CUDA's sync-debug warnings, the profiler's own events) and in
 ``train.train_epoch`` over one log interval. Per epoch: one ``train.validate`` pass, one checkpoint write and,
-with ``--data``, one epoch of batches through ``train.make_loaders`` (DataLoader vs device cache), timed per
+with ``--data``, one epoch of batches through ``device_data.make_loaders`` (DataLoader vs device cache), timed per
 batch and synchronised. bench/README.md says what each count means.
 """
 
@@ -42,6 +42,7 @@ import train
 from bench import harness
 from checkpoints import save_checkpoint, training_checkpoint
 from config import Config, apply_overrides, load_config
+from device_data import choose_recompute, epoch_batches, make_loaders
 from losses import VAEGANLoss
 from model import build_perceptual_loss
 from model.recompute import recompute
@@ -350,14 +351,13 @@ def with_overrides(config: Config, overrides: list[str]) -> Config:
 
 
 def time_data_path(config: Config, context: DistributedContext, mode: str, folder: Path) -> dict[str, Any]:
-    """``train.make_loaders`` with ``data.device_cache`` on (``device``) or off (``loader``): its set-up time and
-    one epoch of training batches through ``train.epoch_batches``, synchronised after each batch."""
+    """``device_data.make_loaders`` with ``data.device_cache`` on (``device``) or off (``loader``): its set-up
+    time and one epoch of training batches through ``device_data.epoch_batches``, synchronised after each batch."""
     config = with_overrides(config, [f"data.device_cache={json.dumps('on' if mode == 'device' else 'off')}"])
     setup_s, (loader, val_set, generator) = harness.timed(
-        lambda: train.make_loaders(config, context), context.device
+        lambda: make_loaders(config, context), context.device
     )
-    run = train.Run(config, context, None, folder)
-    batches = train.epoch_batches(loader, generator, run, 0, 0, len(loader))
+    batches = epoch_batches(loader, generator, config.train, context.device, 0, 0, len(loader))
     seconds = [harness.timed(lambda: next(batches), context.device)[0] for _ in range(len(loader))]
     return {
         "path": type(loader).__name__,
@@ -477,7 +477,7 @@ def profile(args: argparse.Namespace, folder: Path) -> int:
     state = train.build_state(config, device)
     lpips = build_perceptual_loss(config.perceptual).to(device)
     loss = VAEGANLoss.from_config(config, lpips)
-    use_recompute = train.choose_recompute(config.train, state.vae, shape, device)
+    use_recompute = choose_recompute(config.train, state.vae, shape, device)
     train.wrap_for_training(state, config.train, context)
     memory_format = torch.channels_last_3d if config.train.channels_last else torch.contiguous_format
     images = torch.rand(config.train.batch_size, 1, *shape, device=device).to(memory_format=memory_format)

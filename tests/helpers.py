@@ -21,7 +21,7 @@ import torch
 from scipy import ndimage
 
 from checkpoints import inference_checkpoint, save_checkpoint
-from config import Config
+from config import Config, load_config
 from model import build_vae
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -186,10 +186,10 @@ def make_tiny_split(folder: Path) -> tuple[Path, Path]:
     return folder / "train.csv", folder / "val.csv"
 
 
-def tiny_overrides(
+def tiny_settings(
     tmp_path: Path, split: tuple[Path, Path], run_name: str = "tiny", **train_values
 ) -> list[str]:
-    """train.py arguments for a tiny 2-level model on ``split`` writing under ``tmp_path``."""
+    """``section.key=JSON`` overrides for a tiny 2-level model on ``split`` writing under ``tmp_path``."""
     values = {
         "data.train_csv": str(split[0]),
         "data.val_csv": str(split[1]),
@@ -212,9 +212,29 @@ def tiny_overrides(
         "train.seed": 7,
     }
     values.update({f"train.{k}": v for k, v in train_values.items()})
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def tiny_config(
+    tmp_path: Path,
+    split: tuple[Path, Path],
+    run_name: str = "tiny",
+    extra: tuple[str, ...] = (),
+    **train_values,
+) -> Config:
+    """The ``Config`` of :func:`tiny_settings` (for ``train.fit``), plus ``extra`` ``section.key=JSON`` overrides."""
+    return load_config(
+        REPO_ROOT / "config.json", [*tiny_settings(tmp_path, split, run_name, **train_values), *extra]
+    )
+
+
+def tiny_overrides(
+    tmp_path: Path, split: tuple[Path, Path], run_name: str = "tiny", **train_values
+) -> list[str]:
+    """train.py's command line (``--config_file`` + ``--set``) for :func:`tiny_settings`."""
     args = ["--config_file", str(REPO_ROOT / "config.json")]
-    for key, value in values.items():
-        args += ["--set", f"{key}={json.dumps(value)}"]
+    for setting in tiny_settings(tmp_path, split, run_name, **train_values):
+        args += ["--set", setting]
     return args
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import stat
@@ -15,7 +16,14 @@ import pytest
 import torch
 from helpers import TINY_MODEL, flip_byte_in_largest_tensor, tiny_checkpoint, tiny_maisi
 
-from checkpoints import CheckpointError, init_vae_weights, load_checkpoint, load_vae, save_checkpoint
+from checkpoints import (
+    CheckpointError,
+    init_vae_weights,
+    load_checkpoint,
+    load_vae,
+    save_checkpoint,
+    save_json,
+)
 from config import Config, ConfigError, ModelConfig
 from model import build_vae
 from utils import get_rng_state
@@ -67,6 +75,16 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert int(load_checkpoint(path)["step"]) == 1
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_failed_json_write_keeps_the_previous_file(tmp_path):
+    """save_json (a best model's config.json / metrics.json, a run's config.json) is atomic too: a write that
+    fails half-way leaves the previous file whole and no temporary file behind."""
+    path = tmp_path / "metrics.json"
+    save_json({"val/psnr": 30.0}, path)
+    with pytest.raises(TypeError):  # json.dumps fails on an object it cannot write: nothing reaches the file
+        save_json({"val/psnr": 31.0, "bad": object()}, path)
+    assert json.loads(path.read_text()) == {"val/psnr": 30.0} and list(tmp_path.iterdir()) == [path]
 
 
 def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):

@@ -76,6 +76,14 @@ def test_round_trip_through_json(tmp_path):
         (["augmentation.noise_prob=1.5"], "probability in [0, 1]"),
         (["train.num_epochs"], "must look like section.key=value"),
         (["train.batch_size=true"], "expected int"),
+        (["augmentation.rotate_degrees=-5"], "augmentation.rotate_degrees must be >= 0"),
+        (["augmentation.scale_fraction=1.5"], "augmentation.scale_fraction must be < 1"),
+        (["train.val_batch_size=0"], "train.val_batch_size must be null or >= 1"),
+        (["train.checkpoint_every_steps=0"], "train.checkpoint_every_steps must be null or >= 1"),
+        (
+            ['train.best_metric="val/psnr_brian"'],
+            "train.best_metric must be a validation metric, one of val/mse,",
+        ),
     ],
 )
 def test_bad_values_are_clear_errors(overrides, expected):

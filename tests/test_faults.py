@@ -37,6 +37,7 @@ from helpers import (
     oblique_affine,
     run_train_subprocess,
     tiny_checkpoint,
+    tiny_config,
     tiny_overrides,
     write_volume,
 )
@@ -95,7 +96,7 @@ def last_pt(base: Path) -> Path:
 def trained_run(tmp_path_factory, tiny_split) -> Path:
     """A finished one-epoch tiny run (runs/tiny/checkpoints/last.pt, best_runs/tiny/best_model.pt)."""
     base = tmp_path_factory.mktemp("trained")
-    assert train.main(tiny_overrides(base, tiny_split, num_epochs=1, **FAST)) == 0
+    train.fit(tiny_config(base, tiny_split, num_epochs=1, **FAST))
     return base
 
 
@@ -135,7 +136,9 @@ def test_train_sigkill_mid_epoch_then_resume(tmp_path, tiny_split):
     assert (killed["epoch"], killed["step_in_epoch"], killed["global_step"]) == (0, 1, 1)
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
 
-    assert train.main([*args, "--resume"]) == 0
+    train.fit(
+        tiny_config(tmp_path, tiny_split, num_epochs=1, checkpoint_every_steps=1, **FAST), resume="auto"
+    )
     last = load_checkpoint(path)
     assert last["global_step"] == 2 and [r["epoch"] for r in last["history"]] == [0]
     assert all(torch.isfinite(t).all() for t in last["vae"].values())
@@ -227,7 +230,7 @@ def poison_training_items(monkeypatch: pytest.MonkeyPatch, values: dict[int, flo
 def test_train_nan_and_inf_batches_are_skipped_and_logged(tmp_path, tiny_split, monkeypatch):
     """Batch 0 holds a NaN volume, batch 1 an Inf volume: both steps are skipped, logged and counted."""
     poison_training_items(monkeypatch, {1: float("nan"), 3: float("inf")})
-    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1, **FAST)) == 0
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=1, **FAST))
     log = (run_dir_of(tmp_path) / "train.log").read_text()
     assert "epoch 0 up to step 1: 2 non-finite loss or gradient step(s) skipped (2 in a row, 2 in all)" in log
     last = load_checkpoint(last_pt(tmp_path))
@@ -249,8 +252,8 @@ def test_train_inf_gradient_is_skipped_and_logged(tmp_path, tiny_split, monkeypa
         return recon, mu, sigma
 
     monkeypatch.setattr(MaisiVAE, "forward", forward)
-    monkeypatch.setattr(train, "announce_cpu_cost", lambda *args: None)  # its forward would be call 1
-    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1, **FAST)) == 0
+    monkeypatch.setattr(train, "estimate_cpu_step_seconds", lambda *args: 1.0)  # its forward would be call 1
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=1, **FAST))
     assert "1 non-finite loss or gradient step(s) skipped" in (run_dir_of(tmp_path) / "train.log").read_text()
     last = load_checkpoint(last_pt(tmp_path))
     assert last["history"][-1]["train/skipped_steps"] == 1
@@ -285,7 +288,7 @@ def test_train_persistent_nan_stops_cleanly_keeping_checkpoint(run_copy, tiny_sp
 
 
 def test_train_disk_full_during_checkpoint_save(run_copy, tiny_split, monkeypatch):
-    """ENOSPC in the middle of writing last.pt (inside train.main): a clear CheckpointError (train.py's CLI
+    """ENOSPC in the middle of writing last.pt (inside train.fit): a clear CheckpointError (train.py's CLI
     prints it as ``error: <message>``, exit 2), the previous last.pt byte-identical, no temporary file left."""
     path = last_pt(run_copy)
     before = digest(path)
@@ -300,9 +303,9 @@ def test_train_disk_full_during_checkpoint_save(run_copy, tiny_split, monkeypatc
         return original(obj, file, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_full)
-    args = [*tiny_overrides(run_copy, tiny_split, num_epochs=2, **FAST), "--resume"]
+    config = tiny_config(run_copy, tiny_split, num_epochs=2, **FAST)
     with pytest.raises(CheckpointError) as error:
-        train.main(args)
+        train.fit(config, resume="auto")
     assert str(error.value) == (
         f"could not write checkpoint {path}: No space left on device; the previous file (if any) is unchanged"
     )
@@ -344,9 +347,9 @@ def test_train_resume_from_a_damaged_checkpoint_is_refused(run_copy, tiny_split)
 def test_train_refused_resume_keeps_run_config(run_copy, tiny_split):
     config_path = run_dir_of(run_copy) / "config.json"
     before = config_path.read_text()
-    args = [*tiny_overrides(run_copy, tiny_split, **FAST), "--set", "model.latent_channels=3", "--resume"]
+    config = tiny_config(run_copy, tiny_split, extra=("model.latent_channels=3",), **FAST)
     with pytest.raises(Exception, match="another model config"):
-        train.main(args)
+        train.fit(config, resume="auto")
     assert config_path.read_text() == before
 
 
@@ -659,7 +662,8 @@ def test_train_refuses_bad_files_then_skips_them_on_request(tmp_path, tiny_split
         *problems.values(),
     )
     assert not last_pt(tmp_path).exists()
-    assert train.main([*args, "--set", "data.skip_bad_files=true"]) == 0
+    extra = (f"data.train_csv={json.dumps(str(csv))}", "data.skip_bad_files=true")
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=1, extra=extra, **FAST))
     log = (run_dir_of(tmp_path) / "train.log").read_text()
     assert "SKIPPING 9 of 10 file(s) that failed the pre-flight check" in log
     assert all(problem in log for problem in problems.values())
@@ -672,13 +676,9 @@ def test_csv_without_image_column(tmp_path, tiny_split, capsys, script):
     pd.DataFrame({"path": ["a.nii.gz"], "age": [30]}).to_csv(csv, index=False)
     expected = f"{csv}: CSV has no 'image' column (columns: ['path', 'age'])"
     if script == "train":
-        args = [
-            *tiny_overrides(tmp_path, tiny_split, **FAST),
-            "--set",
-            f"data.train_csv={json.dumps(str(csv))}",
-        ]
+        config = tiny_config(tmp_path, tiny_split, extra=(f"data.train_csv={json.dumps(str(csv))}",), **FAST)
         with pytest.raises(DataError) as error:
-            train.main(args)
+            train.fit(config)
         assert str(error.value) == expected  # train.py's CLI prints it as "error: <message>", exit 2
         assert not last_pt(tmp_path).exists()
         return

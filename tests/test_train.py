@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,15 +21,31 @@ from helpers import (
     TINY_MODEL,
     run_train_subprocess,
     tiny_checkpoint,
+    tiny_config,
     tiny_maisi,
     tiny_overrides,
 )
 from torch._functorch import config as functorch_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import device_data
 import train
-from checkpoints import CheckpointError, init_vae_weights, load_checkpoint
+from checkpoints import (
+    CheckpointError,
+    init_vae_weights,
+    load_checkpoint,
+    resume,
+    save_checkpoint,
+    training_checkpoint,
+)
 from config import Config, ConfigError, load_config
+from device_data import (
+    choose_recompute,
+    epoch_batches,
+    estimate_cpu_step_seconds,
+    estimate_training_bytes,
+    make_loaders,
+)
 from losses import VAEGANLoss
 from model import build_vae
 from model.maisi_vae import convert_maisi_state_dict
@@ -38,7 +53,7 @@ from utils import DistributedContext
 
 
 def test_two_epochs_cross_the_gan_stage(tmp_path, tiny_split):
-    assert train.main(tiny_overrides(tmp_path, tiny_split)) == 0
+    train.fit(tiny_config(tmp_path, tiny_split))
     run_dir = tmp_path / "runs" / "tiny"
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert last["epoch"] == 2 and last["stage"] == "gan" and last["global_step"] == 4
@@ -67,22 +82,22 @@ def test_two_epochs_cross_the_gan_stage(tmp_path, tiny_split):
     assert "val/psnr_brain" in json.loads((best_dir / "metrics.json").read_text())
     # a second start with the same run name must not overwrite it
     with pytest.raises(CheckpointError, match="pass --resume"):
-        train.main(tiny_overrides(tmp_path, tiny_split))
+        train.main(tiny_overrides(tmp_path, tiny_split))  # the CLI refuses it too
 
 
 def test_resume_continues_in_the_right_stage(tmp_path, tiny_split):
-    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1)) == 0
-    assert train.main([*tiny_overrides(tmp_path, tiny_split, num_epochs=3), "--resume"]) == 0
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=1))
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=3), resume="auto")
     last = load_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt")
     assert [record["stage"] for record in last["history"]] == ["pretrain", "gan", "gan"]
     assert [record["epoch"] for record in last["history"]] == [0, 1, 2]
 
 
 def test_resume_refuses_another_model_config(tmp_path, tiny_split):
-    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1)) == 0
-    args = [*tiny_overrides(tmp_path, tiny_split), "--set", "model.latent_channels=3", "--resume"]
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=1))
+    config = tiny_config(tmp_path, tiny_split, extra=("model.latent_channels=3",))
     with pytest.raises(ConfigError, match="latent_channels: 2 → 3"):
-        train.main(args)
+        train.fit(config, resume="auto")
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_split, one_thread):
@@ -100,8 +115,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_split, one_thr
     killed_at = load_checkpoint(last_path)["global_step"]
     assert 0 < killed_at < 6
 
-    assert train.main([*tiny_overrides(tmp_path / "b", tiny_split, **common), "--resume"]) == 0
-    assert train.main(tiny_overrides(tmp_path / "a", tiny_split, **common)) == 0
+    train.fit(tiny_config(tmp_path / "b", tiny_split, **common), resume="auto")
+    train.fit(tiny_config(tmp_path / "a", tiny_split, **common))
     expected = load_checkpoint(tmp_path / "a" / "runs" / "tiny" / "checkpoints" / "last.pt")
     actual = load_checkpoint(last_path)
     assert actual["global_step"] == expected["global_step"] == 6
@@ -132,7 +147,7 @@ def test_config_errors_are_clear(tmp_path, tiny_split):
 
 
 def test_bf16_autocast_on_cpu(tmp_path, tiny_split):
-    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1, amp="bf16", gan_start_epoch=0)) == 0
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=1, amp="bf16", gan_start_epoch=0))
     last = load_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt")
     assert last["history"][0]["train/skipped_steps"] == 0
     assert np.isfinite(last["history"][0]["val/psnr"])
@@ -175,8 +190,7 @@ def test_ddp_two_gloo_processes(tmp_path, tiny_split):
 def test_only_rank_0_logs_below_warning(tmp_path, tiny_split, capsys, rank):
     """Under torchrun every rank shares the console: rank 1 (faked here) says nothing below WARNING and marks
     what it does say; rank 0 logs everything, to the console and to train.log."""
-    args = train.parse_args(tiny_overrides(tmp_path, tiny_split))
-    config = train.load_config(args.config_file, args.overrides)
+    config = tiny_config(tmp_path, tiny_split)
     context = DistributedContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
     train.open_run(config, context, None)
     train.log.info("progress for the user")
@@ -194,7 +208,7 @@ def test_only_rank_0_logs_below_warning(tmp_path, tiny_split, capsys, rank):
 
 def test_adversarial_weight_fixed_or_adaptive(tmp_path, tiny_split):
     """Fixed: exactly train.adversarial_weight; adaptive (default): scaled by the VQGAN gradient-norm ratio."""
-    fixed = tiny_overrides(
+    fixed = tiny_config(
         tmp_path,
         tiny_split,
         run_name="fixed",
@@ -202,8 +216,9 @@ def test_adversarial_weight_fixed_or_adaptive(tmp_path, tiny_split):
         gan_start_epoch=0,
         adaptive_adversarial_weight=False,
     )
-    adaptive = tiny_overrides(tmp_path, tiny_split, run_name="adaptive", num_epochs=1, gan_start_epoch=0)
-    assert train.main(fixed) == 0 and train.main(adaptive) == 0
+    adaptive = tiny_config(tmp_path, tiny_split, run_name="adaptive", num_epochs=1, gan_start_epoch=0)
+    train.fit(fixed)
+    train.fit(adaptive)
     runs = tmp_path / "runs"
     fixed_weight = load_checkpoint(runs / "fixed" / "checkpoints" / "last.pt")["history"][0][
         "train/adversarial_weight"
@@ -225,8 +240,7 @@ def test_compiled_vae_trains_through_the_adaptive_gan_stage(tmp_path, tiny_split
     smaller last batch's recompile is test_compile_keeps_shapes_static_for_a_smaller_last_batch)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_cache"))
     monkeypatch.setattr(functorch_config, "donated_buffer", True)  # train.py changes it; restored afterwards
-    args = tiny_overrides(tmp_path, tiny_split, num_epochs=2, gan_start_epoch=1, compile=True)
-    assert train.main(args) == 0
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=2, gan_start_epoch=1, compile=True))
     last = load_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt")
     assert [record["stage"] for record in last["history"]] == ["pretrain", "gan"]
     assert last["history"][1]["train/adversarial_weight"] > 0
@@ -280,7 +294,7 @@ def assert_one_adamw_step_from(weights: dict[str, torch.Tensor], initial: dict[s
 def test_init_from_a_maisi_state_dict_starts_a_new_run(tmp_path, tiny_split):
     maisi = tiny_maisi()
     torch.save(maisi.state_dict(), tmp_path / "maisi.pt")
-    args = tiny_overrides(
+    config = tiny_config(
         tmp_path,
         tiny_split,
         run_name="from_maisi",
@@ -288,7 +302,7 @@ def test_init_from_a_maisi_state_dict_starts_a_new_run(tmp_path, tiny_split):
         max_steps_per_epoch=1,
         init_from=str(tmp_path / "maisi.pt"),
     )
-    assert train.main(args) == 0
+    train.fit(config)
     run_dir = tmp_path / "runs" / "from_maisi"
     log_text = (run_dir / "train.log").read_text()
     assert f"initialised the VAE from {tmp_path / 'maisi.pt'} (MAISI state dict)" in log_text
@@ -300,7 +314,7 @@ def test_init_from_a_maisi_state_dict_starts_a_new_run(tmp_path, tiny_split):
 
 def test_init_from_a_project_checkpoint_keeps_only_its_weights(tmp_path, tiny_split):
     # 2 steps from another seed than the new run's, so that the new run's own initial weights are far from these
-    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1, seed=3)) == 0
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=1, seed=3))
     best = tmp_path / "best_runs" / "tiny" / "best_model.pt"
     model = Config.from_dict({"model": TINY_MODEL}).model
     for path in (best, tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt"):
@@ -309,10 +323,16 @@ def test_init_from_a_project_checkpoint_keeps_only_its_weights(tmp_path, tiny_sp
         for name, tensor in load_checkpoint(path)["vae"].items():
             assert torch.equal(vae.state_dict()[name], tensor), name
 
-    args = tiny_overrides(
-        tmp_path, tiny_split, run_name="finetuned", num_epochs=1, max_steps_per_epoch=1, init_from=str(best)
+    train.fit(
+        tiny_config(
+            tmp_path,
+            tiny_split,
+            run_name="finetuned",
+            num_epochs=1,
+            max_steps_per_epoch=1,
+            init_from=str(best),
+        )
     )
-    assert train.main(args) == 0
     run_dir = tmp_path / "runs" / "finetuned"
     assert f"initialised the VAE from {best} (brain-vae3d checkpoint)" in (run_dir / "train.log").read_text()
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
@@ -326,37 +346,36 @@ def test_init_from_a_project_checkpoint_keeps_only_its_weights(tmp_path, tiny_sp
 def test_init_from_errors_are_clear(tmp_path, tiny_split):
     """Each refusal is one message naming the file and what is wrong (train.py prints it as one line, as
     test_config_errors_are_clear shows for the CLI), raised before any set-up."""
-    missing = tiny_overrides(tmp_path, tiny_split, run_name="missing", init_from=str(tmp_path / "nope.pt"))
+    missing = tiny_config(tmp_path, tiny_split, run_name="missing", init_from=str(tmp_path / "nope.pt"))
     with pytest.raises(CheckpointError) as refusal:
-        train.main(missing)
+        train.fit(missing)
     assert (
         str(refusal.value) == f"train.init_from: no checkpoint or MAISI state dict at {tmp_path / 'nope.pt'}"
     )
     assert not (tmp_path / "runs" / "missing").exists()  # refused before any set-up
 
     torch.save(tiny_maisi(channels=(8, 32)).state_dict(), tmp_path / "wide.pt")  # the run has (8, 16)
-    wide = tiny_overrides(tmp_path, tiny_split, run_name="wide", init_from=str(tmp_path / "wide.pt"))
+    wide = tiny_config(tmp_path, tiny_split, run_name="wide", init_from=str(tmp_path / "wide.pt"))
     with pytest.raises(CheckpointError) as refusal:
-        train.main(wide)
+        train.fit(wide)
     message = str(refusal.value)
     assert "\n" not in message
     assert message.startswith(f"train.init_from {tmp_path / 'wide.pt'} (converted from the MAISI layout)")
     assert "shape mismatches [" in message and "decoder.conv_in.weight: (32, 2, 3, 3, 3)" in message
 
     ours = tiny_checkpoint(tmp_path / "best_model.pt")  # latent_channels 2
-    args = [*tiny_overrides(tmp_path, tiny_split, init_from=str(ours)), "--set", "model.latent_channels=3"]
+    config = tiny_config(tmp_path, tiny_split, init_from=str(ours), extra=("model.latent_channels=3",))
     with pytest.raises(ConfigError, match=r"train\.init_from .*best_model\.pt .*latent_channels: 2 → 3"):
-        train.main(args)
+        train.fit(config)
     # every refusal before any set-up: no run folder whose train.log would lack the error (FAULTS.md row 22)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "best_runs").exists()
 
 
 def test_resume_does_not_apply_init_from(tmp_path, tiny_split):
     source = tiny_checkpoint(tmp_path / "source.pt")
-    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1, init_from=str(source))) == 0
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=1, init_from=str(source)))
     source.unlink()  # re-initialising (or even checking the file) would now fail
-    args = [*tiny_overrides(tmp_path, tiny_split, num_epochs=2, init_from=str(source)), "--resume"]
-    assert train.main(args) == 0
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=2, init_from=str(source)), resume="auto")
     run_dir = tmp_path / "runs" / "tiny"
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert last["global_step"] == 4 and [record["epoch"] for record in last["history"]] == [0, 1]
@@ -400,6 +419,41 @@ def weights_and_optimiser_state(state: train.TrainState) -> list[torch.Tensor]:
     for optimizer in (state.optimizer_g, state.optimizer_d):
         tensors += [v for s in optimizer.state.values() for v in s.values()]
     return [t.detach().clone() for t in tensors]
+
+
+def test_train_state_saves_and_restores_every_field(tmp_path):
+    """``TrainState.state_dict()`` is last.pt's field list: the on-disk keys stay those of format brain-vae3d/1
+    (a last.pt from before the state saved itself resumes), and ``resume`` restores each into a fresh state."""
+    state, loss, config = tiny_state(ema_decay=0.9)
+    train.train_step(state, loss, torch.rand(2, 1, *SHAPE), True, config.train, None)
+    state.epoch, state.step_in_epoch, state.best_value, state.skipped_steps = 1, 3, 30.5, 2
+    state.history.append({"epoch": 0, "val/psnr": 30.5})
+    payload = training_checkpoint(state, config, train.SINGLE_PROCESS, "gan", None)
+    assert set(payload) == {
+        *("format", "config", "vae", "discriminator", "optimizer_g", "optimizer_d", "scaler_g", "scaler_d"),
+        *("epoch", "step_in_epoch", "global_step", "stage", "rng", "world_size", "history", "best_value"),
+        *("skipped_steps", "latent_stats", "vae_ema"),
+    }
+    save_checkpoint(payload, tmp_path / "last.pt")
+    fresh, _, _ = tiny_state(ema_decay=0.9)
+    assert resume(fresh, tmp_path / "last.pt", config, train.SINGLE_PROCESS)
+    restored, trained = weights_and_optimiser_state(fresh), weights_and_optimiser_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(restored, trained, strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(fresh.vae_ema.parameters(), state.vae_ema.parameters(), strict=True)
+    )
+    assert (fresh.epoch, fresh.step_in_epoch, fresh.global_step) == (1, 3, 1)
+    assert (fresh.best_value, fresh.skipped_steps, fresh.history) == (30.5, 2, state.history)
+    # without an EMA there is no vae_ema key; a run that switches the EMA on at resume starts it from the VAE
+    no_ema, _, plain = tiny_state(ema_decay=None)
+    assert "vae_ema" not in no_ema.state_dict()
+    save_checkpoint(
+        training_checkpoint(no_ema, plain, train.SINGLE_PROCESS, "pretrain", None), tmp_path / "a.pt"
+    )
+    assert resume(fresh, tmp_path / "a.pt", config, train.SINGLE_PROCESS)
+    assert all(
+        torch.equal(a, b) for a, b in zip(fresh.vae_ema.parameters(), no_ema.vae.parameters(), strict=True)
+    )
 
 
 def test_train_step_waits_for_no_value_and_a_nonfinite_step_changes_nothing():
@@ -479,12 +533,12 @@ def test_ema_tracks_the_weights_and_is_what_validation_and_the_best_model_use(tm
     for ema, live, old in zip(state.vae_ema.parameters(), state.vae.parameters(), start, strict=True):
         torch.testing.assert_close(ema, old + (1 - d) * (live - old))
     # end to end: last.pt holds the EMA, best_model.pt holds the EMA's weights, resume restores it
-    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1, ema_decay=0.99)) == 0
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=1, ema_decay=0.99))
     last = load_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt")
     best = load_checkpoint(tmp_path / "best_runs" / "tiny" / "best_model.pt")
     assert all(torch.equal(best["vae"][k], last["vae_ema"][k]) for k in last["vae_ema"])
     assert not all(torch.equal(last["vae"][k], last["vae_ema"][k]) for k in last["vae"])
-    assert train.main([*tiny_overrides(tmp_path, tiny_split, num_epochs=2, ema_decay=0.99), "--resume"]) == 0
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=2, ema_decay=0.99), resume="auto")
 
 
 def test_ema_is_on_by_default_and_null_switches_it_off(tmp_path, tiny_split):
@@ -495,7 +549,7 @@ def test_ema_is_on_by_default_and_null_switches_it_off(tmp_path, tiny_split):
     assert tiny_state()[0].vae_ema is not None
     state, _, _ = tiny_state(ema_decay=None)
     assert state.vae_ema is None and state.eval_vae is state.vae
-    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1, ema_decay=None)) == 0
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=1, ema_decay=None))
     last = load_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt")
     best = load_checkpoint(tmp_path / "best_runs" / "tiny" / "best_model.pt")
     assert "vae_ema" not in last and last["config"]["train"]["ema_decay"] is None
@@ -504,7 +558,7 @@ def test_ema_is_on_by_default_and_null_switches_it_off(tmp_path, tiny_split):
 
 def test_time_budget_stops_validates_and_reports(tmp_path, tiny_split, capsys):
     args = tiny_overrides(tmp_path, tiny_split, num_epochs=1000, time_budget_s=0.01, val_every=50)
-    assert train.main(args) == 0
+    assert train.main(args) == 0  # the CLI prints fit's summary
     metrics = pd.read_csv(tmp_path / "runs" / "tiny" / "metrics.csv")
     assert len(metrics) == 1 and bool(metrics["stopped_by_time_budget"].iloc[0])
     assert np.isfinite(metrics["val/psnr_brain"].iloc[0]) and metrics["time/elapsed_s"].iloc[0] > 0
@@ -517,7 +571,7 @@ def test_time_budget_stops_validates_and_reports(tmp_path, tiny_split, capsys):
 
 def test_cpu_cost_is_announced_before_the_first_step(tmp_path, tiny_split, monkeypatch):
     monkeypatch.setattr(train, "estimate_cpu_step_seconds", lambda *args: 60.0)
-    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=2)) == 0
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=2))
     log = (tmp_path / "runs" / "tiny" / "train.log").read_text()
     announce = log.index("CPU training: about 60.0 s per pretraining step")
     assert "4 steps left" in log[announce:] and "configs/cpu.json" in log[announce:].splitlines()[0]
@@ -526,19 +580,18 @@ def test_cpu_cost_is_announced_before_the_first_step(tmp_path, tiny_split, monke
 
 def test_cpu_cost_under_a_time_budget_says_what_the_budget_allows(tmp_path, tiny_split, monkeypatch):
     monkeypatch.setattr(train, "estimate_cpu_step_seconds", lambda *args: 0.5)
-    assert train.main(tiny_overrides(tmp_path, tiny_split, num_epochs=1000, time_budget_s=2)) == 0
+    train.fit(tiny_config(tmp_path, tiny_split, num_epochs=1000, time_budget_s=2))
     log = (tmp_path / "runs" / "tiny" / "train.log").read_text()
     assert "2000 steps left, of which train.time_budget_s=2 allows about 4\n" in log
 
 
 def test_cpu_step_estimate_leaves_weights_and_random_streams_alone():
     state, loss, config = tiny_state()
-    run = train.Run(config, train.SINGLE_PROCESS, None, Path("unused"))
     before = weights_and_optimiser_state(state)
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    assert train.estimate_cpu_step_seconds(state, loss, run) > 0
+    assert estimate_cpu_step_seconds(state.vae, loss, 2, SHAPE, None) > 0
     assert torch.equal(torch.rand(3), expected)
     assert all(torch.equal(a, b) for a, b in zip(before, weights_and_optimiser_state(state), strict=True))
     assert all(p.grad is None for p in state.vae.parameters())
@@ -548,10 +601,6 @@ def test_cpu_step_estimate_times_a_full_size_step_after_a_warm_up(monkeypatch):
     """The first pass pays one-off costs (it took 41 s of a 6 s epoch in issue 17): the estimate is the second
     pass, at the full volume size (a half-size pass scaled by the voxel count overestimated 4x)."""
     state, loss, config = tiny_state()
-    config = dataclasses.replace(
-        config, preprocessing=dataclasses.replace(config.preprocessing, target_shape=(16, 20, 16))
-    )
-    run = train.Run(config, train.SINGLE_PROCESS, None, Path("unused"))
     clock, seen = [0.0], []
 
     def tick(module, args):  # a fake clock: the warm-up pass "takes" 10 s, the next one 1 s
@@ -559,8 +608,8 @@ def test_cpu_step_estimate_times_a_full_size_step_after_a_warm_up(monkeypatch):
         clock[0] += 10.0 if len(seen) == 1 else 1.0
 
     state.vae.register_forward_pre_hook(tick)
-    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
-    assert train.estimate_cpu_step_seconds(state, loss, run) == 1.0
+    monkeypatch.setattr(device_data.time, "perf_counter", lambda: clock[0])
+    assert estimate_cpu_step_seconds(state.vae, loss, config.train.batch_size, (16, 20, 16), None) == 1.0
     assert seen == [(config.train.batch_size, 1, 16, 20, 16)] * 2
 
 
@@ -569,7 +618,7 @@ def test_resuming_a_finished_run_says_so_and_how_to_extend_it(tmp_path, tiny_spl
     assert train.main(args) == 0
     last = tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt"
     before = last.read_bytes()
-    assert train.main([*args, "--resume"]) == 0
+    assert train.main([*args, "--resume"]) == 0  # the CLI's --resume without a value: the run's last.pt
     log = (tmp_path / "runs" / "tiny" / "train.log").read_text()
     assert "run tiny is finished: all 1 epochs are done" in log and "--set train.num_epochs=2" in log
     assert last.read_bytes() == before and log.count("epoch 0 done") == 1
@@ -596,12 +645,10 @@ def test_validation_shows_a_progress_bar_on_rank_0_only(monkeypatch):
 
 def test_recompute_setting():
     on, _, config = tiny_state(recompute="auto")
-    assert train.choose_recompute(config.train, on.vae, SHAPE, torch.device("cpu"))  # auto: on for CPU
-    assert not train.choose_recompute(
-        Config.from_dict({"train": {"recompute": "off"}}).train, on.vae, SHAPE, None
-    )
-    small = train.estimate_training_bytes(on.vae, (16, 16, 16), 1, torch.device("cpu"))
-    large = train.estimate_training_bytes(on.vae, (32, 32, 32), 2, torch.device("cpu"))
+    assert choose_recompute(config.train, on.vae, SHAPE, torch.device("cpu"))  # auto: on for CPU
+    assert not choose_recompute(Config.from_dict({"train": {"recompute": "off"}}).train, on.vae, SHAPE, None)
+    small = estimate_training_bytes(on.vae, (16, 16, 16), 1, torch.device("cpu"))
+    large = estimate_training_bytes(on.vae, (32, 32, 32), 2, torch.device("cpu"))
     assert small > 0 and 8 * small < large < 32 * small  # linear in voxels × batch (16×), up to padding
 
 
@@ -611,9 +658,8 @@ def test_device_cache_path_trains_like_the_dataloader_path(tmp_path, tiny_split)
     and float32 interpolation differences."""
     losses = {}
     for mode in ("off", "on"):
-        args = tiny_overrides(tmp_path / mode, tiny_split, num_epochs=2, gan_start_epoch=1)
-        args += ["--set", "augmentation.enabled=true", "--set", f"data.device_cache={json.dumps(mode)}"]
-        assert train.main(args) == 0
+        extra = ("augmentation.enabled=true", f"data.device_cache={json.dumps(mode)}")
+        train.fit(tiny_config(tmp_path / mode, tiny_split, num_epochs=2, gan_start_epoch=1, extra=extra))
         log = (tmp_path / mode / "runs" / "tiny" / "train.log").read_text()
         assert ("device cache:" in log) == (mode == "on")
         losses[mode] = pd.read_csv(tmp_path / mode / "runs" / "tiny" / "metrics.csv")
@@ -639,11 +685,13 @@ def test_a_resumed_epoch_replays_its_augmented_batches(tiny_split, device_cache)
             "train": {"batch_size": 1, "seed": 7},
         }
     )
-    run = train.Run(config, train.SINGLE_PROCESS, None, Path("unused"))
-    loader, _, generator = train.make_loaders(config, train.SINGLE_PROCESS)
-    whole = [list(train.epoch_batches(loader, generator, run, epoch, 0, len(loader))) for epoch in (0, 1)]
-    loader, _, generator = train.make_loaders(config, train.SINGLE_PROCESS)
-    resumed = list(train.epoch_batches(loader, generator, run, 1, 2, len(loader)))
+    cpu = torch.device("cpu")
+    loader, _, generator = make_loaders(config, train.SINGLE_PROCESS)
+    whole = [
+        list(epoch_batches(loader, generator, config.train, cpu, epoch, 0, len(loader))) for epoch in (0, 1)
+    ]
+    loader, _, generator = make_loaders(config, train.SINGLE_PROCESS)
+    resumed = list(epoch_batches(loader, generator, config.train, cpu, 1, 2, len(loader)))
     assert len(resumed) == len(whole[1]) - 2 == 2
     assert all(torch.equal(a, b) for a, b in zip(resumed, whole[1][2:], strict=True))
     assert not any(torch.equal(a, b) for a in whole[0] for b in whole[1])  # a new draw every epoch
