@@ -119,20 +119,15 @@ def statistics_table(summary: dict[str, Any], output_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def write_manifest_and_statistics(
-    split: SplitEncoder, paths: list[Path], settings: dict[str, Any]
-) -> dict[str, Any] | None:
+def write_manifest_and_statistics(split: SplitEncoder, paths: list[Path], settings: dict[str, Any]) -> None:
     """manifest.csv (the good rows that have a latent, every input column + ``latent_path``) and
-    latent_stats.json, streamed over those latents read back from disk in row order (resume-proof). Returns
-    the statistics, or None when there is no latent; ValueError (DataError too) when every value, or one
+    latent_stats.json, streamed over those latents read back from disk in row order (resume-proof), and the
+    statistics table on stdout; nothing without a latent. ValueError (DataError too) when every value, or one
     channel under ``--normalise channel``, is constant over the whole split."""
-    written, args, output_dir = (
-        [i for i in split.good_rows if paths[i].is_file()],
-        split.args,
-        paths[0].parent,
-    )
+    args, written = split.args, [i for i in split.good_rows if paths[i].is_file()]
     if not written:
-        return None
+        return
+    output_dir = Path(args.output_dir)
     open_output_dir(output_dir, settings)
     stats = LatentStatistics(split.model.vae.latent_channels)
     for i in tqdm(written, desc="statistics", unit="vol"):
@@ -159,7 +154,7 @@ def write_manifest_and_statistics(
         "formula": "z_normalised = (z - shift) * scale per channel; decode z_normalised / scale + shift",
     }
     (output_dir / "latent_stats.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    print(statistics_table(summary, output_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     # latent comes from the same batch as in an uninterrupted run (results depend on the batch in the last bits)
     good = split.good_rows
     chunks = [good[k : k + args.batch_size] for k in range(0, len(good), args.batch_size)]
-    todo = [
-        i for chunk in chunks if args.overwrite or not all(paths[i].is_file() for i in chunk) for i in chunk
-    ]
+    redo = [chunk for chunk in chunks if args.overwrite or not all(paths[i].is_file() for i in chunk)]
+    todo = [i for chunk in redo for i in chunk]
     print(
         f"{len(split.frame)} rows: {len(good) - len(todo)} latents kept, {len(todo)} to encode, "
         f"{len(split.failures)} failed the pre-flight check; device {split.model.device}, mode {args.mode}, "
@@ -195,11 +189,9 @@ def main(argv: list[str] | None = None) -> int:
 
     split.encode(todo, write, sample=args.mode == "sample")
     try:
-        summary = write_manifest_and_statistics(split, paths, settings)
+        write_manifest_and_statistics(split, paths, settings)
     except ValueError as error:  # DataError too: every value, or one channel, constant over the whole split
         return fatal(f"{output_dir / 'latent_stats.json'} not written: {error}")
-    if summary is not None:
-        print(statistics_table(summary, output_dir))
     return split.report_failures(" (left out of the manifest)")
 
 
