@@ -65,7 +65,6 @@ __all__ = [
     "latent_normalisation",
     "latent_suffix",
     "load_model",
-    "maisi_model_config",
     "normalise_latent",
     "preprocessed_affine_from_latent",
     "read_latent",
@@ -76,22 +75,6 @@ __all__ = [
 ]
 
 # ------------------------------------------------------------------------------------------- the model
-
-
-def maisi_model_config(args: argparse.Namespace) -> ModelConfig | None:
-    """The ModelConfig given by the ``--maisi_*`` flags, or None when ``--maisi_channels`` is absent."""
-    if args.maisi_channels is None:
-        return None
-    levels = len(args.maisi_channels)
-    model = ModelConfig(
-        channels=tuple(args.maisi_channels),
-        num_res_blocks=tuple(args.maisi_num_res_blocks or [1] * levels),
-        attention_levels=tuple(bool(a) for a in (args.maisi_attention_levels or [0] * levels)),
-        latent_channels=args.maisi_latent_channels,
-        norm_num_groups=args.maisi_norm_num_groups,
-    )
-    model.validate()
-    return model
 
 
 @dataclass
@@ -105,10 +88,22 @@ class LoadedModel:
 
 
 def load_model(args: argparse.Namespace) -> LoadedModel:
-    """``checkpoints.load_vae`` (weights_only) of the scripts' flags (``--model_checkpoint``, ``--maisi_*``,
-    ``--device``, ``--amp``); raises CheckpointError / ConfigError naming the file."""
+    """``checkpoints.load_vae`` (weights_only) of the scripts' flags: ``--model_checkpoint`` (a bare MAISI state
+    dict with the model given by ``--maisi_*`` when ``--maisi_channels`` is there), ``--device``, ``--amp``;
+    raises CheckpointError / ConfigError naming the file."""
+    maisi = None
+    if args.maisi_channels is not None:
+        levels = len(args.maisi_channels)
+        maisi = ModelConfig(
+            channels=tuple(args.maisi_channels),
+            num_res_blocks=tuple(args.maisi_num_res_blocks or [1] * levels),
+            attention_levels=tuple(bool(a) for a in (args.maisi_attention_levels or [0] * levels)),
+            latent_channels=args.maisi_latent_channels,
+            norm_num_groups=args.maisi_norm_num_groups,
+        )
+        maisi.validate()
     device = resolve_device(args.device)
-    vae, config, _ = load_vae(args.model_checkpoint, device, maisi_model_config(args))
+    vae, config, _ = load_vae(args.model_checkpoint, device, maisi)
     return LoadedModel(vae, config, device, resolve_amp_dtype(args.amp, device))
 
 
