@@ -407,7 +407,8 @@ def write_latent(latent: torch.Tensor, path: str | Path, affine: np.ndarray) -> 
     """
     path = Path(path)
     suffix = latent_suffix(path)
-    array = latent.detach().float().cpu().contiguous()
+    # a copy: torch.save of a view (one latent of a batch) stores the whole batch it was cut from
+    array = latent.detach().float().cpu().clone(memory_format=torch.contiguous_format)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix="." + suffix, dir=path.parent)
     os.close(handle)
     try:
