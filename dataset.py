@@ -38,7 +38,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -64,9 +64,11 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from monai.data import CacheDataset, MetaTensor, PersistentDataset
 from monai.data import Dataset as MonaiDataset
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from config import AugmentationConfig, PreprocessingConfig
 from demo_cohort import (
@@ -74,6 +76,8 @@ from demo_cohort import (
 )
 
 __all__ = [
+    "Augmentation",
+    "AugmentationDraw",
     "DataError",
     "InverseInfo",
     "MAX_BRAIN_FRACTION",
@@ -82,7 +86,6 @@ __all__ = [
     "VolumeDataset",
     "background_value",
     "brain_mask_warning",
-    "build_augmentation",
     "build_dataset",
     "build_preprocessing",
     "check_files",
@@ -642,57 +645,136 @@ def restore_to_input_grid(
 
 # ------------------------------------------------------------------------------------------ augmentation
 
-
-class _RandForegroundNoised(mt.RandomizableTransform, mt.MapTransform):
-    """Gaussian noise on the nonzero voxels of ``image`` only (the background stays 0)."""
-
-    def __init__(self, prob: float, std: float) -> None:
-        mt.RandomizableTransform.__init__(self, prob)
-        mt.MapTransform.__init__(self, ["image"])
-        self.std = std
-
-    def __call__(self, data: dict) -> dict:
-        self.randomize(None)
-        if not self._do_transform or self.std == 0:
-            return data
-        image = data["image"]
-        noise = torch.as_tensor(self.R.normal(0.0, self.std, size=image.shape), dtype=image.dtype)
-        data["image"] = torch.where(image > 0, image + noise, image)
-        return data
+# the log bias field: a Legendre polynomial of total degree <= 3 with coefficients uniform in [0, 0.1] (MONAI
+# RandBiasField's defaults)
+BIAS_FIELD_DEGREE = 3
+BIAS_FIELD_MAX_COEFF = 0.1
+_BIAS_FIELD_TERMS = np.indices((BIAS_FIELD_DEGREE + 1,) * 3).sum(axis=0) <= BIAS_FIELD_DEGREE  # i + j + k
+CONTRAST_EPSILON = 1e-7  # monai.transforms.AdjustContrast's epsilon
 
 
-class _ClipUnit(mt.Transform):
-    """Clip ``image`` to [0, 1] and ``mask`` to 0/1."""
+@dataclass
+class AugmentationDraw:
+    """The augmentation of one item, drawn on the CPU; None/False where a step does not fire."""
 
-    def __call__(self, data: dict) -> dict:
-        data["image"] = data["image"].clamp(0.0, 1.0)
-        data["mask"] = (data["mask"] > 0.5).float()
-        return data
+    affine: torch.Tensor | None  # (4, 4) float64: output voxel c (centred, axes D, H, W) samples input A·c
+    flip: bool
+    bias: torch.Tensor | None  # (4, 4, 4) float32 Legendre coefficients of the log field over (D, H, W)
+    gamma: float | None
+    noise: torch.Tensor | None  # (1, D, H, W) float32
 
 
-def build_augmentation(aug: AugmentationConfig) -> mt.Compose:
-    """Training-only random transforms on dict items with ``image``/``mask`` (1, D, H, W) float32."""
-    radians = float(np.deg2rad(aug.rotate_degrees))
-    steps: list = [
-        mt.RandAffined(
-            ["image", "mask"],
-            prob=aug.affine_prob,
-            rotate_range=(radians,) * 3,
-            scale_range=(aug.scale_fraction,) * 3,
-            translate_range=(aug.translate_voxels,) * 3,
-            mode=("bilinear", "nearest"),
-            padding_mode="zeros",
-        ),
-    ]
-    if aug.flip_left_right_prob > 0:  # axis 0 is left-right in the RAS preprocessed grid
-        steps.append(mt.RandFlipd(["image", "mask"], prob=aug.flip_left_right_prob, spatial_axis=0))
-    steps += [
-        mt.RandBiasFieldd(["image"], prob=aug.bias_field_prob, coeff_range=(0.0, 0.1)),
-        mt.RandAdjustContrastd(["image"], prob=aug.gamma_prob, gamma=tuple(aug.gamma_range)),
-        _RandForegroundNoised(prob=aug.noise_prob, std=aug.noise_std),
-        _ClipUnit(),
-    ]
-    return mt.Compose(steps)
+def _affine_theta(matrix: torch.Tensor, spatial_shape: tuple[int, ...]) -> torch.Tensor:
+    """(4, 4) voxel-space matrix -> (1, 3, 4) float32 ``F.affine_grid`` theta (``align_corners=False``).
+
+    grid_sample normalises voxel coordinates by 2/size per axis and orders them (x, y, z) = (W, H, D), so
+    theta = P·S·A·S⁻¹·P with S = diag(2/size) and P the axis reversal.
+    """
+    unit = torch.tensor([2.0 / s for s in spatial_shape], dtype=torch.float64)
+    linear = matrix[:3, :3] * unit[:, None] / unit[None, :]
+    return torch.cat([linear.flip(0, 1), (matrix[:3, 3] * unit).flip(0)[:, None]], dim=1)[None].float()
+
+
+def _bias_field(coefficients: torch.Tensor, spatial_shape: tuple[int, ...]) -> torch.Tensor:
+    """(D, H, W) float32 on the coefficients' device: sum c_ijk P_i(z) P_j(y) P_k(x), each coordinate on
+    ``linspace(-1, 1, size)`` (MONAI RandBiasField's field, evaluated separably)."""
+    depth, height, width = (
+        torch.as_tensor(
+            np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, size), BIAS_FIELD_DEGREE),
+            dtype=torch.float32,
+            device=coefficients.device,
+        )
+        for size in spatial_shape
+    )
+    return torch.einsum("ijk,di,hj,wk->dhw", coefficients, depth, height, width)
+
+
+class Augmentation:
+    """The training augmentation of BOTH data paths: ``VolumeDataset`` (DataLoader, one item at a time on the
+    CPU) and ``device_data.DeviceBatches`` (batches on the training device) call this same code.
+
+    Steps, in order, each firing with its ``*_prob``: affine (rotation uniform in ±``rotate_degrees`` about
+    each axis, scale 1 ± ``scale_fraction`` and shift ±``translate_voxels`` per axis; image bilinear, mask
+    nearest, zero padding), left-right flip (spatial axis 0, RAS), bias field (image × exp of a degree-3
+    Legendre polynomial), gamma (the volume rescaled to [0, 1] by its min/max, raised to a power uniform in
+    ``gamma_range``, scaled back), Gaussian noise (std ``noise_std``) on the nonzero voxels only, then the
+    image clipped to [0, 1] and the mask to 0/1 — the parametrisation of MONAI's RandAffine, RandFlip,
+    RandBiasField, RandAdjustContrast (``tests/test_dataset.py`` checks each step against MONAI's
+    deterministic transforms).
+
+    Seeding: every decision, parameter and noise value of item ``index`` in ``epoch`` comes from
+    ``numpy.random.default_rng([seed, epoch, index])`` on the CPU, in a fixed order (the noise last), so an
+    item's augmentation depends on nothing else (not its batch, worker, device or the other steps' settings)
+    and a resumed run replays exactly, on either path.
+    """
+
+    def __init__(self, aug: AugmentationConfig, seed: int) -> None:
+        self.aug, self.seed = aug, seed
+
+    def draw(
+        self, indices: Sequence[int] | torch.Tensor, epoch: int, spatial_shape: Sequence[int]
+    ) -> list[AugmentationDraw]:
+        """The augmentation of items ``indices`` in ``epoch`` for volumes of ``spatial_shape`` (D, H, W)."""
+        shape, aug = tuple(int(s) for s in spatial_shape), self.aug
+        draws = []
+        for index in indices:
+            rng = np.random.default_rng([self.seed, epoch, int(index)])
+            probs = [aug.affine_prob, aug.flip_left_right_prob, aug.bias_field_prob, aug.gamma_prob]
+            affine_on, flip_on, bias_on, gamma_on, noise_on = rng.uniform(size=5) < [*probs, aug.noise_prob]
+            matrix = np.eye(4)
+            angles = np.deg2rad(aug.rotate_degrees) * rng.uniform(-1.0, 1.0, 3)
+            scales = 1.0 + aug.scale_fraction * rng.uniform(-1.0, 1.0, 3)
+            matrix[:3, :3] = Rotation.from_euler("xyz", angles).as_matrix() * scales
+            matrix[:3, 3] = aug.translate_voxels * rng.uniform(-1.0, 1.0, 3)
+            coefficients = rng.uniform(0.0, BIAS_FIELD_MAX_COEFF, _BIAS_FIELD_TERMS.shape) * _BIAS_FIELD_TERMS
+            gamma = float(rng.uniform(*aug.gamma_range))
+            noise = None
+            if noise_on and aug.noise_std > 0:
+                noise = rng.standard_normal((1, *shape), dtype=np.float32) * np.float32(aug.noise_std)
+            draws.append(
+                AugmentationDraw(
+                    affine=torch.from_numpy(matrix) if affine_on else None,
+                    flip=bool(flip_on),
+                    bias=torch.as_tensor(coefficients, dtype=torch.float32) if bias_on else None,
+                    gamma=gamma if gamma_on else None,
+                    noise=None if noise is None else torch.from_numpy(noise),
+                )
+            )
+        return draws
+
+    def apply(
+        self, images: torch.Tensor, masks: torch.Tensor, draws: Sequence[AugmentationDraw]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images``/``masks`` (B, 1, D, H, W) float32 (mask 0/1) augmented per ``draws`` (one per item), item
+        by item, on their device. Returns new tensors: image in [0, 1], mask 0/1."""
+        shape, device = tuple(images.shape[2:]), images.device
+        out_images, out_masks = [], []
+        for image, mask, draw in zip(images[:, None], masks[:, None], draws, strict=True):  # (1, 1, D, H, W)
+            if draw.affine is not None:
+                grid = F.affine_grid(
+                    _affine_theta(draw.affine, shape).to(device), image.shape, align_corners=False
+                )
+                sample = {"grid": grid, "padding_mode": "zeros", "align_corners": False}
+                image = F.grid_sample(image, mode="bilinear", **sample)
+                mask = F.grid_sample(mask, mode="nearest", **sample)
+            if draw.flip:
+                image, mask = image.flip(2), mask.flip(2)
+            if draw.bias is not None:
+                image = image * torch.exp(_bias_field(draw.bias.to(device), shape))
+            if draw.gamma is not None:
+                low, span = image.min(), image.max() - image.min()
+                image = ((image - low) / (span + CONTRAST_EPSILON)) ** draw.gamma * span + low
+            if draw.noise is not None:
+                image = torch.where(image > 0, image + draw.noise.to(device), image)
+            out_images.append(image.clamp(0.0, 1.0))
+            out_masks.append((mask > 0.5).float())
+        return torch.cat(out_images), torch.cat(out_masks)
+
+    def __call__(
+        self, images: torch.Tensor, masks: torch.Tensor, indices: Sequence[int] | torch.Tensor, epoch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment a batch (B, 1, D, H, W) of items ``indices`` for ``epoch``, on its device."""
+        return self.apply(images, masks, self.draw(indices, epoch, images.shape[2:]))
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -776,8 +858,7 @@ class VolumeDataset(torch.utils.data.Dataset):
         else:
             raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
         use_augmentation = augmentation is not None and augmentation.enabled
-        self.augment = build_augmentation(augmentation) if use_augmentation else None
-        self.seed = seed
+        self.augment = Augmentation(augmentation, seed) if use_augmentation else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -789,17 +870,11 @@ class VolumeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         cached = self.base[index]  # the cache itself (no copy): never modify it in place
-        item = {"image": cached["image"].clone(), "mask": cached["mask"].float(), "index": cached["index"]}
-        if self.augment is None:
-            return item
-        item_seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
-        self.augment.set_random_state(seed=int(item_seed))
-        item = self.augment(item)
-        return {
-            "image": _plain_tensor(item["image"]).float(),
-            "mask": _plain_tensor(item["mask"]).float(),
-            "index": item["index"],
-        }
+        image, mask = cached["image"].clone(), cached["mask"].float()
+        if self.augment is not None:
+            images, masks = self.augment(image[None], mask[None], [index], self.epoch)
+            image, mask = images[0], masks[0]
+        return {"image": image, "mask": mask, "index": cached["index"]}
 
 
 def build_dataset(

@@ -1,48 +1,39 @@
 """The GPU data path: preprocessed volumes cached on the training device and augmented there, in batches.
 
-Today's path runs every training volume through a DataLoader worker: CPU cache -> per-item MONAI augmentation
-(:func:`dataset.build_augmentation`) -> collate -> copy to the device. This module keeps the preprocessed
-volumes on the device (:class:`DeviceVolumeCache`: float16 image + uint8 mask) and applies the same
-augmentation to whole batches with torch ops (:class:`BatchAugmentation`); :class:`DeviceBatches` puts both
-behind the interface of the training DataLoader. :func:`cache_fits` says whether the cache fits (and why, in
-one line for the log); when it does not, the caller keeps the DataLoader path.
+The DataLoader path runs every training volume through a worker: CPU cache -> ``VolumeDataset`` (which
+augments the item with :class:`dataset.Augmentation`) -> collate -> copy to the device. This module keeps the
+preprocessed volumes on the device (:class:`DeviceVolumeCache`: float16 image + uint8 mask) and
+:class:`DeviceBatches` augments whole batches there with the same :class:`dataset.Augmentation`, behind the
+interface of the training DataLoader. :func:`cache_fits` says whether the cache fits (and why, in one line for
+the log); when it does not, the caller keeps the DataLoader path.
 
-Seeding. Every random decision and parameter is drawn on the CPU by the MONAI transform objects of
-:func:`dataset.build_augmentation` themselves, seeded per item exactly as ``VolumeDataset.__getitem__`` seeds
-them (``SeedSequence([seed, epoch, index])`` -> ``Compose.set_random_state``), calling their ``randomize``
-methods in the order and with the arguments their ``__call__`` uses. Both paths therefore draw the same
-augmentation for an item (the tests check it), and a resumed run replays exactly on either path.
+Why one augmentation of our own (small torch transforms) rather than MONAI's random transforms on the device:
+MONAI's are per item and keep their random state and decisions inside the transform objects (no public way
+to read back what was drawn), and RandBiasField has no torch backend (numpy on the CPU, float64). Our torch
+version runs on any device, on a batch or on one item, draws everything from one numpy generator per
+(seed, epoch, index) on the CPU (so both paths, any device and a resumed run get the same draws), and reads
+no private attribute of any library. Its parametrisation is MONAI's (checked step by step in
+``tests/test_dataset.py``).
 
-What differs from the MONAI path (measured in ``tests/test_device_data.py``): the float16 rounding of the
-cached image (:data:`FLOAT16_MAX_ABS_ERROR`), float32 rounding in the affine grid (``F.affine_grid`` instead
-of MONAI's centred-grid product; the sampling itself is the same ``grid_sample`` call), the bias field
-evaluated in float32 instead of float64, and therefore, rarely, a mask voxel at a nearest-neighbour tie.
+What differs between the paths: only the float16 rounding of the cached image (:data:`FLOAT16_MAX_ABS_ERROR`);
+with a float32 cache a batch is bitwise the DataLoader's (``tests/test_device_data.py``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Literal
 
-import monai.transforms as mt
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from config import AugmentationConfig
-from dataset import VolumeDataset, _ClipUnit, _RandForegroundNoised, build_augmentation
+from dataset import Augmentation, VolumeDataset
 
 __all__ = [
     "FLOAT16_MAX_ABS_ERROR",
     "FLOAT16_MAX_REL_ERROR",
-    "BatchAugmentation",
-    "BatchDraw",
     "DeviceBatches",
     "DeviceVolumeCache",
     "cache_bytes",
@@ -57,7 +48,6 @@ MASK_BYTES = 1  # the mask is stored as uint8 0/1 (exact)
 # exact), and <= 2**-11 * x for x >= 2**-14 (normal range; below it the error is <= 2**-25)
 FLOAT16_MAX_ABS_ERROR = 2.0**-12
 FLOAT16_MAX_REL_ERROR = 2.0**-11
-CONTRAST_EPSILON = 1e-7  # monai.transforms.AdjustContrast's epsilon
 
 
 # ------------------------------------------------------------------------------------------------ sizing
@@ -212,223 +202,6 @@ class DeviceVolumeCache:
         }
 
 
-# ------------------------------------------------------------------------------------------ augmentation
-
-
-@dataclass
-class BatchDraw:
-    """The augmentation of one batch, drawn on the CPU: one entry per item, None/False where a step is off."""
-
-    spatial_shape: tuple[int, int, int]
-    affine: list[torch.Tensor | None] = field(default_factory=list)  # (4, 4) MONAI matrix (see _affine_theta)
-    flip: list[bool] = field(default_factory=list)
-    bias: list[np.ndarray | None] = field(default_factory=list)  # (degree + 1,) * 3 Legendre coefficients
-    gamma: list[float | None] = field(default_factory=list)
-    noise: list[torch.Tensor | None] = field(default_factory=list)  # (1, D, H, W) float32
-
-
-def _legendre_coefficients(coeff: Sequence[float], degree: int) -> np.ndarray:
-    """MONAI ``RandBiasField``'s coefficient matrix: ``coeff`` over (i, j, k) with i + j + k <= degree."""
-    points = [
-        (i, j, k) for i in range(degree + 1) for j in range(degree + 1 - i) for k in range(degree + 1 - i - j)
-    ]
-    matrix = np.zeros((degree + 1,) * 3)
-    matrix[tuple(np.asarray(points).T)] = coeff
-    return matrix
-
-
-def _legendre_basis(size: int, degree: int, device: torch.device) -> torch.Tensor:
-    """(size, degree + 1) float32: Legendre polynomials 0..degree at MONAI's float32 linspace(-1, 1, size)."""
-    coords = np.linspace(-1.0, 1.0, size, dtype=np.float32).astype(np.float64)
-    return torch.as_tensor(
-        np.polynomial.legendre.legvander(coords, degree), dtype=torch.float32, device=device
-    )
-
-
-def _affine_theta(matrices: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
-    """(n, 4, 4) MONAI affines -> (n, 3, 4) ``F.affine_grid`` thetas (``align_corners=False``).
-
-    MONAI samples output voxel c (centred voxel coordinates, axes (d, h, w)) at input point A·c and normalises
-    by 2/size per axis; grid_sample takes normalised (x, y, z) = (w, h, d). So theta = P·S·A·S⁻¹·P with
-    S = diag(2/size) and P the axis reversal.
-    """
-    scale = torch.tensor([2.0 / s for s in spatial_shape], dtype=torch.float64)
-    matrices = matrices.to(torch.float64)
-    linear = matrices[:, :3, :3] * scale[:, None] / scale[None, :]
-    shift = matrices[:, :3, 3] * scale
-    return torch.cat([linear.flip(1, 2), shift.flip(1)[:, :, None]], dim=2).float()
-
-
-class BatchAugmentation:
-    """:func:`dataset.build_augmentation` on batches, on their device, seeded as ``VolumeDataset`` seeds it.
-
-    ``__call__(images, masks, indices, epoch)`` = :meth:`apply` of :meth:`draw`; the split lets a loader draw
-    the next batch on the CPU (:class:`DeviceBatches` does, in a thread) while the device works.
-    """
-
-    def __init__(self, aug: AugmentationConfig, seed: int) -> None:
-        self.seed = seed
-        self.compose = build_augmentation(aug)
-        steps = list(self.compose.transforms)
-        expected = [
-            mt.RandAffined,
-            mt.RandBiasFieldd,
-            mt.RandAdjustContrastd,
-            _RandForegroundNoised,
-            _ClipUnit,
-        ]
-        if aug.flip_left_right_prob > 0:
-            expected.insert(1, mt.RandFlipd)
-        if [type(step) for step in steps] != expected:
-            raise TypeError(
-                f"dataset.build_augmentation has the steps {[type(s).__name__ for s in steps]}, the device "
-                f"path implements {[t.__name__ for t in expected]}: update device_data.BatchAugmentation"
-            )
-        self._affine: mt.RandAffined = steps[0]
-        self._flip: mt.RandFlipd | None = steps[1] if aug.flip_left_right_prob > 0 else None
-        self._bias: mt.RandBiasFieldd = steps[-4]
-        self._gamma: mt.RandAdjustContrastd = steps[-3]
-        self._noise: _RandForegroundNoised = steps[-2]
-        self._lock = threading.Lock()  # the MONAI transforms hold the random state: one draw at a time
-
-    # ---- drawing (CPU, MONAI's own random streams)
-
-    def draw(
-        self,
-        indices: Sequence[int] | torch.Tensor,
-        epoch: int,
-        spatial_shape: Sequence[int],
-        pin_memory: bool = False,
-    ) -> BatchDraw:
-        """Every random decision and parameter for items ``indices`` of ``epoch``, as ``VolumeDataset`` draws
-        them; ``pin_memory`` pins the noise tensors (for an asynchronous copy to a GPU)."""
-        shape = tuple(int(s) for s in spatial_shape)
-        out = BatchDraw(shape)  # type: ignore[arg-type]
-        with self._lock:
-            for index in indices:
-                item_seed = np.random.SeedSequence([self.seed, epoch, int(index)]).generate_state(1)[0]
-                self.compose.set_random_state(seed=int(item_seed))
-                out.affine.append(self._draw_affine(shape))
-                out.flip.append(self._draw_flip())
-                out.bias.append(self._draw_bias(shape))
-                out.gamma.append(self._draw_gamma())
-                out.noise.append(self._draw_noise(shape, pin_memory))
-        return out
-
-    def _draw_affine(self, shape: tuple[int, ...]) -> torch.Tensor | None:
-        """``RandAffined.__call__``: its prob, ``RandAffine.randomize()``, then the grid it resamples with,
-        built by ``RandAffineGrid.__call__`` with ``randomize=True`` (a second draw: the one applied)."""
-        step = self._affine
-        step.randomize(None)
-        step.rand_affine.randomize()
-        if not step._do_transform:
-            return None
-        grid = step.rand_affine.rand_affine_grid
-        grid(shape, randomize=True, lazy=True)  # lazy: the matrix only, not the (3, D, H, W) grid
-        return torch.as_tensor(grid.get_transformation_matrix(), dtype=torch.float32).cpu()
-
-    def _draw_flip(self) -> bool:
-        if self._flip is None:
-            return False
-        self._flip.randomize(None)
-        return bool(self._flip._do_transform)
-
-    def _draw_bias(self, shape: tuple[int, ...]) -> np.ndarray | None:
-        step = self._bias
-        step.randomize(None)
-        if not step._do_transform:
-            return None
-        step.rand_bias_field.randomize(img_size=shape)
-        return _legendre_coefficients(step.rand_bias_field._coeff, step.rand_bias_field.degree)
-
-    def _draw_gamma(self) -> float | None:
-        step = self._gamma
-        step.randomize(None)
-        if not step._do_transform:
-            return None
-        step.adjuster.randomize(None)
-        return float(step.adjuster.gamma_value)
-
-    def _draw_noise(self, shape: tuple[int, ...], pin_memory: bool) -> torch.Tensor | None:
-        """The same ``self.R.normal`` values (float64 -> float32) ``_RandForegroundNoised`` adds."""
-        step = self._noise
-        step.randomize(None)
-        if not step._do_transform or step.std == 0:
-            return None
-        noise = torch.as_tensor(step.R.normal(0.0, step.std, size=(1, *shape)), dtype=torch.float32)
-        return noise.pin_memory() if pin_memory else noise
-
-    # ---- applying (batched, on the batch's device)
-
-    def apply(
-        self, images: torch.Tensor, masks: torch.Tensor, draw: BatchDraw
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment ``images``/``masks`` (B, 1, D, H, W) float32 (mask 0/1) per ``draw``, on their device.
-
-        Same order as :func:`dataset.build_augmentation`: affine (bilinear image, nearest mask, zero padding),
-        left-right flip, bias field, gamma/contrast, foreground noise, clip. Returns new tensors.
-        """
-        if tuple(images.shape[2:]) != draw.spatial_shape or len(draw.flip) != images.shape[0]:
-            raise ValueError(f"draw for {len(draw.flip)} x {draw.spatial_shape}, batch {tuple(images.shape)}")
-        device = images.device
-
-        def rows(flags: Sequence[object]) -> tuple[list[int], torch.Tensor]:
-            chosen = [i for i, flag in enumerate(flags) if flag is not None and flag is not False]
-            return chosen, torch.tensor(chosen, dtype=torch.long, device=device)
-
-        chosen, index = rows(draw.affine)
-        if chosen:
-            matrices = torch.stack([draw.affine[i] for i in chosen])  # type: ignore[misc]
-            theta = _affine_theta(matrices, draw.spatial_shape).to(device)
-            grid = F.affine_grid(theta, [len(chosen), 1, *draw.spatial_shape], align_corners=False)
-            sample = dict(grid=grid, padding_mode="zeros", align_corners=False)
-            images = images.index_copy(0, index, F.grid_sample(images[index], mode="bilinear", **sample))
-            masks = masks.index_copy(0, index, F.grid_sample(masks[index], mode="nearest", **sample))
-
-        chosen, index = rows(draw.flip)
-        if chosen:  # spatial axis 0 (left-right in RAS) is dim 2 of (B, 1, D, H, W)
-            images = images.index_copy(0, index, images[index].flip(2))
-            masks = masks.index_copy(0, index, masks[index].flip(2))
-
-        chosen, index = rows(draw.bias)
-        if chosen:
-            coefficients = torch.as_tensor(
-                np.stack([draw.bias[i] for i in chosen]), dtype=torch.float32, device=device
-            )  # (n, i, j, k)
-            degree = coefficients.shape[1] - 1
-            depth, height, width = (_legendre_basis(s, degree, device) for s in draw.spatial_shape)
-            bias = torch.einsum("nijk,wk->nijw", coefficients, width)
-            bias = torch.einsum("nijw,hj->nihw", bias, height)
-            bias = torch.einsum("nihw,di->ndhw", bias, depth)
-            images = images.index_copy(0, index, images[index] * torch.exp(bias)[:, None])
-
-        chosen, index = rows(draw.gamma)
-        if chosen:  # monai AdjustContrast: per-volume min/max rescaling around the power
-            values = images[index]
-            low = values.amin(dim=(1, 2, 3, 4), keepdim=True)
-            span = values.amax(dim=(1, 2, 3, 4), keepdim=True) - low
-            gamma = torch.tensor([draw.gamma[i] for i in chosen], dtype=torch.float32, device=device)
-            adjusted = ((values - low) / (span + CONTRAST_EPSILON)) ** gamma.view(-1, 1, 1, 1, 1) * span + low
-            images = images.index_copy(0, index, adjusted)
-
-        chosen, index = rows(draw.noise)
-        if chosen:  # on nonzero voxels only: the background stays 0
-            # copied one by one: a stack would be a new, unpinned CPU tensor (a synchronous copy)
-            pieces: list[torch.Tensor] = [draw.noise[i] for i in chosen]  # type: ignore[misc]
-            noise = torch.stack([piece.to(device, non_blocking=True) for piece in pieces])
-            values = images[index]
-            images = images.index_copy(0, index, torch.where(values > 0, values + noise, values))
-
-        return images.clamp(0.0, 1.0), (masks > 0.5).float()
-
-    def __call__(
-        self, images: torch.Tensor, masks: torch.Tensor, indices: Sequence[int] | torch.Tensor, epoch: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment a batch (B, 1, D, H, W) of items ``indices`` for ``epoch`` on its device."""
-        draw = self.draw(indices, epoch, images.shape[2:], pin_memory=images.is_cuda)
-        return self.apply(images, masks, draw)
-
-
 # ---------------------------------------------------------------------------------------------- batches
 
 
@@ -436,16 +209,16 @@ class DeviceBatches:
     """The training batches of ``DataLoader(augmented VolumeDataset, batch_size, sampler=sampler,
     generator=generator)``, from a :class:`DeviceVolumeCache` and augmented on its device.
 
-    Same indices in the same batches (the last one short) and the same augmentation per item, so either path
-    replays the other's run. Yields ``{"image", "mask"}`` (B, 1, D, H, W) float32 on the device and
-    ``"index"`` (B,) long on the CPU. Draws the next batch's augmentation in a thread while the current one is
-    used. Call :meth:`set_epoch` before iterating, as ``VolumeDataset.set_epoch``.
+    Same indices in the same batches (the last one short) and the same :class:`dataset.Augmentation` per item,
+    so either path replays the other's run. Yields ``{"image", "mask"}`` (B, 1, D, H, W) float32 on the device
+    and ``"index"`` (B,) long on the CPU. Call :meth:`set_epoch` before iterating, as
+    ``VolumeDataset.set_epoch``.
     """
 
     def __init__(
         self,
         cache: DeviceVolumeCache,
-        augmentation: BatchAugmentation | None,
+        augmentation: Augmentation | None,
         sampler: Sampler[int] | Sequence[int],
         batch_size: int,
         generator: torch.Generator | None = None,
@@ -466,25 +239,10 @@ class DeviceBatches:
             # a DataLoader iterator draws its workers' base seed from its generator before the sampler's first
             # index: draw it too, so a generator shared with the sampler gives the DataLoader's shuffle
             torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        batches = iter(BatchSampler(self.sampler, self.batch_size, drop_last=False))
-        augmentation = self.augmentation
-        if augmentation is None:
-            yield from (self.cache.batch(indices) for indices in batches)
-            return
-        epoch, shape, pin = self.epoch, self.cache.spatial_shape, self.cache.device.type == "cuda"
-        with ThreadPoolExecutor(max_workers=1) as pool:
-
-            def submit(indices: list[int] | None) -> tuple[list[int], Future[BatchDraw]] | None:
-                if indices is None:
-                    return None
-                return indices, pool.submit(augmentation.draw, indices, epoch, shape, pin)
-
-            pending = submit(next(batches, None))
-            while pending is not None:
-                indices, drawn = pending
-                pending = submit(next(batches, None))  # drawn on the CPU while this batch is used
-                batch = self.cache.batch(indices)
-                batch["image"], batch["mask"] = augmentation.apply(
-                    batch["image"], batch["mask"], drawn.result()
+        for indices in BatchSampler(self.sampler, self.batch_size, drop_last=False):
+            batch = self.cache.batch(indices)
+            if self.augmentation is not None:
+                batch["image"], batch["mask"] = self.augmentation(
+                    batch["image"], batch["mask"], indices, self.epoch
                 )
-                yield batch
+            yield batch

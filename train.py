@@ -78,7 +78,7 @@ from checkpoints import (
     training_checkpoint,
 )
 from config import Config, ConfigError, TrainConfig, load_config
-from device_data import BatchAugmentation, DeviceBatches, DeviceVolumeCache, cache_fits, free_memory_bytes
+from device_data import DeviceBatches, DeviceVolumeCache, cache_fits, free_memory_bytes
 from losses import VAEGANLoss, kl_divergence
 from metrics import LatentStatistics, image_metrics
 from model import MaisiVAE, PatchDiscriminator3D, build_discriminator, build_perceptual_loss, build_vae
@@ -282,7 +282,7 @@ def make_loaders(
         log.info(
             "device cache: %.2f GiB on %s", (train_cache.nbytes + val_cache.nbytes) / 2**30, context.device
         )
-        batch_augmentation = None if augmentation is None else BatchAugmentation(augmentation, train.seed)
+        batch_augmentation = None if augmentation is None else dataset.Augmentation(augmentation, train.seed)
         batches = DeviceBatches(train_cache, batch_augmentation, sampler, train.batch_size, generator)
         return batches, val_cache, generator
     loader = DataLoader(

@@ -9,24 +9,12 @@
 #   STEPS="throughput profile" bash bench/gpu_check.sh     # only these steps (env always runs)
 #   ARCHIVE=$OUT/gpu_check.tar.gz bash bench/gpu_check.sh  # also pack RESULTS (no checkpoints) after each step
 #
-# Steps, in priority order; each runs under `timeout` with the smaller of its own limit and what the deadline
-# leaves (time_to_quality's minimum is kept free for it while earlier steps run); a step whose minimum no
-# longer fits is skipped and says so in status.txt and the JSON's notes. Estimated H200 times:
-#   env              CUDA, MONAI/nibabel/deepbet (installed from the carried wheels in WHEELS=.whl into
-#                    /tmp/site when missing), IXI data (TRAIN_CSV/VAL_CSV, else the carried .gpu_data
-#                    unpacked to /tmp/gpu_data, else ../shared/data/ixi), LPIPS3D's deepbet weights
-#                    (DEEPBET_MODEL → perceptual.weights_path); stops the run when broken              ~20 s
-#   throughput       train_throughput.py --train: train.py, seed config, the 100 IXI training volumes,
-#                    4 epochs, GAN from epoch 2, one validation on 2 volumes at the end                 ~45 s
-#   model            bench_model.py ours vs AutoencoderKL, bf16, channels_last_3d: eager, then
-#                    torch.compile'd in the same process (compiling took ~40 s + ~25 s before)         ~80 s
-#   time_to_quality  bench_quality_time.py: train.py for TTQ_SECONDS (180), then the MONAI-recipe
-#                    baseline for as long, both judged on the 20 IXI validation volumes                ~380 s
-#   profile          profile_step.py: where train_step's time goes (both stages), syncs per step,
-#                    data paths, validation, checkpoint write                                           ~30 s
-# Sum ~555 s: with the default TOTAL_S the compiled half of `model` or `profile` may be cut; TOTAL_S=600
-# leaves room for all. PYTHON (python3), PEAK_TFLOPS (989), BASELINE_WORKERS (8) can be set. The earlier
-# scaling / NCDHW / encode / data-loader checks are left out: their scripts in bench/ still run alone.
+# Steps in priority order (env, throughput, model, time_to_quality, profile: what each runs and its estimated
+# H200 time are in bench/README.md), each under `timeout` with the smaller of its own limit and what the
+# deadline leaves (time_to_quality's minimum is kept free for it while earlier steps run); a step whose minimum
+# no longer fits is skipped and says so in status.txt and the JSON's notes. With the default TOTAL_S the
+# compiled half of `model` or `profile` may be cut; TOTAL_S=600 leaves room for all. PYTHON (python3),
+# PEAK_TFLOPS (989), BASELINE_WORKERS (8), TTQ_SECONDS (180) can be set.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -60,7 +48,7 @@ SKIPPED=99                           # run's exit code for a step the deadline l
 
 # assemble: rewrite train_throughput.json from what RESULTS holds; pack RESULTS into ARCHIVE when set
 assemble() {
-    "$PYTHON" bench/train_throughput.py --results "$RESULTS" "${DRY[@]}" >> "$RESULTS/assemble.log" 2>&1
+    "$PYTHON" -m bench.train_throughput --results "$RESULTS" "${DRY[@]}" >> "$RESULTS/assemble.log" 2>&1
     if [ -n "${ARCHIVE:-}" ]; then
         tar czf "$ARCHIVE" --exclude='*.pt' -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
     fi
@@ -102,23 +90,23 @@ echo "== env (results: $RESULTS, deadline ${TOTAL_S}s, dry run: $DRY_RUN)"
 env_start=$SECONDS
 if ! "$PYTHON" -c "import monai, nibabel, importlib.util as u; assert u.find_spec('deepbet')" 2> /dev/null; then
     ls "$WHEELS"/*.whl > /dev/null 2>&1 ||
-        broken "MONAI, nibabel or deepbet missing and no wheels in $WHEELS (python bench/gpu_prepare.py pack)"
+        broken "MONAI, nibabel or deepbet missing and no wheels in $WHEELS (python -m bench.gpu_prepare pack)"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
         "$WHEELS"/*.whl || broken "pip install of $WHEELS/*.whl failed"
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if [ -z "${TRAIN_CSV:-}" ]; then
     if [ -f "$GPU_DATA/ixi/train.csv" ]; then
-        "$PYTHON" bench/gpu_prepare.py unpack --data "$GPU_DATA" --to /tmp/gpu_data ||
+        "$PYTHON" -m bench.gpu_prepare unpack --data "$GPU_DATA" --to /tmp/gpu_data ||
             broken "unpacking $GPU_DATA failed"
         TRAIN_CSV=/tmp/gpu_data/ixi/train.csv VAL_CSV=/tmp/gpu_data/ixi/val.csv
     elif [ -f ../shared/data/ixi/train.csv ]; then
         TRAIN_CSV=../shared/data/ixi/train.csv VAL_CSV=../shared/data/ixi/val.csv
     else
-        broken "no IXI data: set TRAIN_CSV and VAL_CSV, or carry .gpu_data (python bench/gpu_prepare.py pack)"
+        broken "no IXI data: set TRAIN_CSV and VAL_CSV, or carry .gpu_data (python -m bench.gpu_prepare pack)"
     fi
 fi
-"$PYTHON" bench/gpu_prepare.py check --results "$RESULTS" --train_csv "$TRAIN_CSV" --val_csv "$VAL_CSV" \
+"$PYTHON" -m bench.gpu_prepare check --results "$RESULTS" --train_csv "$TRAIN_CSV" --val_csv "$VAL_CSV" \
     "${DRY[@]}" > "$RESULTS/env.log" 2>&1 || { tail -n 20 "$RESULTS/env.log"; broken "see env.log"; }
 # shellcheck source=/dev/null
 source "$RESULTS/env.sh" # DEEPBET_MODEL, VAL_HEAD_CSV (and in a dry run TRAIN_CSV / VAL_CSV cut short)
@@ -140,7 +128,7 @@ else
     TINY_TRAIN=() TINY_MODEL=(--steps 10) TINY_PROFILE=(--steps 5 --warmup 3 --data_limit 8) PROFILE_LIMIT=75
 fi
 if wanted throughput; then
-    run throughput 120 40 "$TTQ_MIN" "$PYTHON" bench/train_throughput.py --results "$RESULTS" --train \
+    run throughput 120 40 "$TTQ_MIN" "$PYTHON" -m bench.train_throughput --results "$RESULTS" --train \
         --config "$CONFIG" --train_csv "$TRAIN_CSV" --val_csv "$VAL_HEAD_CSV" --epochs 4 --gan_start_epoch 2 \
         "${WEIGHTS[@]}" "${TINY_TRAIN[@]}" "${DRY[@]}"
     rc=$?
@@ -149,14 +137,14 @@ if wanted throughput; then
         exit 1
     fi
 fi
-wanted model && run model 150 30 "$TTQ_MIN" "$PYTHON" bench/bench_model.py --device "$DEVICE" \
-    --variants ours monai_kl --peak-tflops "$PEAK_TFLOPS" --json "$RESULTS/model_eager.json" \
-    --compiled-json "$RESULTS/model_compile.json" "${TINY_MODEL[@]}"
+wanted model && run model 150 30 "$TTQ_MIN" "$PYTHON" -m bench.model_step --device "$DEVICE" \
+    --variants ours monai_kl --peak_tflops "$PEAK_TFLOPS" --json "$RESULTS/model_eager.json" \
+    --compiled_json "$RESULTS/model_compile.json" "${TINY_MODEL[@]}"
 wanted time_to_quality && run time_to_quality $((2 * TTQ_SECONDS + 90)) "$TTQ_MIN" 0 "$PYTHON" \
-    bench/bench_quality_time.py --seconds "$TTQ_SECONDS" --config "$CONFIG" --train_csv "$TRAIN_CSV" \
+    -m bench.quality --seconds "$TTQ_SECONDS" --config "$CONFIG" --train_csv "$TRAIN_CSV" \
     --val_csv "$VAL_CSV" --device "$DEVICE" --baseline_workers "$BASELINE_WORKERS" \
     --out "$RESULTS/time_to_quality" --json "$RESULTS/time_to_quality.json" "${WEIGHTS[@]}"
-wanted profile && run profile "$PROFILE_LIMIT" 25 0 "$PYTHON" bench/profile_step.py --device "$DEVICE" --config "$CONFIG" \
+wanted profile && run profile "$PROFILE_LIMIT" 25 0 "$PYTHON" -m bench.profile_step --device "$DEVICE" --config "$CONFIG" \
     --data both --set "data.train_csv=\"$TRAIN_CSV\"" --set "data.val_csv=\"$VAL_CSV\"" \
     --set data.demo_dir=null --json "$RESULTS/profile.json" "${WEIGHTS[@]}" "${TINY_PROFILE[@]}"
 

@@ -1,8 +1,8 @@
 """What ``bench/gpu_check.sh`` needs on the lent GPU machine: packed here, unpacked and checked there.
 
-    python bench/gpu_prepare.py pack [--ixi ../shared/data/ixi] [--wheels .whl] [--data .gpu_data]   # here
-    python3 bench/gpu_prepare.py unpack [--data .gpu_data] [--to /tmp/gpu_data]                       # there
-    python3 bench/gpu_prepare.py check --results DIR --train_csv T --val_csv V [--dry_run]            # there
+    python -m bench.gpu_prepare pack [--ixi ../shared/data/ixi] [--wheels .whl] [--data .gpu_data]   # here
+    python3 -m bench.gpu_prepare unpack [--data .gpu_data] [--to /tmp/gpu_data]                       # there
+    python3 -m bench.gpu_prepare check --results DIR --train_csv T --val_csv V [--dry_run]            # there
 
 ``pack`` (in the repository root, where ``.gitignore`` ignores ``/.whl/`` and ``/.gpu_data/``):
 
@@ -123,15 +123,12 @@ def unpack_data(folder: Path, to: Path) -> None:
 
 def check(results: Path, train_csv: str, val_csv: str, dry_run: bool) -> int:
     """The environment on the machine (see the module docstring); 1 when it is broken."""
-    import torch
-
-    sys.path.insert(0, str(REPO_ROOT))
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
     import monai
     import nibabel
-    from train_throughput import commit
+    import torch
 
     import dataset
+    from bench.harness import commit
     from model.lpips3D import LPIPS3D, _deepbet_default_path
 
     if not dry_run and not torch.cuda.is_available():

@@ -1,41 +1,20 @@
 """Where the time of a training step goes: ``train.train_step`` itself under ``torch.profiler``.
 
-    python bench/profile_step.py [--config config.json] [--set section.key=value ...] [--device cpu|cuda]
-        [--shape D H W] [--batch B] [--warmup 2] [--steps 5] [--stages pretrain gan]
-        [--data none|loader|device|both] [--data_limit 16] [--trace trace.json] [--json profile.json]
+    python -m bench.profile_step [--config config.json] [--set section.key=value ...] [--device cpu|cuda]
+        [--shape D H W] [--batch_size B] [--warmup 2] [--steps 5] [--stages pretrain gan]
+        [--data loader|device|both] [--data_limit 16] [--trace trace.json] [--json profile.json]
 
-The state is ``train.build_state``'s, the loss ``losses.VAEGANLoss.from_config`` with the LPIPS3D of
-``model.build_perceptual_loss`` (deepbet weights from the installed package or ``perceptual.weights_path``), the
-memory-saving recompute ``train.choose_recompute``'s and ``train.wrap_for_training`` applies ``train.compile``:
-what ``train.py`` runs. Nothing in ``train.py`` is changed: the ranges are put AROUND its calls from the outside
-(``record_function`` opened by forward pre-hooks and closed by forward hooks on the VAE, the LPIPS3D module and
-the discriminator, and by step pre/post hooks on both optimisers). Backward time is attributed through the
-profiler's sequence numbers: a backward node belongs to the module whose forward range created it.
-
-Per stage (pretrain, gan), after ``--warmup`` steps, ``--steps`` timed steps, then ``--steps`` profiled ones (after
-one more the profiler warms up on), all on the same random volumes in [0, 1]:
-
-* wall time per step (synchronised), host (CPU) time in ``train_step`` and, on CUDA, GPU kernel time;
-* the breakdown: VAE / LPIPS3D / discriminator forward and backward, optimiser steps, other backward (loss
-  terms, gradient accumulation), other (loss terms, clipping, the non-finite guard, EMA) — as shares of the
-  step's CPU time (cpu) or of its GPU kernel time (cuda; there the CPU-time breakdown is kept too, as
-  ``breakdown_host``: a step whose host time nears its wall time is bound by launching kernels);
-* host synchronisations per step, counted in a separate unprofiled pass: ``aten._local_scalar_dense`` calls
-  (``.item()``, ``bool(t)``), device-to-host copies and data-dependent-shape ops (``nonzero``, ``masked_select``,
-  ``unique``) by a ``TorchDispatchMode``; reads of tensor values on the host (``item``, ``tolist``, ``.cpu()``,
-  ``bool``/``float``/``int``) by a ``TorchFunctionMode`` (on the CPU these are the reads that would wait for a GPU);
-  on CUDA also the warnings of ``torch.cuda.set_sync_debug_mode("warn")``; plus the profiler's own count of
-  ``aten::_local_scalar_dense`` events (named with their caller: it also sees the calls made inside C++ kernels,
-  e.g. the CPU fused AdamW reading each parameter's step count, which are no synchronisation) and of
-  device-to-host memcpys. Under ``train.compile`` only the CUDA warnings and the profiler count (the modes
-  would make dynamo retrace);
-* the same counts for ``train.train_epoch`` over ``train.log_every_steps`` steps (it reads the losses and the
-  guard once per log interval and at the end of the epoch).
-
-Per epoch: one validation pass (``train.validate``), one checkpoint write (``checkpoints.save_checkpoint`` of
-``checkpoints.training_checkpoint``) and, with ``--data``, one epoch of training batches through
-``train.make_loaders`` (``loader``: DataLoader, ``device``: device cache; timed per batch, synchronised, i.e.
-the data wait if nothing overlapped it). The epoch table scales the step time to ``--epoch_volumes`` volumes.
+What ``train.py`` runs (``train.build_state``, ``losses.VAEGANLoss.from_config`` with
+``model.build_perceptual_loss``, ``train.choose_recompute``, ``train.wrap_for_training``), unchanged: the ranges
+are put AROUND its calls by hooks (:class:`Ranges`); backward time is attributed through the profiler's sequence
+numbers. Per stage, after ``--warmup`` steps: ``--steps`` timed steps, then ``--steps`` profiled ones (after one
+the profiler warms up on), on the same random volumes in [0, 1]: wall and host time per step, the breakdown
+(VAE / LPIPS3D / discriminator forward and backward, optimisers, other) as shares of CPU time (cpu) or GPU kernel
+time (cuda, plus ``breakdown_host``); host synchronisations per step in ``train_step`` (:func:`count_syncs`: a
+dispatch mode, a function mode, CUDA's sync-debug warnings, the profiler's own events) and in
+``train.train_epoch`` over one log interval. Per epoch: one ``train.validate`` pass, one checkpoint write and,
+with ``--data``, one epoch of batches through ``train.make_loaders`` (DataLoader vs device cache), timed per
+batch and synchronised. bench/README.md says what each count means.
 """
 
 from __future__ import annotations
@@ -43,8 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
-import os
 import statistics
 import sys
 import tempfile
@@ -61,22 +38,16 @@ from torch.autograd.profiler import record_function
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dataset
+import train
+from bench.harness import REPO_ROOT, load_average, machine_info, synchronize, timed, write_json
+from checkpoints import save_checkpoint, training_checkpoint
+from config import Config, apply_overrides, load_config
+from losses import VAEGANLoss
+from model import build_perceptual_loss
+from model.recompute import recompute
+from utils import DistributedContext, resolve_amp_dtype
 
-import bench_model  # noqa: E402
-
-import dataset  # noqa: E402
-import train  # noqa: E402
-from checkpoints import save_checkpoint, training_checkpoint  # noqa: E402
-from config import Config, apply_overrides, load_config  # noqa: E402
-from device_data import DeviceVolumeCache  # noqa: E402
-from losses import VAEGANLoss  # noqa: E402
-from model import build_perceptual_loss  # noqa: E402
-from model.recompute import recompute  # noqa: E402
-from utils import DistributedContext, resolve_amp_dtype  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("vae", "lpips", "discriminator")
 OPTIMIZERS = ("optimizer_g", "optimizer_d")
 STEP_RANGE = "train_step"
@@ -299,20 +270,6 @@ def count_syncs(run: Callable[[], Any], device: torch.device, use_modes: bool) -
 # ------------------------------------------------------------------------------------------ timing
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(run: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """(seconds, result) of ``run()``, synchronised before and after."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = run()
-    synchronize(device)
-    return time.perf_counter() - start, result
-
-
 def profile_stage(
     stage: str,
     state: train.TrainState,
@@ -418,15 +375,6 @@ def time_data_path(config: Config, context: DistributedContext, mode: str, folde
     }
 
 
-def synthetic_val_set(config: Config, volumes: int, device: torch.device) -> DeviceVolumeCache:
-    """``volumes`` random heads (a ball of [0, 1] noise, mask = the ball) at the config's shape, on ``device``."""
-    shape = tuple(config.preprocessing.target_shape)
-    grid = torch.stack(torch.meshgrid(*(torch.linspace(-1, 1, s) for s in shape), indexing="ij"))
-    ball = (grid.pow(2).sum(0) < 0.8).expand(volumes, 1, *shape)
-    images = torch.rand(volumes, 1, *shape) * ball
-    return DeviceVolumeCache(images.half().to(device), ball.to(torch.uint8).to(device))
-
-
 def per_epoch(
     state: train.TrainState,
     lpips: nn.Module,
@@ -438,15 +386,11 @@ def per_epoch(
 ) -> dict[str, Any]:
     """Data paths (``--data``), one validation pass and one checkpoint write."""
     out: dict[str, Any] = {"data": {}}
-    modes = {"none": (), "loader": ("loader",), "device": ("device",), "both": ("loader", "device")}
-    val_set = None
-    for mode in modes[args.data]:
+    for mode in ("loader", "device") if args.data == "both" else (args.data,):
         result = time_data_path(config, context, mode, folder)
         val_set = result.pop("val_set")
         out["data"][mode] = result
         print(f"data ({mode}): {json.dumps(result)}", flush=True)
-    if val_set is None:
-        val_set = synthetic_val_set(config, args.val_volumes, context.device)
     validation_s, _ = timed(
         lambda: train.validate(state.eval_vae, val_set, lpips, config, context, amp_dtype), context.device
     )
@@ -454,7 +398,7 @@ def per_epoch(
         "volumes": len(val_set),
         "s": validation_s,
         "s_per_volume": validation_s / len(val_set),
-        "source": "synthetic" if args.data == "none" else "the config's validation split",
+        "source": "the config's validation split",
     }
     path = folder / "last.pt"
     checkpoint_s, _ = timed(
@@ -463,22 +407,6 @@ def per_epoch(
     )
     out["checkpoint"] = {"s": checkpoint_s, "mib": path.stat().st_size / 2**20}
     return out
-
-
-def epoch_table(result: dict[str, Any], config: Config, volumes: int) -> list[str]:
-    """Seconds per epoch of ``volumes`` training volumes: steps, data wait (if not overlapped), validation
-    (every ``train.val_every`` epochs, at this validation split size) and the checkpoint."""
-    steps = math.ceil(volumes / config.train.batch_size)
-    lines = [f"per epoch of {volumes} volumes ({steps} steps, batch {config.train.batch_size}):"]
-    epoch = result["epoch"]
-    for stage, values in result["stages"].items():
-        parts = {"steps": steps * values["wall_ms_per_step"] / 1e3}
-        for mode, data in epoch["data"].items():
-            parts[f"data wait if not overlapped ({mode})"] = steps * data["s_per_batch_after_first"]
-        parts["validation / val_every"] = epoch["validation"]["s"] / config.train.val_every
-        parts["checkpoint"] = epoch["checkpoint"]["s"]
-        lines.append(f"  {stage}: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
-    return lines
 
 
 def print_stage(stage: str, values: dict[str, Any]) -> None:
@@ -510,21 +438,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--shape", type=int, nargs=3, default=None, help="default: preprocessing.target_shape"
     )
-    parser.add_argument("--batch", type=int, default=None, help="default: train.batch_size")
+    parser.add_argument("--batch_size", type=int, default=None, help="default: train.batch_size")
     parser.add_argument("--warmup", type=int, default=2, help="unprofiled steps first, per stage")
     parser.add_argument("--steps", type=int, default=5, help="timed, profiled and counted steps per stage")
     parser.add_argument("--stages", nargs="+", choices=("pretrain", "gan"), default=["pretrain", "gan"])
     parser.add_argument(
         "--data",
-        choices=("none", "loader", "device", "both"),
-        default="none",
+        choices=("loader", "device", "both"),
+        default="both",
         help="time one epoch of batches from the config's train split: DataLoader, device cache or both",
     )
     parser.add_argument("--data_limit", type=int, default=None, help="first N rows of each split for --data")
-    parser.add_argument(
-        "--val_volumes", type=int, default=4, help="synthetic validation volumes (--data none)"
-    )
-    parser.add_argument("--epoch_volumes", type=int, default=100, help="training volumes per epoch (table)")
     parser.add_argument(
         "--trace", type=Path, default=None, help="Chrome trace per stage: <stem>_<stage>.json"
     )
@@ -542,10 +466,10 @@ def profile(args: argparse.Namespace, folder: Path) -> int:
     overrides = [f"train.device={json.dumps(device.type)}", *args.overrides]
     if args.shape is not None:
         overrides.append(f"preprocessing.target_shape={json.dumps(args.shape)}")
-    if args.batch is not None:
-        overrides.append(f"train.batch_size={args.batch}")
+    if args.batch_size is not None:
+        overrides.append(f"train.batch_size={args.batch_size}")
     config = load_config(args.config, overrides)
-    if args.data != "none" and args.data_limit is not None:
+    if args.data_limit is not None:
         for split in ("train", "val"):
             csv = folder / f"{split}.csv"
             dataset.read_split(getattr(config.data, f"{split}_csv")).head(args.data_limit).to_csv(
@@ -584,9 +508,9 @@ def profile(args: argparse.Namespace, folder: Path) -> int:
         "warmup": args.warmup,
         "steps": args.steps,
         "inputs": "random volumes in [0, 1]",
-        "load_average_start": [round(v, 2) for v in os.getloadavg()],
+        "load_average_start": load_average(),
     }
-    info = bench_model.machine_info(device)
+    info = machine_info(device)
     print("machine:", json.dumps(info))
     print("settings:", json.dumps(settings), flush=True)
     result: dict[str, Any] = {"machine": info, "settings": settings, "stages": {}}
@@ -599,16 +523,14 @@ def profile(args: argparse.Namespace, folder: Path) -> int:
                 state, loss, images, config, stage, folder
             )
         result["epoch"] = per_epoch(state, lpips, config, context, amp_dtype, args, folder)
-    settings["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    settings["load_average_end"] = load_average()
     for stage, values in result["stages"].items():
         loop = values["syncs_in_train_epoch_per_log_interval"]
         print(f"{stage}: syncs in train.train_epoch over {loop['steps']} steps: {loop['counts'] or 'none'}")
     print("validation:", json.dumps(result["epoch"]["validation"]))
     print("checkpoint write:", json.dumps(result["epoch"]["checkpoint"]))
-    print("\n".join(epoch_table(result, config, args.epoch_volumes)))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

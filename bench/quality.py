@@ -1,54 +1,53 @@
-"""Reconstruction quality on real IXI brains: our recipe vs a MONAI-recipe baseline at the same budget.
+"""Time to quality: ``train.py`` for S seconds of wall clock vs a MONAI-recipe baseline for the same S seconds.
 
-    python bench/quality.py --steps 300 [--config configs/cpu.json] [--out bench/results/quality]
+    python -m bench.quality [--seconds 180] [--config config.json] [--set section.key=value ...]
+        [--train_csv ...] [--val_csv ...] [--device auto|cpu|cuda] [--baseline_workers N] [--out DIR] [--json PATH]
 
-* Ours: ``train.py`` with ``--config`` (default: the CPU preset) on ``--train_csv`` for ``--steps`` optimiser
-  steps, then ``infer.py`` on ``--val_csv`` writes the per-subject metrics table used here.
-* Baseline: MONAI ``AutoencoderKL`` with the same channels / res blocks / latent channels, trained with MAISI's
-  loss recipe (L1 + 1e-7·KL + 0.1·adversarial, MONAI ``PatchDiscriminator`` + least-squares
-  ``PatchAdversarialLoss`` from the first step), same data, preprocessing, augmentation, batch size, optimiser,
-  learning rate, precision and number of steps. MONAI's ``PerceptualLoss`` needs downloaded weights, so the
-  baseline has no perceptual term. Inputs are zero-padded to a multiple of the downsampling factor and outputs
-  cropped back (MONAI would otherwise return a smaller volume).
-* Both are evaluated on the same preprocessed validation volumes with ``metrics.image_metrics`` (whole volume
-  and in-brain, brain = the CSV's mask). Writes ``quality.json``, ``quality.md`` (table), per-subject CSVs
-  and ``quality.png`` (input / ours / baseline / |differences| for one validation subject).
+* Ours: ``train.py`` (:func:`bench.harness.train_run`) with ``--config`` on the two splits and
+  ``train.time_budget_s=S``; ``train.val_every`` is set beyond the run (a ``--set`` can change it), so the budget
+  goes to training and the one validation (the last row of its ``metrics.csv``) comes after it, as the
+  baseline's evaluation does. Its clock starts before the data set-up.
+* Baseline (:func:`train_baseline`): MONAI ``AutoencoderKL`` with the same channels / res blocks / latent
+  channels, trained with MAISI's loss recipe (L1 + 1e-7·KL + 0.1·adversarial, MONAI ``PatchDiscriminator`` +
+  least-squares ``PatchAdversarialLoss`` from the first step), same data, preprocessing, augmentation, batch
+  size, optimiser, learning rate and precision, for S seconds on the same device, its clock also starting
+  before its data set-up. MONAI's ``PerceptualLoss`` needs downloaded weights, so the baseline has no
+  perceptual term. Inputs are zero-padded to a multiple of the downsampling factor and outputs cropped back.
+  Evaluated by :func:`evaluate_baseline` (``metrics.image_metrics``, in-brain = the CSV's masks) on the
+  validation split.
+
+Writes ``--json`` (default ``<out>/time_to_quality.json``) after each of the two runs: seconds,
+``val_psnr_brain`` / ``val_ssim_brain`` (ours), ``baseline_val_psnr_brain`` / ``baseline_val_ssim_brain``,
+steps and wall clock of each, settings and machine. The step-budget study of BENCHMARKS.md §7 (ours evaluated
+by ``infer.py``, figures) was this script's ``--steps`` mode, retired: see bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+import dataset
+from bench import harness
+from config import Config, load_config
+from losses import kl_divergence
+from metrics import image_metrics
+from model import build_perceptual_loss
+from utils import autocast, resolve_amp_dtype, resolve_device, seed_everything
 
-import dataset  # noqa: E402
-import infer  # noqa: E402
-import train  # noqa: E402
-from checkpoints import load_vae  # noqa: E402
-from config import Config, load_config  # noqa: E402
-from losses import kl_divergence  # noqa: E402
-from metrics import image_metrics  # noqa: E402
-from model import build_perceptual_loss  # noqa: E402
-from plotting import orthogonal_slices_figure  # noqa: E402
-from utils import autocast, resolve_amp_dtype, seed_everything  # noqa: E402
-
-IXI = REPO_ROOT.parent / "shared" / "data" / "ixi"
-REPORTED = ("psnr", "psnr_brain", "ssim", "ssim_brain", "ms_ssim", "ms_ssim_brain", "lpips", "lpips_brain")
+BASELINE = "MONAI AutoencoderKL + PatchDiscriminator, L1 + 1e-7*KL + 0.1*LSGAN (bench/quality.py)"
 
 
 def padded_to(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -60,25 +59,17 @@ def padded_to(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def train_baseline(
-    config: Config,
-    out_dir: Path,
-    steps: int | None = None,
-    time_budget_s: float | None = None,
-    device: torch.device | None = None,
-    num_workers: int | None = None,
+    config: Config, out_dir: Path, time_budget_s: float, device: torch.device, num_workers: int | None
 ) -> tuple[AutoencoderKL, float, int]:
-    """MONAI AutoencoderKL + PatchDiscriminator with MAISI's loss recipe, for ``steps`` optimiser steps and/or
-    ``time_budget_s`` seconds of wall clock (whichever ends first; the clock starts before the data set-up, as
-    ``train.py``'s does). Returns (model in eval mode, seconds, steps done).
+    """MONAI AutoencoderKL + PatchDiscriminator with MAISI's loss recipe on ``device`` for ``time_budget_s``
+    seconds of wall clock (the clock starts before the data set-up, as ``train.py``'s does), ``num_workers``
+    DataLoader workers (None: ``data.num_workers``). Returns (model in eval mode, seconds, steps done).
 
-    ``device`` defaults to the CPU, ``num_workers`` to ``data.num_workers``. Each step logs its losses with
-    ``.item()`` (one host synchronisation per step, as MONAI's tutorial loops do), so the clock is honest.
+    Each step logs its losses with ``.item()`` to ``out_dir/baseline_train.log`` (one host synchronisation per
+    step, as MONAI's tutorial loops do), so the clock is honest.
     """
-    if steps is None and time_budget_s is None:
-        raise ValueError("give steps, time_budget_s or both")
     start = time.perf_counter()
     seed_everything(config.train.seed)
-    device = device or torch.device("cpu")
     amp_dtype = resolve_amp_dtype(config.train.amp, device)
     model_cfg = config.model
     autoencoder = AutoencoderKL(
@@ -129,8 +120,7 @@ def train_baseline(
     step, epoch = 0, 0
 
     def done() -> bool:
-        over_time = time_budget_s is not None and time.perf_counter() - start >= time_budget_s
-        return over_time or (steps is not None and step >= steps)
+        return time.perf_counter() - start >= time_budget_s
 
     log = open(out_dir / "baseline_train.log", "w")  # noqa: SIM115
     while not done():
@@ -177,11 +167,10 @@ def train_baseline(
 
 @torch.no_grad()
 def evaluate_baseline(
-    autoencoder: AutoencoderKL, config: Config, val_csv: str, lpips, device: torch.device | None = None
+    autoencoder: AutoencoderKL, config: Config, val_csv: str, lpips: torch.nn.Module, device: torch.device
 ) -> pd.DataFrame:
     """Per-subject metrics of the baseline on the preprocessed validation volumes (mean latent), computed on
-    ``device`` (default: the CPU; ``autoencoder`` and ``lpips`` must live there)."""
-    device = device or torch.device("cpu")
+    ``device`` (where ``autoencoder`` and ``lpips`` live)."""
     factor = 2 ** (len(config.model.channels) - 1)
     rows = []
     frame = dataset.read_split(val_csv)
@@ -197,139 +186,100 @@ def evaluate_baseline(
     return pd.DataFrame(rows)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--steps", type=int, default=300, help="optimiser steps for each model (the budget)")
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "cpu.json"))
-    parser.add_argument("--train_csv", default=str(IXI / "train.csv"))
-    parser.add_argument("--val_csv", default=str(IXI / "val.csv"))
-    parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "quality"))
-    parser.add_argument("--skip_ours", action="store_true", help="reuse an earlier run of ours in --out")
-    args = parser.parse_args()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def time_to_quality(args: argparse.Namespace) -> int:
+    """Ours, then the baseline, for ``--seconds`` of wall clock each; ``--json`` rewritten after each."""
+    device = resolve_device(args.device)
+    json_path = args.json or args.out / "time_to_quality.json"
     overrides = [
-        f"data.train_csv={json.dumps(args.train_csv)}",
-        f"data.val_csv={json.dumps(args.val_csv)}",
-        "data.demo_dir=null",
+        *harness.data_overrides(args.train_csv, args.val_csv),
+        f"train.device={json.dumps(device.type)}",
+        f"train.time_budget_s={args.seconds}",
+        f"train.val_every={harness.NEVER}",
+        *args.overrides,  # the caller's last: they may change val_every
     ]
+    settings = {
+        "config": args.config,
+        "overrides": overrides,
+        "device": str(device),
+        "machine": harness.machine_info(device),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "baseline": BASELINE,
+    }
+    print("settings:", json.dumps(settings))
+    result: dict[str, Any] = {"seconds": args.seconds, "ours": None, "baseline": None, "settings": settings}
+
+    def write(name: str, values: dict[str, Any]) -> None:
+        """Record run ``name`` (ours: ``val_*``, baseline: ``baseline_val_*``) and rewrite the JSON."""
+        prefix = "" if name == "ours" else "baseline_"
+        result.update({name: values, f"{name}_steps": values["steps"]})
+        result.update({prefix + key: values[key] for key in ("val_psnr_brain", "val_ssim_brain")})
+        harness.write_json(json_path, result)
+        print(f"{name}: {json.dumps(values)}", flush=True)
+
+    run = harness.train_run(args.config, overrides, args.out, f"ttq_ours_{time.strftime('%Y%m%d_%H%M%S')}")
+    ours = harness.run_results(run.metrics_csv)  # the one validation: after the budget
+    if "val_psnr_brain" not in ours:
+        raise RuntimeError(f"{run.metrics_csv} has no validation row")
+    history = pd.read_csv(run.metrics_csv)
+    later_epochs = history[history["epoch"] > 0]["train/volumes_per_s"]
+    ours.update(
+        wall_s=run.wall_s,
+        volumes_per_s_median_after_epoch_0=float(later_epochs.median()) if len(later_epochs) else None,
+        stages=sorted(set(history["stage"])),
+        metrics_csv=str(run.metrics_csv),
+    )
+    write("ours", ours)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
     config = load_config(args.config, overrides)
-    steps_per_epoch = math.ceil(len(dataset.read_split(args.train_csv)) / config.train.batch_size)
-    epochs = math.ceil(args.steps / steps_per_epoch)
-    gan_start = math.floor(epochs * config.train.gan_start_epoch / config.train.num_epochs)
-
-    # ---- ours: train.py, then infer.py's per-subject table
-    run_name = "quality_ours"
-    checkpoint = out_dir / "best_runs" / run_name / "best_model.pt"
-    ours_seconds = float("nan")
-    if not args.skip_ours:
-        start = time.perf_counter()
-        train.main(
-            [
-                "--config_file",
-                args.config,
-                *sum((["--set", o] for o in overrides), []),
-                "--set",
-                f"train.run_name={run_name}",
-                "--set",
-                f"train.num_epochs={epochs}",
-                "--set",
-                f"train.gan_start_epoch={gan_start}",
-                "--set",
-                f"train.val_every={epochs}",
-                "--set",
-                f"train.max_steps_per_epoch={steps_per_epoch}",
-                "--set",
-                f"train.runs_dir={json.dumps(str(out_dir / 'runs'))}",
-                "--set",
-                f"train.best_runs_dir={json.dumps(str(out_dir / 'best_runs'))}",
-            ]
-        )
-        ours_seconds = time.perf_counter() - start
-    assert (
-        infer.main(
-            [
-                "--model_checkpoint",
-                str(checkpoint),
-                "--input_data",
-                args.val_csv,
-                "--output_dir",
-                str(out_dir / "ours_val"),
-                "--amp",
-                config.train.amp,
-            ]
-        )
-        == 0
-    )
-    ours = pd.read_csv(out_dir / "ours_val" / "metrics.csv")
-
-    # ---- baseline
-    baseline_model, baseline_seconds, _ = train_baseline(config, out_dir, steps=epochs * steps_per_epoch)
-    lpips = build_perceptual_loss(config.perceptual)
-    baseline = evaluate_baseline(baseline_model, config, args.val_csv, lpips)
-    baseline.to_csv(out_dir / "baseline_val_metrics.csv", index=False)
-
-    # ---- table
-    summary = {
-        "settings": {
-            "config": args.config,
-            "steps": epochs * steps_per_epoch,
-            "epochs": epochs,
-            "gan_start_epoch": gan_start,
-            "train_csv": args.train_csv,
-            "val_csv": args.val_csv,
-            "amp": config.train.amp,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-            "date": time.strftime("%Y-%m-%d"),
-            "lpips": lpips.description,
-        },
-        "ours": {m: [float(ours[m].mean()), float(ours[m].std())] for m in REPORTED},
-        "baseline": {m: [float(baseline[m].mean()), float(baseline[m].std())] for m in REPORTED},
-        "seconds": {"ours": ours_seconds, "baseline": baseline_seconds},
+    start = time.perf_counter()
+    model, train_s, steps = train_baseline(config, args.out, args.seconds, device, args.baseline_workers)
+    lpips = build_perceptual_loss(config.perceptual).to(device)
+    table = evaluate_baseline(model, config, config.data.val_csv, lpips, device)
+    table.to_csv(args.out / "baseline_val_metrics.csv", index=False)
+    baseline = {
+        "val_psnr_brain": float(table["psnr_brain"].mean()),
+        "val_ssim_brain": float(table["ssim_brain"].mean()),
+        "val_psnr": float(table["psnr"].mean()),
+        "steps": steps,
+        "train_s": train_s,
+        "wall_s": time.perf_counter() - start,
+        "num_workers": config.data.num_workers if args.baseline_workers is None else args.baseline_workers,
     }
-    (out_dir / "quality.json").write_text(json.dumps(summary, indent=2))
-    lines = ["| metric | ours | MONAI-recipe baseline |", "|---|---|---|"]
-    for m in REPORTED:
-        lines.append(
-            f"| {m} | {summary['ours'][m][0]:.4f} ± {summary['ours'][m][1]:.4f} "
-            f"| {summary['baseline'][m][0]:.4f} ± {summary['baseline'][m][1]:.4f} |"
-        )
-    lines.append(f"| train wall-clock (s) | {ours_seconds:.0f} | {baseline_seconds:.0f} |")
-    (out_dir / "quality.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps(summary["settings"], indent=2))
-    print("\n".join(lines))
-
-    # ---- figure: first validation subject
-    frame = dataset.read_split(args.val_csv)
-    volume = dataset.preprocess_volume(frame["image"][0], config.preprocessing, frame["mask"][0])
-    vae, _, _ = load_vae(checkpoint)
-    factor = 2 ** (len(config.model.channels) - 1)
-    with torch.no_grad():
-        ours_recon = vae.reconstruct(volume.image[None]).float().clamp(0, 1)[0]
-        mu, _ = baseline_model.encode(padded_to(volume.image[None], factor))
-        base_recon = (
-            baseline_model.decode(mu)
-            .float()
-            .clamp(0, 1)[0][:, : volume.image.shape[1], : volume.image.shape[2], : volume.image.shape[3]]
-        )
-    diff_scale = {
-        "|input − ours|": (volume.image - ours_recon).abs(),
-        "|input − baseline|": (volume.image - base_recon).abs(),
-    }
-    orthogonal_slices_figure(
-        {"input": volume.image, "ours": ours_recon, "baseline": base_recon},
-        out_dir / "recons.png",
-        title=f"{frame['subject_id'][0]} (IXI val), {epochs * steps_per_epoch} steps each",
+    write("baseline", baseline)
+    print(
+        f"time to quality ({args.seconds:.0f} s each, {device}): in-brain PSNR ours {ours['val_psnr_brain']:.2f} "
+        f"dB ({ours['steps']} steps) vs MONAI-recipe baseline {baseline['val_psnr_brain']:.2f} dB "
+        f"({baseline['steps']} steps); in-brain SSIM {ours['val_ssim_brain']:.4f} vs "
+        f"{baseline['val_ssim_brain']:.4f}\nwrote {json_path}"
     )
-    orthogonal_slices_figure(
-        diff_scale, out_dir / "differences.png", title="absolute differences (one shared colour scale)"
-    )
-    print(f"figures: {out_dir / 'recons.png'}, {out_dir / 'differences.png'}")
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=180.0, help="wall-clock budget of each run")
+    parser.add_argument("--config", default=str(harness.REPO_ROOT / "config.json"), help="ours and the data")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="config override for both runs (after this script's own), e.g. perceptual.weights_path=...",
+    )  # fmt: skip
+    parser.add_argument("--train_csv", default=str(harness.IXI / "train.csv"))
+    parser.add_argument("--val_csv", default=str(harness.IXI / "val.csv"))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--baseline_workers", type=int, help="baseline DataLoader workers (data.num_workers)")
+    parser.add_argument(
+        "--out", type=Path, default=harness.REPO_ROOT / "bench" / "results" / "time_to_quality"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="default: <out>/time_to_quality.json")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return time_to_quality(args)
+
+
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
     sys.exit(main())

@@ -1,72 +1,20 @@
 """Recipe study: which config change buys the most reconstruction quality per GPU-hour?
 
-    python bench/recipe.py [--variants default lr3e-4 ...] [--seeds 0 1] [--budget-s 480] [--device cpu]
-        [--preset configs/cpu.json] [--train-csv IXI/train.csv] [--val-csv IXI/val.csv]
-        [--out bench/results/recipe] [--threads N] [--parallel 1] [--val-points 6] [--set section.key=value]
-    python bench/recipe.py --summarise-only [--out bench/results/recipe]
+    python -m bench.recipe [--variants default lr3e-4 ...] [--seeds 0 1] [--budget_s 480] [--device cpu]
+        [--preset configs/cpu.json] [--train_csv IXI/train.csv] [--val_csv IXI/val.csv]
+        [--out bench/results/recipe] [--threads N] [--parallel 1] [--val_points 6] [--set section.key=value]
+    python -m bench.recipe --summarise_only [--out bench/results/recipe]
 
-**A run** is ``train.main`` (train.py's own loop, imported, never copied) on ``--preset`` + ``--set`` + ONE
-variant's overrides, for a fixed wall-clock budget ``train.time_budget_s = --budget-s`` with
-``train.num_epochs`` so large that the budget, not the epoch count, ends it. Each run is named
-``<variant>_s<seed>`` (``train.run_name``), seeded by ``train.seed`` and writes under ``--out``
-(``runs/<name>/`` with its ``metrics.csv``, ``best_runs/<name>/``); ``.gitignore`` keeps checkpoints, previews
-and TensorBoard events out of git.
-
-**Fair budget.** The clock is train.py's: it starts when the run folder is opened, so set-up, preprocessing
-and caching of the volumes, the CPU cost estimate, every validation, preview and checkpoint count against the
-budget — a variant that is slower per step (or per validation) buys fewer steps, which is the question asked.
-Only the imports and the one final validation after the budget is spent are outside it (every run gets
-exactly one). Preprocessing the training volumes into the memory cache is part of every run's first epoch
-(on 2 CPU cores about 20 s for IXI's 100 volumes at 4 mm); ``--set data.cache=disk`` shares one cache between
-the runs instead (the calibration run fills it, and then over-estimates set-up for the others). All variants validate on the same schedule (every ``val_every`` epochs, the same volumes), and
-the same seed gives the same initial weights and shuffle in every variant. Runs go one after another in this
-process (``--parallel 1``, the fair setting: the calibration run goes first and absorbs one-off warm-ups
-such as reading the LPIPS weights), or ``--parallel N`` at a time, each in a fresh process pinned to its own
-share of the cores (``os.sched_setaffinity``; CPU only; each run then pays those few seconds of warm-up
-inside its budget, and the runs share memory bandwidth). The machine (CPU model, cores, torch, threads,
-GPU) and the 1-minute load average before/after each run go into ``summary.csv``: compare only runs made
-alike.
-
-**Calibration: a budget-robust schedule.** Epoch-valued keys (``val_every``, ``gan_start_epoch``) and
-step-valued ones (``warmup_steps``, the EMA horizon) mean different things on different machines, so a first
-run ``_calibration`` (the preset, 3 epochs, validating each) measures seconds per training epoch
-(``steps × batch / train/volumes_per_s`` of epoch 2), per validation (``elapsed`` between epochs 1 and 2 minus
-the training epoch; includes the checkpoint) and of set-up (epoch 0 minus a training epoch; includes
-preprocessing). From them, with ``usable = budget − set-up``:
-
-* ``val_every = max(1, floor((usable / val_points − validation) / training epoch))``: at least
-  ``--val-points`` (default 6) validations in the budget, plus the final one, when an epoch fits that often;
-* ``E`` = epochs in the budget = ``usable / (training epoch + validation / val_every)``;
-  steps = E × steps per epoch;
-* every run's ``gan_start_epoch`` = the preset's fraction ``gan_start_epoch / num_epochs`` of E
-  (``configs/cpu.json``: 50/60 → GAN for the last sixth of the budget, as in the preset; never when the
-  fraction is ≥ 1);
-* ``gan_early`` / ``gan_mid`` start the GAN at E/3 and 2E/3, ``warmup_steps`` = 5 % of the steps,
-  ``ema_decay`` = 1 − 1/(10 % of the steps) (an averaging horizon of a tenth of the run).
-
-The calibration and the schedule are kept in ``--out/calibration.json`` and reused, so a resumed study runs
-the same schedule; a call with another preset, budget, device, data, ``--set`` or threads is refused there.
-
-**Variants** (:data:`VARIANTS`): each changes ONE thing relative to the preset. ``configs/cpu.json`` already
-trains at lr 1e-3, batch 1, constant lr, MSE, perceptual weight 0.3, β 1e-7, no augmentation and no EMA, so:
-``default`` (the preset), ``lr3e-4`` / ``lr3e-3``, ``cosine_warmup`` (the schedule: cosine over the budget
-after a 5 % linear warm-up, same peak lr), ``ema``, ``l1``, ``perceptual0`` / ``perceptual1``,
-``gan_early`` / ``gan_mid`` / ``no_gan`` (when the GAN starts), ``batch2`` (same lr), ``beta1e-6``,
-``augment``.
-
-**Outputs** in ``--out``: ``summary.csv`` (one row per run, rewritten after every run: the LAST validation's
-values — the model the budget bought — and the best epoch's by ``val/psnr_brain``, which picks on the
-validation set and so is optimistic; steps, epochs, elapsed/wall seconds, machine, load average, the variant's
-resolved overrides and the path of its metrics.csv), ``psnr_vs_time.png`` (in-brain PSNR and SSIM of every
-validation against ``time/elapsed_s``, the clock when that epoch's training ended: one colour per variant, one
-line per seed) and a table on stdout. A (variant, seed) with a row in summary.csv is skipped (resumable); a
-run killed before its row was written starts again from scratch (its clock cannot be resumed fairly).
-``--summarise-only`` re-reads summary.csv, redraws and prints without training.
-
-**Spread and "beats the default".** For each variant, over its seeds: mean and range (max − min) of the final
-in-brain PSNR and SSIM. A variant beats ``default`` when, on BOTH metrics, its mean exceeds the default's mean
-by more than the larger of the two ranges (the variant's and the default's). With one seed there is no range
-and the verdict is not evidence (the table says so).
+A run is ``train.py``'s own loop (:func:`bench.harness.train_run`) on ``--preset`` + ``--set`` + ONE variant's
+overrides (:data:`VARIANTS`) for a wall-clock budget ``train.time_budget_s = --budget_s`` (train.py's clock:
+set-up, validations and checkpoints count), named ``<variant>_s<seed>`` and seeded by ``train.seed``; runs go
+one after another in this process or ``--parallel N`` at a time, each pinned to its own cores. A first
+``_calibration`` run (3 epochs) measures seconds per training epoch, per validation and of set-up; from them
+:func:`plan` derives a budget-robust schedule (``val_every``, GAN start, warm-up, EMA horizon) kept in
+``--out/calibration.json``. Outputs in ``--out``: ``summary.csv`` (one row per run: the LAST validation and the
+best epoch, steps, machine, load; rewritten after every run; a run with a row is skipped), each run's folder,
+``psnr_vs_time.png`` and a table where a variant beats ``default`` when its mean exceeds the default's on BOTH
+in-brain PSNR and SSIM by more than the larger seed range (:func:`compare`). bench/README.md has the details.
 """
 
 from __future__ import annotations
@@ -75,9 +23,7 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from datetime import datetime
@@ -93,17 +39,12 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "bench")]
-
-from bench_model import machine_info  # noqa: E402
-from train_runs import NEVER, location_overrides, run_folders, train_argv, validated_epochs  # noqa: E402
-
 import dataset  # noqa: E402
 import train  # noqa: E402
+from bench import harness  # noqa: E402
+from bench.harness import IXI, NEVER, REPO_ROOT, run_folders, run_results, validated_epochs  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 
-IXI = REPO_ROOT.parent / "shared" / "data" / "ixi"
 CALIBRATION = "_calibration"
 DEFAULT = "default"
 # {name} fields are filled from the calibrated schedule (see the module docstring)
@@ -123,18 +64,6 @@ VARIANTS: dict[str, list[str]] = {
     "beta1e-6": ["train.beta=1e-6"],
     "augment": ["augmentation.enabled=true"],
 }
-# summary.csv column -> metrics.csv column, for the last validation (best_<column> for the best epoch)
-LAST_METRICS = {
-    "val_psnr_brain": "val/psnr_brain",
-    "val_ssim_brain": "val/ssim_brain",
-    "val_lpips_brain": "val/lpips_brain",
-    "val_psnr": "val/psnr",
-    "val_ssim": "val/ssim",
-    "latent_std": "val/latent_std",
-    "latent_std_min": "val/latent_std_min",
-    "latent_std_max": "val/latent_std_max",
-}
-BEST_METRICS = ("val_psnr_brain", "val_ssim_brain", "val_lpips_brain")
 
 
 class StudyError(RuntimeError):
@@ -144,29 +73,16 @@ class StudyError(RuntimeError):
 # ------------------------------------------------------------------------------------------- one run
 
 
-def run_sets(args: argparse.Namespace, name: str, overrides: list[str], seed: int) -> list[str]:
-    """A run's ``--set`` values: ``--set``, data, ``overrides``, then its identity and folders (last wins)."""
-    out = args.out.resolve()
-    return [
-        *args.set,
-        f"data.train_csv={Path(args.train_csv).resolve()}",
-        f"data.val_csv={Path(args.val_csv).resolve()}",
-        "data.demo_dir=null",
-        f"train.device={args.device}",
-        *overrides,
-        f"train.seed={seed}",
-        *location_overrides(out, name),
-    ]
+def run_sets(args: argparse.Namespace, overrides: list[str], seed: int) -> list[str]:
+    """A run's ``--set`` values: ``--set``, data, ``overrides``, then its seed (the last one wins)."""
+    data = harness.data_overrides(Path(args.train_csv).resolve(), Path(args.val_csv).resolve())
+    return [*args.set, *data, f"train.device={args.device}", *overrides, f"train.seed={seed}"]
 
 
-def train_fresh(argv: list[str], out: Path, name: str, threads: int) -> float:
-    """``train.main(argv)`` from scratch (a killed attempt's folders are removed); returns wall seconds."""
-    for folder in run_folders(out, name):
-        shutil.rmtree(folder, ignore_errors=True)
-    torch.set_num_threads(threads)
-    start = time.perf_counter()
-    train.main(argv)
-    return time.perf_counter() - start
+def train_fresh(preset: str | Path, sets: list[str], out: Path, name: str, threads: int) -> float:
+    """The run ``name`` from scratch on ``threads`` torch threads (the count restored after); wall seconds."""
+    with harness.torch_threads(threads):
+        return harness.train_run(preset, sets, out, name).wall_s
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
@@ -174,12 +90,12 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     out, name = Path(spec["out"]), spec["name"]
     load_start = os.getloadavg()[0]
     status = "ok"
-    started = datetime.now().isoformat(timespec="seconds")
-    start = time.perf_counter()
+    start = datetime.now()
+    started = start.isoformat(timespec="seconds")
     try:
-        wall = train_fresh(train_argv(spec["preset"], spec["sets"]), out, name, spec["threads"])
+        wall = train_fresh(spec["preset"], spec["sets"], out, name, spec["threads"])
     except train.NonFiniteTrainingError as error:  # a diverged run is a result, not a crash of the study
-        wall = time.perf_counter() - start
+        wall = (datetime.now() - start).total_seconds()
         status = "diverged: " + str(error).split(";")[0]
     metrics_csv = run_folders(out, name)[0] / "metrics.csv"
     row: dict[str, Any] = {
@@ -203,26 +119,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if metrics_csv.is_file():
         row.update(run_results(metrics_csv))
     return row
-
-
-def run_results(metrics_csv: Path) -> dict[str, Any]:
-    """A run's summary columns from its metrics.csv: steps, epochs, clock, and the LAST validation's metrics
-    (the model the budget bought) and the best epoch's by ``val/psnr_brain`` (``best_*``)."""
-    epochs = pd.read_csv(metrics_csv)
-    last_epoch = epochs.iloc[-1]
-    results: dict[str, Any] = {
-        "steps": int(last_epoch["global_step"]),
-        "epochs": int(last_epoch["epoch"]) + 1,
-        "elapsed_s": round(float(last_epoch["time/elapsed_s"]), 1),
-        "stopped_by_time_budget": bool(last_epoch["stopped_by_time_budget"]),
-    }
-    history = validated_epochs(metrics_csv)
-    if len(history):
-        last, best = history.iloc[-1], history.loc[history["val/psnr_brain"].idxmax()]
-        results.update({column: float(last[source]) for column, source in LAST_METRICS.items()})
-        results.update(best_epoch=int(best["epoch"]), best_elapsed_s=round(float(best["time/elapsed_s"]), 1))
-        results.update({f"best_{column}": float(best[LAST_METRICS[column]]) for column in BEST_METRICS})
-    return results
 
 
 def run_pinned(spec: dict[str, Any], cores: list[int]) -> dict[str, Any]:
@@ -307,8 +203,7 @@ def calibrate(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, An
         return saved
     print(f"calibration: 3 epochs of {args.preset}, validating every epoch ...", flush=True)
     overrides = ["train.num_epochs=3", "train.val_every=1"]
-    sets = run_sets(args, CALIBRATION, overrides, 0)
-    wall = train_fresh(train_argv(args.preset, sets), args.out, CALIBRATION, args.threads)
+    wall = train_fresh(args.preset, run_sets(args, overrides, 0), args.out, CALIBRATION, args.threads)
     config = load_config(args.preset, args.set)
     measured = measure(run_folders(args.out, CALIBRATION)[0] / "metrics.csv", config.train.batch_size)
     gan_fraction = config.train.gan_start_epoch / config.train.num_epochs
@@ -353,7 +248,7 @@ def make_specs(
                     "seed": seed,
                     "name": name,
                     "preset": str(args.preset),
-                    "sets": run_sets(args, name, common + overrides, seed),
+                    "sets": run_sets(args, common + overrides, seed),
                     "overrides": overrides,
                     "out": str(args.out.resolve()),
                     "budget_s": args.budget_s,
@@ -402,16 +297,20 @@ def pending(specs: list[dict[str, Any]], summary: pd.DataFrame, path: Path) -> l
 
 
 def report(row: dict[str, Any], index: int, total: int) -> None:
-    """One line per finished run."""
-    if "val_psnr_brain" not in row:
-        print(f"[{index}/{total}] {row['variant']} seed {row['seed']}: {row['status']} (no validation)")
-        return
+    """One line per finished run: its status and the summary columns that say how it went."""
+    keys = (
+        "steps",
+        "epochs",
+        "val_psnr_brain",
+        "val_ssim_brain",
+        "best_val_psnr_brain",
+        "best_epoch",
+        "wall_s",
+    )
+    values = ", ".join(f"{key} {row[key]:.6g}" for key in keys if key in row)
+    load = f"load {row['load_start']:.2f} -> {row['load_end']:.2f}"
     print(
-        f"[{index}/{total}] {row['variant']} seed {row['seed']}: {row['status']}, {row['steps']} steps, "
-        f"{row['epochs']} epochs, in-brain PSNR {row['val_psnr_brain']:.2f} dB, "
-        f"SSIM {row['val_ssim_brain']:.4f} (best PSNR {row['best_val_psnr_brain']:.2f} at epoch "
-        f"{row['best_epoch']}), wall {row['wall_s']:.0f} s, "
-        f"load {row['load_start']:.2f} -> {row['load_end']:.2f}",
+        f"[{index}/{total}] {row['variant']} seed {row['seed']}: {row['status']}, {values}, {load}",
         flush=True,
     )
 
@@ -576,15 +475,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock seconds per run")
+    parser.add_argument("--budget_s", type=float, default=480.0, help="wall-clock seconds per run")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--preset", type=Path, default=REPO_ROOT / "configs" / "cpu.json")
-    parser.add_argument("--train-csv", default=str(IXI / "train.csv"))
-    parser.add_argument("--val-csv", default=str(IXI / "val.csv"))
+    parser.add_argument("--train_csv", default=str(IXI / "train.csv"))
+    parser.add_argument("--val_csv", default=str(IXI / "val.csv"))
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "recipe")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: cores / --parallel)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time, each on its own cores (CPU)")
-    parser.add_argument("--val-points", type=int, default=6, help="validations wanted within the budget")
+    parser.add_argument("--val_points", type=int, default=6, help="validations wanted within the budget")
     parser.add_argument(
         "--set",
         action="append",
@@ -592,7 +491,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SECTION.KEY=VALUE",
         help="an override on top of the preset for every run (repeatable)",
     )
-    parser.add_argument("--summarise-only", action="store_true", help="redraw and print from summary.csv")
+    parser.add_argument("--summarise_only", action="store_true", help="redraw and print from summary.csv")
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     if args.parallel < 1 or (args.parallel > 1 and args.device != "cpu") or args.parallel > cores:
@@ -603,7 +502,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()  # set per run below; put back for a caller in the same process (tests)
     try:
         if args.summarise_only:
             summarise(args.out)
@@ -611,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         for split in (args.train_csv, args.val_csv):
             dataset.read_split(split)  # a missing or malformed split fails before the calibration
         load_config(args.preset, args.set)
-        torch.set_num_threads(args.threads)
-        machine = machine_info(torch.device(args.device))
+        with harness.torch_threads(args.threads):
+            machine = harness.machine_info(torch.device(args.device))
         print(f"machine: {json.dumps(machine)}; {args.threads} thread(s) per run, {args.parallel} at a time")
         calibration = calibrate(args, machine)
         schedule = calibration["schedule"]
@@ -630,8 +528,6 @@ def main(argv: list[str] | None = None) -> int:
     except (StudyError, ConfigError, dataset.DataError) as error:
         print(f"ERROR: {error}", file=sys.stderr)
         return 2
-    finally:
-        torch.set_num_threads(threads)
     return 0
 
 

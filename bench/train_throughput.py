@@ -1,27 +1,15 @@
 """Training speed on a GPU in one JSON: ``train.py``'s own throughput, the model-step speed against MONAI
 ``AutoencoderKL`` (eager and compiled) and the time to quality.
 
-    python bench/train_throughput.py --results DIR [--train [--config config.json] [--train_csv ...]
+    python -m bench.train_throughput --results DIR [--train [--config config.json] [--train_csv ...]
         [--val_csv ...] [--epochs 4] [--gan_start_epoch 2] [--set section.key=value ...]] [--dry_run]
 
-Reads what ``DIR`` holds and (re)writes ``DIR/train_throughput.json``; ``bench/gpu_check.sh`` calls it after
-every step, so a run cut short keeps every key measured so far, and a key not measured is ``null`` with a
-``notes`` entry saying why. ``--train`` first runs the short ``train.py`` run (``train.main``, in this process)
-that the throughput keys come from. Sources:
-
-* ``pretrain_volumes_per_s`` / ``gan_volumes_per_s`` / ``peak_memory_gib``: ``train/volumes_per_s`` and
-  ``train/peak_memory_gb`` of that run's ``metrics.csv`` (``DIR/runs/throughput_*``): the config as given (default
-  the seed config, ``config.json``: batch 2, ``amp`` auto, ``data.device_cache`` auto) on the training split for
-  ``--epochs`` epochs, the GAN stage from ``--gan_start_epoch``, ``train.val_every`` beyond the run (one
-  validation, after the last epoch; it does not enter ``volumes_per_s``). Epoch 0 (caches, allocator, cuDNN
-  heuristics) is left out, and so is the first epoch of a stage that has more than one (the discriminator's
-  first steps); per stage the median of the rest. Peak memory: the largest epoch value (GiB).
-* ``model_step_eager_speed_vs_autoencoderkl`` / ``model_step_compiled_speed_vs_autoencoderkl``:
-  ``DIR/model_eager.json`` / ``DIR/model_compile.json`` of ``bench_model.py``, = AutoencoderKL's s/step ÷ ours
-  (> 1: ours is faster).
-* ``time_to_quality``: ``DIR/time_to_quality.json`` of ``bench_quality_time.py``.
-* ``device`` / ``torch``: ``DIR/env.json`` (written by ``gpu_check.sh``), else the pieces' machine records;
-  ``commit``: ``$GIT_COMMIT``, else ``git rev-parse HEAD`` (``+dirty`` with uncommitted changes).
+(Re)writes ``DIR/train_throughput.json`` from what ``DIR`` holds (``bench/gpu_check.sh`` calls it after every
+step; a key not measured is ``null`` with a note). ``--train`` first runs the short ``train.py`` run the
+throughput keys come from (``DIR/runs/throughput_*``: epoch 0 and a stage's first epoch left out, per stage the
+median of ``train/volumes_per_s``; peak memory the largest epoch's). The speed ratios (AutoencoderKL's s/step ÷
+ours, > 1: ours is faster) come from ``DIR/model_eager.json`` / ``model_compile.json`` of ``bench.model_step``,
+``time_to_quality`` from ``DIR/time_to_quality.json`` of ``bench.quality``, the device from ``DIR/env.json``.
 """
 
 from __future__ import annotations
@@ -29,16 +17,17 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-IXI = REPO_ROOT.parent / "shared" / "data" / "ixi"
+import torch
+
+from bench import harness
+from bench.harness import IXI, REPO_ROOT
+
 KEYS = (
     "pretrain_volumes_per_s",
     "gan_volumes_per_s",
@@ -50,26 +39,15 @@ KEYS = (
 
 
 def run_train(results: Path, args: argparse.Namespace) -> None:
-    """The short ``train.py`` run the throughput keys come from (``train.main`` in this process)."""
-    sys.path.insert(0, str(REPO_ROOT))
-    from train_runs import NEVER, location_overrides, train_argv
-
-    import train
-
+    """The short ``train.py`` run the throughput keys come from (in this process)."""
     overrides = [
-        f"data.train_csv={json.dumps(args.train_csv)}",
-        f"data.val_csv={json.dumps(args.val_csv)}",
-        "data.demo_dir=null",
+        *harness.data_overrides(args.train_csv, args.val_csv),
         f"train.num_epochs={args.epochs}",
         f"train.gan_start_epoch={args.gan_start_epoch}",
-        f"train.val_every={NEVER}",
-        *location_overrides(results, "throughput_" + time.strftime("%Y%m%d_%H%M%S")),
+        f"train.val_every={harness.NEVER}",
         *args.overrides,
     ]
-    argv = train_argv(args.config, overrides)
-    print("train.py", " ".join(argv), flush=True)
-    if train.main(argv) != 0:
-        raise SystemExit("the train.py run failed")
+    harness.train_run(args.config, overrides, results, "throughput_" + time.strftime("%Y%m%d_%H%M%S"))
 
 
 def latest_run(results: Path) -> Path | None:
@@ -116,7 +94,7 @@ def throughput(run_dir: Path) -> dict[str, Any]:
 
 
 def speed_ratio(path: Path) -> tuple[float | None, dict[str, Any]]:
-    """AutoencoderKL's s/step ÷ ours from a ``bench_model.py`` JSON, and what it was measured with."""
+    """AutoencoderKL's s/step ÷ ours from a ``bench.model_step`` JSON, and what it was measured with."""
     data = json.loads(path.read_text())
     results = data["results"]
     ours, monai = results["ours"]["s_per_step"], results["monai_kl"]["s_per_step"]
@@ -140,41 +118,14 @@ def step_status(results: Path) -> dict[str, str]:
     return {line.split()[0]: line for line in path.read_text().splitlines() if line.strip()}
 
 
-def commit() -> str | None:
-    """``$GIT_COMMIT``, else ``git rev-parse HEAD`` (``+dirty`` when the tree has uncommitted changes)."""
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
-def machine(results: Path, pieces: list[dict[str, Any]]) -> tuple[str | None, str | None]:
-    """(device name, torch version): ``env.json``, else the pieces' machine records, else this process."""
+def machine(results: Path) -> tuple[str | None, str | None]:
+    """(device name, torch version): ``env.json`` (``gpu_check.sh``'s first step), else this process."""
     env = results / "env.json"
     if env.exists():
         data = json.loads(env.read_text())
         return data.get("device"), data.get("torch")
-    for piece in pieces:
-        info = piece.get("machine") or piece.get("settings", {}).get("machine")
-        if info:
-            return info.get("gpu") or info.get("cpu"), info.get("torch")
-    if "torch" in sys.modules:
-        torch = sys.modules["torch"]
-        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-        return name, torch.__version__
-    return None, None
+    info = harness.machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return info.get("gpu", info["cpu"]), info["torch"]
 
 
 def assemble(results: Path, dry_run: bool) -> dict[str, Any]:
@@ -183,7 +134,6 @@ def assemble(results: Path, dry_run: bool) -> dict[str, Any]:
     notes: list[str] = []
     values: dict[str, Any] = dict.fromkeys(KEYS)
     settings: dict[str, Any] = {}
-    pieces: list[dict[str, Any]] = []
 
     def missing(keys: str, step: str, what: str) -> None:
         state = status.get(step, f"{step}: not run")
@@ -213,7 +163,6 @@ def assemble(results: Path, dry_run: bool) -> dict[str, Any]:
         path = results / f"{name}.json"
         if path.exists():
             values[key], settings[name] = speed_ratio(path)
-            pieces.append(json.loads(path.read_text()))
         else:
             missing(key, "model", f"{name}.json")
     path = results / "time_to_quality.json"
@@ -230,7 +179,6 @@ def assemble(results: Path, dry_run: bool) -> dict[str, Any]:
             "overrides": ttq["settings"]["overrides"],
             "baseline": ttq["settings"]["baseline"],
         }
-        pieces.append(ttq)
     else:
         what = (
             "time_to_quality.json with both runs"
@@ -238,8 +186,8 @@ def assemble(results: Path, dry_run: bool) -> dict[str, Any]:
             else "the baseline half of time_to_quality.json"
         )
         missing("time_to_quality", "time_to_quality", what)
-    device, torch_version = machine(results, pieces)
-    out: dict[str, Any] = {"device": device, "torch": torch_version, "commit": commit()}
+    device, torch_version = machine(results)
+    out: dict[str, Any] = {"device": device, "torch": torch_version, "commit": harness.commit()}
     if dry_run:
         out["dry_run"] = True
         notes.insert(
@@ -278,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         run_train(args.results, args)
     out = args.out or args.results / "train_throughput.json"
     result = assemble(args.results, args.dry_run)
-    temporary = out.with_name(f".{out.name}.tmp")
-    temporary.write_text(json.dumps(result, indent=2))
-    os.replace(temporary, out)
+    harness.write_json(out, result)
     summary = {k: result[k] for k in ("device", "torch", *KEYS)}
     print(f"{out}: {json.dumps(summary)}")
     for note in result["notes"]:

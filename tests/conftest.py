@@ -3,14 +3,12 @@ changed, and locate the optional shared IXI data."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 IXI_DIR = REPO_ROOT.parent / "shared" / "data" / "ixi"
 
 torch.set_num_threads(2)

@@ -75,8 +75,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
     save_checkpoint({"step": torch.tensor(1)}, path)
     script = textwrap.dedent(
         f"""
-        import os, signal, sys, torch
-        sys.path.insert(0, {str(REPO_ROOT)!r})
+        import os, signal, torch
         import checkpoints
         def killed_mid_write(obj, file, *args, **kwargs):
             file.write(b"x" * 4096)
@@ -86,7 +85,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
         checkpoints.save_checkpoint({{"step": torch.tensor(2)}}, {str(path)!r})
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True)
     assert result.returncode == -signal.SIGKILL
     assert int(load_checkpoint(path)["step"]) == 1
 

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import subprocess
 import sys
 from pathlib import Path
 
+import monai.transforms as mt
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.spatial.transform import Rotation
 
 from config import AugmentationConfig, PreprocessingConfig
 from dataset import (
     MAX_BRAIN_FRACTION,
+    Augmentation,
+    AugmentationDraw,
     DataError,
     PreprocessedRows,
     background_value,
@@ -572,6 +577,105 @@ def test_augmentation_on_stays_in_unit_range(tmp_path):
     )
     torch.testing.assert_close(off[0]["image"], off[0]["image"])
     torch.testing.assert_close(off[0]["image"], preprocess_volume(tmp_path / "s0.nii.gz", SMALL_PREP).image)
+
+
+STRONG = AugmentationConfig(
+    affine_prob=1.0,
+    flip_left_right_prob=1.0,
+    bias_field_prob=1.0,
+    gamma_prob=1.0,
+    noise_prob=1.0,
+    rotate_degrees=15.0,
+    scale_fraction=0.1,
+    translate_voxels=4.0,
+)
+
+
+def test_augmentation_steps_match_monai():
+    """Each step, with the parameters it drew, against MONAI's deterministic transform (MONAI's random ones
+    drew from these parameters before): affine (float32 grid rounding: <= 1e-5, a nearest-neighbour tie in the
+    mask), flip, bias field (MONAI's leggrid3d formula, float64), gamma (AdjustContrast)."""
+    shape = (24, 28, 20)
+    image = torch.rand(1, *shape, generator=torch.Generator().manual_seed(0))
+    mask = (image > 0.5).float()
+    augmentation, off = Augmentation(STRONG, seed=0), AugmentationDraw(None, False, None, None, None)
+
+    def alone(**step) -> tuple[torch.Tensor, torch.Tensor]:
+        images, masks = augmentation.apply(image[None], mask[None], [dataclasses.replace(off, **step)])
+        return images[0], masks[0]
+
+    for draw in augmentation.draw(range(4), 0, shape):
+        got, got_mask = alone(affine=draw.affine)
+        expected = mt.Affine(affine=draw.affine, mode="bilinear", padding_mode="zeros", image_only=True)(
+            image
+        )
+        torch.testing.assert_close(got, expected.as_tensor(), rtol=0, atol=1e-5)
+        expected = mt.Affine(affine=draw.affine, mode="nearest", padding_mode="zeros", image_only=True)(mask)
+        assert (got_mask != expected.as_tensor()).float().mean() <= 1e-3
+
+        assert torch.equal(alone(flip=True)[0], mt.Flip(spatial_axis=0)(image).as_tensor())
+        coordinates = [np.linspace(-1.0, 1.0, size) for size in shape]
+        field = np.polynomial.legendre.leggrid3d(*coordinates, draw.bias.double().numpy())
+        expected = (image.double() * np.exp(field)).clamp(0, 1).float()
+        torch.testing.assert_close(alone(bias=draw.bias)[0], expected, rtol=0, atol=1e-6)
+        expected = mt.AdjustContrast(gamma=draw.gamma)(image).as_tensor()
+        torch.testing.assert_close(alone(gamma=draw.gamma)[0], expected, rtol=0, atol=1e-6)
+
+
+def test_augmentation_draws_follow_the_config():
+    """Every key keeps its meaning: each step fires with its probability; rotation within ±rotate_degrees
+    about each axis, scale 1 ± scale_fraction, shift ±translate_voxels, gamma in gamma_range, noise
+    N(0, noise_std); bias coefficients in [0, 0.1] for total degree <= 3. A step's draw does not depend on
+    the other steps' settings."""
+    config = AugmentationConfig(
+        affine_prob=0.3,
+        flip_left_right_prob=0.5,
+        bias_field_prob=0.2,
+        gamma_prob=0.7,
+        noise_prob=0.4,
+        noise_std=0.05,
+        rotate_degrees=10.0,
+        scale_fraction=0.1,
+        translate_voxels=3.0,
+        gamma_range=(0.8, 1.25),
+    )
+    n, shape = 2000, (4, 5, 3)
+    draws = Augmentation(config, seed=1).draw(range(n), 0, shape)
+    fired = {
+        "affine_prob": [d.affine is not None for d in draws],
+        "flip_left_right_prob": [d.flip for d in draws],
+        "bias_field_prob": [d.bias is not None for d in draws],
+        "gamma_prob": [d.gamma is not None for d in draws],
+        "noise_prob": [d.noise is not None for d in draws],
+    }
+    for name, flags in fired.items():
+        prob = getattr(config, name)
+        assert abs(np.mean(flags) - prob) < 4 * np.sqrt(prob * (1 - prob) / n), name
+
+    affines = np.stack([d.affine.numpy() for d in draws if d.affine is not None])
+    left, scales, right = np.linalg.svd(affines[:, :3, :3])  # A = R·diag(s): singular values = scales
+    assert 0.9 <= scales.min() < 0.91 and 1.09 < scales.max() <= 1.1
+    angles = np.abs(Rotation.from_matrix(left @ right).as_euler("xyz", degrees=True))
+    assert 9.9 < angles.max() <= 10.0 + 1e-9
+    shifts = np.abs(affines[:, :3, 3])
+    assert 2.95 < shifts.max() <= 3.0 and np.all(affines[:, 3] == [0, 0, 0, 1])
+
+    gammas = np.array([d.gamma for d in draws if d.gamma is not None])
+    assert 0.8 <= gammas.min() < 0.81 and 1.24 < gammas.max() <= 1.25
+    coefficients = np.stack([d.bias.numpy() for d in draws if d.bias is not None])
+    terms = np.indices((4, 4, 4)).sum(axis=0) <= 3
+    assert np.all(coefficients[:, ~terms] == 0) and np.all((coefficients >= 0) & (coefficients <= 0.1))
+    assert coefficients[:, terms].max() > 0.099
+    noise = np.concatenate([d.noise.numpy().ravel() for d in draws if d.noise is not None])
+    assert noise.shape[0] % np.prod(shape) == 0
+    assert abs(noise.mean()) < 0.002 and abs(noise.std() - 0.05) < 0.002
+
+    others_off = dataclasses.replace(config, flip_left_right_prob=0.0, gamma_prob=0.0, noise_prob=0.0)
+    for draw, again in zip(
+        draws[:50], Augmentation(others_off, seed=1).draw(range(50), 0, shape), strict=True
+    ):
+        assert (draw.affine is None) == (again.affine is None)
+        assert draw.affine is None or torch.equal(draw.affine, again.affine)
 
 
 def test_dataset_with_masks_and_resampling(tmp_path):

@@ -64,7 +64,7 @@ def run_script(
         command = [sys.executable, script, *args]
     else:
         code = (
-            f"import runpy, sys\nsys.path.insert(0, {str(REPO_ROOT)!r})\n{prelude}\n"
+            f"import runpy, sys\n{prelude}\n"  # the repository root is sys.path[0]: the cwd of ``-c``
             f"sys.argv = [{script!r}, *{args!r}]\nrunpy.run_path({script!r}, run_name='__main__')\n"
         )
         command = [sys.executable, "-c", code]

@@ -1,17 +1,20 @@
-"""bench/recipe.py: a tiny time-budgeted study (summary columns, figure, resume, --summarise-only) and the
-"beats the default" rule."""
+"""``python -m bench.recipe``: a tiny time-budgeted study (summary columns, figure, resume,
+``--summarise_only``) and the "beats the default" rule."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from helpers import tiny_overrides
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+import train
+from bench import harness
+from bench import recipe as recipe_module
+
 COLUMNS = [
     "variant",
     "seed",
@@ -38,17 +41,14 @@ COLUMNS = [
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("recipe", REPO_ROOT / "bench" / "recipe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return recipe_module
 
 
 def study_argv(tmp_path: Path, split: tuple[Path, Path], *extra: str) -> list[str]:
     """recipe.py arguments: the tiny model of the train tests as ``--set`` overrides on config.json."""
     train_args = tiny_overrides(tmp_path, split, perceptual_weight=0.1)
     sets = [value for flag, value in zip(train_args[2::2], train_args[3::2], strict=True) if flag == "--set"]
-    argv = ["--preset", train_args[1], "--train-csv", str(split[0]), "--val-csv", str(split[1])]
+    argv = ["--preset", train_args[1], "--train_csv", str(split[0]), "--val_csv", str(split[1])]
     argv += ["--out", str(tmp_path / "study"), "--device", "cpu", "--threads", "1", *extra]
     return argv + [item for value in sets for item in ("--set", value)]
 
@@ -56,8 +56,10 @@ def study_argv(tmp_path: Path, split: tuple[Path, Path], *extra: str) -> list[st
 def test_tiny_study_resumes_and_summarises(
     recipe, tiny_split: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
-    argv = study_argv(tmp_path, tiny_split, "--variants", "default", "l1", "--seeds", "0", "--budget-s", "3")
+    argv = study_argv(tmp_path, tiny_split, "--variants", "default", "l1", "--seeds", "0", "--budget_s", "3")
+    threads = torch.get_num_threads()
     assert recipe.main(argv) == 0
+    assert torch.get_num_threads() == threads  # the runs' --threads 1 did not stay with the process
     out = tmp_path / "study"
     summary = pd.read_csv(out / "summary.csv")
     assert set(COLUMNS) <= set(summary.columns)
@@ -84,24 +86,24 @@ def test_tiny_study_resumes_and_summarises(
     def no_training(argv: list[str]) -> int:
         raise AssertionError("a run with a row in summary.csv was trained again")
 
-    monkeypatch.setattr(recipe.train, "main", no_training)
+    monkeypatch.setattr(train, "main", no_training)
     assert recipe.main(argv) == 0
     assert "skip default_s0" in capsys.readouterr().out
     pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), summary)
 
-    assert recipe.main([*argv, "--budget-s", "5"]) == 2  # another budget into the same study
+    assert recipe.main([*argv, "--budget_s", "5"]) == 2  # another budget into the same study
     assert "budget_s differ" in capsys.readouterr().err
 
     (out / "psnr_vs_time.png").unlink()
-    assert recipe.main(["--summarise-only", "--out", str(out)]) == 0
+    assert recipe.main(["--summarise_only", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "l1" in printed and "beat the default" in printed
     assert (out / "psnr_vs_time.png").is_file()
 
 
-def test_run_results_are_the_last_validation_and_the_best_epoch(recipe, tmp_path: Path) -> None:
+def test_run_results_are_the_last_validation_and_the_best_epoch(tmp_path: Path) -> None:
     """Epoch 1 is not validated, epoch 2 is the best, epoch 3 (stopped by the budget) the last."""
-    names = list(recipe.LAST_METRICS.values())
+    names = list(harness.LAST_METRICS.values())
     rows = []
     for epoch, psnr in enumerate([18.0, None, 21.0, 19.5]):
         values = {name: None if psnr is None else psnr + k for k, name in enumerate(names)}
@@ -115,7 +117,7 @@ def test_run_results_are_the_last_validation_and_the_best_epoch(recipe, tmp_path
             }
         )
     pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
-    results = recipe.run_results(tmp_path / "metrics.csv")
+    results = harness.run_results(tmp_path / "metrics.csv")
     assert results["steps"] == 40 and results["epochs"] == 4 and results["stopped_by_time_budget"]
     assert results["val_psnr_brain"] == 19.5 and results["latent_std_max"] == 19.5 + 7
     assert results["best_epoch"] == 2 and results["best_elapsed_s"] == 15.0

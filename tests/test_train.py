@@ -619,3 +619,31 @@ def test_device_cache_path_trains_like_the_dataloader_path(tmp_path, tiny_split)
         losses[mode] = pd.read_csv(tmp_path / mode / "runs" / "tiny" / "metrics.csv")
     for column in ("train/recon", "val/psnr"):
         np.testing.assert_allclose(losses["on"][column], losses["off"][column], rtol=2e-2)
+
+
+@pytest.mark.parametrize("device_cache", ["off", "on"])
+def test_a_resumed_epoch_replays_its_augmented_batches(tiny_split, device_cache):
+    """Resuming mid-epoch (fresh loaders, as a new process builds them) gives the batches the uninterrupted
+    run got, augmentation included: the shuffle and every draw are functions of (seed, epoch, index)."""
+    config = Config.from_dict(
+        {
+            "data": {
+                "train_csv": str(tiny_split[0]),
+                "val_csv": str(tiny_split[1]),
+                "demo_dir": None,
+                "num_workers": 0,
+                "device_cache": device_cache,
+            },
+            "preprocessing": {"target_shape": list(SHAPE)},
+            "augmentation": {"enabled": True, "noise_prob": 1.0, "flip_left_right_prob": 0.5},
+            "train": {"batch_size": 1, "seed": 7},
+        }
+    )
+    run = train.Run(config, train.SINGLE_PROCESS, None, Path("unused"))
+    loader, _, generator = train.make_loaders(config, train.SINGLE_PROCESS)
+    whole = [list(train.epoch_batches(loader, generator, run, epoch, 0, len(loader))) for epoch in (0, 1)]
+    loader, _, generator = train.make_loaders(config, train.SINGLE_PROCESS)
+    resumed = list(train.epoch_batches(loader, generator, run, 1, 2, len(loader)))
+    assert len(resumed) == len(whole[1]) - 2 == 2
+    assert all(torch.equal(a, b) for a, b in zip(resumed, whole[1][2:], strict=True))
+    assert not any(torch.equal(a, b) for a in whole[0] for b in whole[1])  # a new draw every epoch

@@ -1,6 +1,6 @@
 """Cost of the CRC-32 check in ``checkpoints.load_checkpoint`` for the default model's training checkpoint.
 
-    python bench/bench_checkpoint_load.py [--config_file config.json] [--repeats 5] [--dir /tmp]
+    python -m bench.checkpoint_load [--config_file config.json] [--repeats 5] [--dir /tmp]
 
 Builds the config's training state (``train.build_state``: VAE, discriminator, fused AdamW), gives both
 optimisers their moments (one step on zero gradients), writes ``last.pt`` through ``checkpoints.save_checkpoint``
@@ -22,12 +22,9 @@ from unittest import mock
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-import checkpoints  # noqa: E402
-import train  # noqa: E402
-from config import load_config  # noqa: E402
+import checkpoints
+import train
+from config import load_config
 
 
 def write_training_checkpoint(config_file: str, path: Path) -> None:
@@ -45,7 +42,7 @@ def write_training_checkpoint(config_file: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config_file", default=str(REPO_ROOT / "config.json"))
+    parser.add_argument("--config_file", default="config.json")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary checkpoint goes")
     args = parser.parse_args(argv)
