@@ -6,10 +6,11 @@ Shared by ``infer.py``, ``save_latent.py`` and the notebook (scripts never impor
   device and with the AMP of both scripts' flags (defined in ``script_args.py``, which needs no torch);
 * :class:`SplitEncoder`: the encode loop of both scripts (model, output folder and split checked first; batches
   → :func:`encode_batch`, the mean or a draw seeded per row by :func:`row_seed` so reruns match → a callback
-  per subject; failed files collected); :func:`fatal` prints what stops them; :func:`decode_batch`;
+  per subject; failed files collected); :func:`fatal` prints what stops them (one line, exit code 2);
 * :func:`build_metric_lpips`: the checkpoint's LPIPS3D for reporting, with the backbone's default weights
   when the training machine's ``perceptual.weights_path`` is not here (or none, with a warning);
-* :func:`decode_latent_file`: a latent ``.nii.gz`` back to an image on the preprocessed grid;
+* :func:`decode_batch` / :func:`decode_latent_file`: latents (a ``.nii.gz`` file) back to images on the
+  preprocessed grid;
 * latent normalisation for the diffusion stage (:func:`latent_normalisation`, :func:`normalise_latent`,
   :func:`denormalise_latent`, statistics from ``latent_stats.json`` via :func:`read_latent_stats`):
   ``global`` multiplies by ``scale_factor`` = 1/global std (MAISI's convention), ``channel`` standardises each
