@@ -221,6 +221,7 @@ class DataConfig:
     cache_dir: str = "data/cache"
     num_workers: int = 2
     skip_bad_files: bool = False
+    strict_input_checks: bool = False  # inputs of mixed grids or not skull-stripped: errors, not warnings
     device_cache: Literal["auto", "on", "off"] = "auto"
 
     def validate(self) -> None:

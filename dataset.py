@@ -25,7 +25,7 @@ mask is the foreground's largest connected component with its holes filled.
 
 CLI::
 
-    python dataset.py --check split.csv [--skip_bad_files]
+    python dataset.py --check split.csv [--skip_bad_files] [--strict]
     python dataset.py --make_demo data/demo      # the demo cohort, built by demo_cohort.py
 """
 
@@ -91,6 +91,7 @@ __all__ = [
     "check_files",
     "estimate_brain_mask",
     "foreground_problem",
+    "input_warnings",
     "preflight",
     "preflight_failures",
     "preprocessed_batches",
@@ -98,6 +99,7 @@ __all__ = [
     "preprocessing_cache_dir",
     "read_split",
     "restore_to_input_grid",
+    "warn_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -367,6 +369,104 @@ def estimate_brain_mask(volume: np.ndarray, background: float) -> np.ndarray:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return ndimage.binary_fill_holes(labels == sizes.argmax())
+
+
+# -------------------------------------------------------------------------------------- input warnings
+
+NON_BRAIN_VOLUME_ML = 3000.0  # more non-zero signal than this is a head, not a skull-stripped brain (~1-2 l)
+GRID_DECIMALS = 2  # affines compared to 0.01 mm
+PREPARE_HINT = "raw scans? run: python prepare.py --input <scans> --output_dir prepared/"
+
+
+def _grid(path: str, orientation: str | None) -> tuple[tuple[int, ...], tuple[float, ...], np.ndarray]:
+    """(spatial shape, voxel size) in ``orientation``'s axis order (the file's own when None), and affine."""
+    header = nib.load(path)
+    shape, zooms = (
+        tuple(int(s) for s in header.shape[:3]),
+        tuple(float(z) for z in header.header.get_zooms()[:3]),
+    )
+    if orientation is not None:
+        ornt = nib.orientations.ornt_transform(
+            nib.io_orientation(header.affine), nib.orientations.axcodes2ornt(tuple(orientation.upper()))
+        )
+        order = [int(np.flatnonzero(ornt[:, 0] == axis)[0]) for axis in range(3)]
+        shape, zooms = tuple(shape[i] for i in order), tuple(zooms[i] for i in order)
+    return shape, zooms, np.round(np.asarray(header.affine, dtype=np.float64), GRID_DECIMALS)
+
+
+def _describe(shape: tuple[int, ...], zooms: tuple[float, ...]) -> str:
+    return f"{'x'.join(map(str, shape))} at {'x'.join(f'{z:g}' for z in zooms)} mm"
+
+
+def _non_brain_warning(path: str) -> str:
+    """'' when the image could be skull-stripped, else what says it is not (too much non-zero signal)."""
+    image = nib.load(path)
+    voxel_ml = float(np.prod(image.header.get_zooms()[:3])) / 1000.0
+    volume_ml = float(np.count_nonzero(np.asanyarray(image.dataobj))) * voxel_ml
+    if volume_ml <= NON_BRAIN_VOLUME_ML:
+        return ""
+    return f"does not look skull-stripped ({volume_ml:.0f} ml of non-zero signal; a brain is < {NON_BRAIN_VOLUME_ML:.0f} ml)"
+
+
+def input_warnings(frame: pd.DataFrame, prep: PreprocessingConfig | None = None) -> list[str]:
+    """One line per input that does not look model-ready: '<image>: <why>; <how to prepare>'.
+
+    With ``prep`` (the checkpoint's preprocessing): a file whose grid (shape and voxel size, in
+    ``prep.orientation`` axis order) is not ``prep.target_shape`` / ``prep.target_spacing``. Without it (a
+    training split): a file whose grid (shape, affine) differs from the split's most common one. Always: a
+    file with more non-zero signal than a brain. Unreadable files are left to :func:`check_files`.
+    """
+    grids: dict[str, tuple] = {}
+    reasons: dict[str, list[str]] = {}
+    for image in frame["image"]:
+        try:
+            grids[image] = _grid(image, None if prep is None else prep.orientation)
+            skull = _non_brain_warning(image)
+        except Exception:  # unreadable: check_files reports it
+            continue
+        reasons[image] = [skull] if skull else []
+    if prep is not None:
+        expected_spacing = None if prep.target_spacing is None else tuple(prep.target_spacing)
+        for image, (shape, zooms, _) in grids.items():
+            spacing_differs = expected_spacing is not None and not np.allclose(
+                zooms, expected_spacing, atol=SPACING_TOLERANCE_MM
+            )
+            if shape != tuple(prep.target_shape) or spacing_differs:
+                trained = _describe(tuple(prep.target_shape), expected_spacing or zooms)
+                reasons[image].insert(
+                    0, f"grid {_describe(shape, zooms)}, the model was trained on {trained}"
+                )
+    elif grids:
+        keys = {image: (shape, zooms, affine.tobytes()) for image, (shape, zooms, affine) in grids.items()}
+        counts = pd.Series(list(keys.values())).value_counts(sort=True)
+        if len(counts) > 1:
+            common = counts.index[0] if counts.iloc[0] > 1 else None  # None: no two files share a grid
+            for image, key in keys.items():
+                if common is None:
+                    why = f"grid {_describe(key[0], key[1])}: the split mixes grids (no two of its {len(keys)} files"
+                    reasons[image].insert(0, f"{why} share shape, voxel size and affine)")
+                elif key != common:
+                    note = "" if key[:2] != common[:2] else " (same shape and voxel size, other affine)"
+                    reasons[image].insert(
+                        0,
+                        f"grid {_describe(key[0], key[1])}{note} differs from {counts.iloc[0]} of {len(keys)} "
+                        f"files of this split ({_describe(common[0], common[1])}): the split mixes grids",
+                    )
+    return [f"{image}: {'; '.join(why)}; {PREPARE_HINT}" for image, why in reasons.items() if why]
+
+
+def warn_inputs(
+    frame: pd.DataFrame, prep: PreprocessingConfig | None = None, strict: bool = False
+) -> list[str]:
+    """Print (stderr) and log :func:`input_warnings` as ``WARNING:`` lines; ``strict``: raise :class:`DataError`."""
+    lines = input_warnings(frame, prep)
+    if lines and strict:
+        table = "\n".join(f"  {line}" for line in lines)
+        raise DataError(f"{len(lines)} input(s) do not look model-ready (strict input checks):\n{table}")
+    for line in lines:
+        print(f"WARNING: {line}", file=sys.stderr)
+        log.warning(line)
+    return lines
 
 
 # ---------------------------------------------------------------------------------------- preprocessing
@@ -945,6 +1045,17 @@ def preprocessed_batches(
 def main(argv: list[str] | None = None) -> int:
     """``--check split [--skip_bad_files]`` or ``--make_demo out_dir``; returns the exit code."""
     args = parse_args(argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--check", metavar="SPLIT", help="pre-flight check a split CSV / folder / NIfTI file")
+    action.add_argument("--make_demo", metavar="OUT_DIR", help="build the demo cohort in OUT_DIR")
+    parser.add_argument("--skip_bad_files", action="store_true", help="with --check: list and drop bad files")
+    parser.add_argument(
+        "--strict", action="store_true", help="with --check: inputs that do not look model-ready are errors"
+    )
+    args = parser.parse_args(argv)
     if args.make_demo:
         for split, csv in make_demo_cohort(args.make_demo).items():
             print(f"{split}: {csv}")
@@ -959,6 +1070,11 @@ def main(argv: list[str] | None = None) -> int:
     with pd.option_context("display.width", 250, "display.max_rows", None, "display.max_colwidth", 80):
         print(shown.to_string(index=False))
     n_bad = int((report["problem"] != "").sum())
+    try:
+        warn_inputs(frame[(report["problem"] == "").to_numpy()], strict=args.strict)
+    except DataError as error:
+        print(f"ERROR: {error}", file=sys.stderr)
+        return 1
     if n_bad == 0:
         print(f"OK: all {len(report)} file(s) passed the pre-flight check")
         return 0

@@ -43,7 +43,14 @@ from tqdm import tqdm
 
 from checkpoints import CheckpointError, load_vae
 from config import Config, ConfigError, ModelConfig, PerceptualConfig
-from dataset import DataError, PreprocessedVolume, preflight_failures, preprocessed_batches, read_split
+from dataset import (
+    DataError,
+    PreprocessedVolume,
+    preflight_failures,
+    preprocessed_batches,
+    read_split,
+    warn_inputs,
+)
 from model import LPIPS3D, MaisiVAE, build_perceptual_loss
 from script_args import LATENT_FORMATS, NORMALISATIONS
 from utils import autocast, explain_out_of_memory, new_file_mode, resolve_amp_dtype, resolve_device
@@ -205,13 +212,13 @@ def decode_latent_file(
 
 # ------------------------------------------------------------------------------------------- encoding a split
 
-# what stops infer.py / save_latent.py before any work: one line (:func:`fatal`), exit code 2
 FATAL_ERRORS = (CheckpointError, ConfigError, DataError, ValueError, RuntimeError)
 T = TypeVar("T")
 
 
 def fatal(error: BaseException | str) -> int:
-    """Print what stops a script as one ``ERROR:`` line on stderr (no traceback); returns its exit code, 2."""
+    """Print what stops a script (``FATAL_ERRORS`` before any work) as one ``ERROR:`` line on stderr, no
+    traceback; returns its exit code, 2."""
     print(f"ERROR: {error}", file=sys.stderr)
     return 2
 
@@ -231,12 +238,14 @@ class SplitEncoder:
     ``--output_dir``) and its failed files."""
 
     def __init__(self, args: argparse.Namespace, source: str) -> None:
-        """Load the model, check ``--output_dir`` (creating nothing), read the split ``source`` and pre-flight
-        check its files; raises one of :data:`FATAL_ERRORS`, naming the file."""
+        """Load the model, check ``--output_dir`` (creating nothing), read the split ``source``, pre-flight check
+        its files and warn about inputs off the checkpoint's grid or not skull-stripped (``dataset.warn_inputs``;
+        with ``--strict`` an error); raises one of :data:`FATAL_ERRORS`, naming the file."""
         self.args, self.model = args, load_model(args)
         check_output_dir(Path(args.output_dir))
         self.frame = read_split(source)
         self.failures = preflight_failures(self.frame)  # row -> "<image>: <problem>"; preprocessing adds more
+        warn_inputs(self.frame.drop(index=list(self.failures)), self.model.config.preprocessing, args.strict)
 
     @property
     def good_rows(self) -> list[int]:

@@ -21,8 +21,8 @@ def positive_int(text: str) -> int:
 
 def script_parser(description: str, output_dir: str) -> argparse.ArgumentParser:
     """A parser showing ``description`` (the script's docstring) as written, with the flags both scripts share:
-    checkpoint, MAISI model flags, device, AMP, batch size, loader workers, sampling seed and ``--output_dir``
-    (default ``output_dir``)."""
+    checkpoint, MAISI model flags, device, AMP, batch size, loader workers, sampling seed, ``--strict`` and
+    ``--output_dir`` (default ``output_dir``)."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -37,6 +37,11 @@ def script_parser(description: str, output_dir: str) -> argparse.ArgumentParser:
         "--num_workers", type=int, default=2, help="DataLoader processes that preprocess volumes"
     )
     parser.add_argument("--seed", type=int, default=0, help="base seed of sampled latents")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="inputs not on the model's grid or not skull-stripped are errors",
+    )
     maisi = parser.add_argument_group("MAISI state dict (a bare state dict carries no config)")
     maisi.add_argument("--maisi_channels", type=int, nargs="+", help="e.g. 64 128 256")
     maisi.add_argument("--maisi_num_res_blocks", type=int, nargs="+", help="e.g. 2 2 2")

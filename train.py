@@ -51,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="CHECKPOINT",
         help="continue a run: without a value, from runs/<run_name>/checkpoints/last.pt",
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="inputs of mixed grids or not skull-stripped are errors (= --set data.strict_input_checks=true)",
+    )
     return parser.parse_args(argv)
 
 
@@ -255,6 +260,7 @@ def make_loaders(
         demo_cohort.ensure_demo_data(data)
     train_frame = dataset.preflight(dataset.read_split(data.train_csv), skip_bad_files=data.skip_bad_files)
     val_frame = dataset.preflight(dataset.read_split(data.val_csv), skip_bad_files=data.skip_bad_files)
+    dataset.warn_inputs(pd.concat([train_frame, val_frame]), strict=data.strict_input_checks)
     log.info("train: %d volumes, val: %d volumes", len(train_frame), len(val_frame))
     augmentation = config.augmentation if config.augmentation.enabled else None
     cache_dir = Path(data.cache_dir)
@@ -850,7 +856,8 @@ def summarise(state: TrainState, run: Run) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config = load_config(args.config_file, args.overrides)
+    strict = ["data.strict_input_checks=true"] if args.strict else []
+    config = load_config(args.config_file, [*args.overrides, *strict])
     train = config.train
     if train.init_from is not None and args.resume is None:
         check_init_from(train.init_from, config.model)  # a wrong or misfit file fails before any set-up

@@ -12,11 +12,10 @@ the disk's read time to both).
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -24,6 +23,7 @@ import torch
 
 import checkpoints
 import train
+from bench import harness
 from config import load_config
 
 
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary checkpoint goes")
     args = parser.parse_args(argv)
+    cpu = torch.device("cpu")
+    print("machine:", json.dumps(harness.machine_info(cpu)))
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         path = Path(folder) / "last.pt"
         write_training_checkpoint(args.config_file, path)
@@ -55,16 +57,13 @@ def main(argv: list[str] | None = None) -> int:
             for name in seconds:
                 check = checkpoints.check_archive_crcs if name == "with the CRC check" else lambda path: None
                 with mock.patch.object(checkpoints, "check_archive_crcs", check):
-                    start = time.perf_counter()
-                    checkpoints.load_checkpoint(path)
-                    seconds[name].append(time.perf_counter() - start)
+                    seconds[name].append(harness.timed(lambda: checkpoints.load_checkpoint(path), cpu)[0])
         size = path.stat().st_size
     with_check, without = (statistics.median(values) for values in seconds.values())
     print(
         f"{args.config_file}: last.pt {size / 2**20:.1f} MiB; load_checkpoint median of {args.repeats}: "
         f"{with_check * 1e3:.0f} ms with the CRC check, {without * 1e3:.0f} ms without "
-        f"(+{(with_check - without) * 1e3:.0f} ms, {with_check / without:.2f}x); "
-        f"torch {torch.__version__}, {os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}"
+        f"(+{(with_check - without) * 1e3:.0f} ms, {with_check / without:.2f}x); load {harness.load_average()}"
     )
     for name, values in seconds.items():
         print(f"  {name}: " + ", ".join(f"{value * 1e3:.0f}" for value in values) + " ms")

@@ -30,7 +30,6 @@ import csv
 import gzip
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -128,13 +127,14 @@ def check(results: Path, train_csv: str, val_csv: str, dry_run: bool) -> int:
     import torch
 
     import dataset
-    from bench.harness import commit
+    from bench.harness import commit, machine_info
     from model.lpips3D import LPIPS3D, _deepbet_default_path
 
-    if not dry_run and not torch.cuda.is_available():
+    gpu = not dry_run
+    if gpu and not torch.cuda.is_available():
         print("CUDA is not available")
         return 1
-    device = torch.device("cpu" if dry_run else "cuda")
+    device = torch.device("cuda" if gpu else "cpu")
     weights = Path(os.environ.get("DEEPBET_MODEL") or _deepbet_default_path())
     lpips = LPIPS3D(weights_path=weights).to(device)
     folder = results / "data"
@@ -147,17 +147,12 @@ def check(results: Path, train_csv: str, val_csv: str, dry_run: bool) -> int:
         path = folder / f"{name.lower().removesuffix('_csv')}.csv"
         dataset.read_split(source).head(rows).to_csv(path, index=False)
         exports[name] = str(path.resolve())
+    machine = machine_info(device)
     env = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
+        "device": machine.get("gpu", machine["cpu"]),
+        **machine,
         "cuda": torch.version.cuda,
-        "gpu_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30
-        if device.type == "cuda"
-        else None,
-        "python": platform.python_version(),
-        "cpu_cores": os.cpu_count(),
+        "gpu_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if gpu else None,
         "monai": monai.__version__,
         "nibabel": nibabel.__version__,
         "lpips": f"{lpips.description} from {weights}",

@@ -20,17 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IXI = REPO_ROOT.parent / "shared" / "data" / "ixi"
 NEVER = 10**6  # an epoch count no run reaches: "never" for num_epochs, val_every or gan_start_epoch
-# summary.csv column -> metrics.csv column, for the last validation (best_<column> for the best epoch)
+# run_results key -> metrics.csv column, for the last validation
 LAST_METRICS = {
     "val_psnr_brain": "val/psnr_brain",
     "val_ssim_brain": "val/ssim_brain",
@@ -41,7 +38,6 @@ LAST_METRICS = {
     "latent_std_min": "val/latent_std_min",
     "latent_std_max": "val/latent_std_max",
 }
-BEST_METRICS = ("val_psnr_brain", "val_ssim_brain", "val_lpips_brain")
 # glibc's mmap threshold, at 64 KiB in a CPU memory run: freed tensor buffers go back to the OS, RSS follows
 # the live memory
 MALLOC_ENV = "MALLOC_MMAP_THRESHOLD_"
@@ -91,18 +87,6 @@ def commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None):
-    """torch on ``threads`` threads inside the block (unchanged for None); the process's count after it."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -292,19 +276,9 @@ def train_run(config_file: str | Path, overrides: list[str], out: Path, name: st
     return TrainRun(folder, best_folder, time.perf_counter() - start)
 
 
-def validated_epochs(metrics_csv: Path) -> pd.DataFrame:
-    """The validated epochs of a run's metrics.csv (rows with ``val/psnr_brain``)."""
-    import pandas as pd
-
-    history = pd.read_csv(metrics_csv)
-    if "val/psnr_brain" not in history:
-        return history.iloc[:0]
-    return history.dropna(subset=["val/psnr_brain"])
-
-
 def run_results(metrics_csv: Path) -> dict[str, Any]:
-    """A run's summary columns from its metrics.csv: steps, epochs, clock, and the LAST validation's metrics
-    (the model the budget bought) and the best epoch's by ``val/psnr_brain`` (``best_*``)."""
+    """A run's steps, epochs and clock from its metrics.csv, and its LAST validation's metrics (the model the
+    budget bought; none when no epoch was validated)."""
     import pandas as pd
 
     epochs = pd.read_csv(metrics_csv)
@@ -315,10 +289,7 @@ def run_results(metrics_csv: Path) -> dict[str, Any]:
         "elapsed_s": round(float(last_epoch["time/elapsed_s"]), 1),
         "stopped_by_time_budget": bool(last_epoch["stopped_by_time_budget"]),
     }
-    history = validated_epochs(metrics_csv)
-    if len(history):
-        last, best = history.iloc[-1], history.loc[history["val/psnr_brain"].idxmax()]
-        results.update({column: float(last[source]) for column, source in LAST_METRICS.items()})
-        results.update(best_epoch=int(best["epoch"]), best_elapsed_s=round(float(best["time/elapsed_s"]), 1))
-        results.update({f"best_{column}": float(best[LAST_METRICS[column]]) for column in BEST_METRICS})
+    validated = epochs.dropna(subset=["val/psnr_brain"]) if "val/psnr_brain" in epochs else epochs.iloc[:0]
+    if len(validated):
+        results.update({key: float(validated.iloc[-1][column]) for key, column in LAST_METRICS.items()})
     return results

@@ -25,7 +25,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dataset
 import train
-from bench.harness import REPO_ROOT, load_average, machine_info, synchronize, timed, write_json
+from bench import harness
 from checkpoints import save_checkpoint, training_checkpoint
 from config import Config, apply_overrides, load_config
 from losses import VAEGANLoss
@@ -287,13 +286,13 @@ def profile_stage(
 
     for _ in range(args.warmup):
         step()
-    walls = [timed(step, device)[0] for _ in range(args.steps)]
+    walls = [harness.timed(step, device)[0] for _ in range(args.steps)]
     modules = {"vae": state.vae_step, "lpips": loss.perceptual, "discriminator": state.discriminator}
     optimizers = {"optimizer_g": state.optimizer_g, "optimizer_d": state.optimizer_d}
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    synchronize(device)
+    harness.synchronize(device)
     ranges = Ranges({k: m for k, m in modules.items() if m is not None}, optimizers)
     # one step traced but not kept: the profiler's own first-step overhead stays out of the numbers
     schedule = torch.profiler.schedule(wait=0, warmup=1, active=args.steps, repeat=1)
@@ -301,7 +300,7 @@ def profile_stage(
         for _ in range(1 + args.steps):
             with record_function(STEP_RANGE):
                 step()
-            synchronize(device)  # every kernel of the step inside the trace
+            harness.synchronize(device)  # every kernel of the step inside the trace
             profiler.step()
     if args.trace is not None:
         path = args.trace.with_name(f"{args.trace.stem}_{stage}{args.trace.suffix}")
@@ -354,17 +353,12 @@ def time_data_path(config: Config, context: DistributedContext, mode: str, folde
     """``train.make_loaders`` with ``data.device_cache`` on (``device``) or off (``loader``): its set-up time and
     one epoch of training batches through ``train.epoch_batches``, synchronised after each batch."""
     config = with_overrides(config, [f"data.device_cache={json.dumps('on' if mode == 'device' else 'off')}"])
-    setup_s, (loader, val_set, generator) = timed(lambda: train.make_loaders(config, context), context.device)
+    setup_s, (loader, val_set, generator) = harness.timed(
+        lambda: train.make_loaders(config, context), context.device
+    )
     run = train.Run(config, context, None, folder)
     batches = train.epoch_batches(loader, generator, run, 0, 0, len(loader))
-    seconds = []
-    while True:
-        start = time.perf_counter()
-        images = next(batches, None)
-        synchronize(context.device)
-        if images is None:
-            break
-        seconds.append(time.perf_counter() - start)
+    seconds = [harness.timed(lambda: next(batches), context.device)[0] for _ in range(len(loader))]
     return {
         "path": type(loader).__name__,
         "setup_s": setup_s,
@@ -391,7 +385,7 @@ def per_epoch(
         val_set = result.pop("val_set")
         out["data"][mode] = result
         print(f"data ({mode}): {json.dumps(result)}", flush=True)
-    validation_s, _ = timed(
+    validation_s, _ = harness.timed(
         lambda: train.validate(state.eval_vae, val_set, lpips, config, context, amp_dtype), context.device
     )
     out["validation"] = {
@@ -401,7 +395,7 @@ def per_epoch(
         "source": "the config's validation split",
     }
     path = folder / "last.pt"
-    checkpoint_s, _ = timed(
+    checkpoint_s, _ = harness.timed(
         lambda: save_checkpoint(training_checkpoint(state, config, context, "gan", None), path),
         context.device,
     )
@@ -430,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default=str(REPO_ROOT / "config.json"))
+    parser.add_argument("--config", default=str(harness.REPO_ROOT / "config.json"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
@@ -475,14 +469,7 @@ def profile(args: argparse.Namespace, folder: Path) -> int:
             dataset.read_split(getattr(config.data, f"{split}_csv")).head(args.data_limit).to_csv(
                 csv, index=False
             )
-        config = with_overrides(
-            config,
-            [
-                f"data.train_csv={json.dumps(str(folder / 'train.csv'))}",
-                f"data.val_csv={json.dumps(str(folder / 'val.csv'))}",
-                "data.demo_dir=null",
-            ],
-        )
+        config = with_overrides(config, harness.data_overrides(folder / "train.csv", folder / "val.csv"))
     context = DistributedContext(rank=0, world_size=1, local_rank=0, device=device)
     amp_dtype = resolve_amp_dtype(config.train.amp, device)
     shape = tuple(config.preprocessing.target_shape)
@@ -508,9 +495,9 @@ def profile(args: argparse.Namespace, folder: Path) -> int:
         "warmup": args.warmup,
         "steps": args.steps,
         "inputs": "random volumes in [0, 1]",
-        "load_average_start": load_average(),
+        "load_average_start": harness.load_average(),
     }
-    info = machine_info(device)
+    info = harness.machine_info(device)
     print("machine:", json.dumps(info))
     print("settings:", json.dumps(settings), flush=True)
     result: dict[str, Any] = {"machine": info, "settings": settings, "stages": {}}
@@ -523,14 +510,14 @@ def profile(args: argparse.Namespace, folder: Path) -> int:
                 state, loss, images, config, stage, folder
             )
         result["epoch"] = per_epoch(state, lpips, config, context, amp_dtype, args, folder)
-    settings["load_average_end"] = load_average()
+    settings["load_average_end"] = harness.load_average()
     for stage, values in result["stages"].items():
         loop = values["syncs_in_train_epoch_per_log_interval"]
         print(f"{stage}: syncs in train.train_epoch over {loop['steps']} steps: {loop['counts'] or 'none'}")
     print("validation:", json.dumps(result["epoch"]["validation"]))
     print("checkpoint write:", json.dumps(result["epoch"]["checkpoint"]))
     if args.json is not None:
-        write_json(args.json, result)
+        harness.write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

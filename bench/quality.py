@@ -93,7 +93,14 @@ def train_baseline(
         out_channels=1,
         norm="INSTANCE",
     ).to(device)
-    adversarial = PatchAdversarialLoss(criterion="least_squares")
+    least_squares = PatchAdversarialLoss(criterion="least_squares")
+
+    def adversarial(volume: torch.Tensor, real: bool, for_discriminator: bool) -> torch.Tensor:
+        """LSGAN loss of the discriminator's last output on ``volume`` (B, 1, D, H, W), target real or fake."""
+        return least_squares(
+            discriminator(volume)[-1], target_is_real=real, for_discriminator=for_discriminator
+        )
+
     optimizer_g = torch.optim.AdamW(
         autoencoder.parameters(), lr=config.train.learning_rate, weight_decay=config.train.weight_decay
     )
@@ -131,23 +138,15 @@ def train_baseline(
                 recon, mu, sigma = autoencoder(images)
                 l1 = F.l1_loss(recon.float(), images)
                 kl = kl_divergence(mu, sigma).mean()
-                generator_adv = adversarial(
-                    discriminator(recon.float())[-1], target_is_real=True, for_discriminator=False
-                )
+                generator_adv = adversarial(recon.float(), real=True, for_discriminator=False)
                 loss_g = l1 + 1e-7 * kl + 0.1 * generator_adv
             optimizer_g.zero_grad(set_to_none=True)
             loss_g.backward()
             torch.nn.utils.clip_grad_norm_(autoencoder.parameters(), config.train.grad_clip or math.inf)
             optimizer_g.step()
             with autocast(device, amp_dtype):
-                loss_d = 0.5 * (
-                    adversarial(
-                        discriminator(recon.detach().float())[-1],
-                        target_is_real=False,
-                        for_discriminator=True,
-                    )
-                    + adversarial(discriminator(images)[-1], target_is_real=True, for_discriminator=True)
-                )
+                fake = adversarial(recon.detach().float(), real=False, for_discriminator=True)
+                loss_d = 0.5 * (fake + adversarial(images, real=True, for_discriminator=True))
             optimizer_d.zero_grad(set_to_none=True)
             loss_d.backward()
             optimizer_d.step()
@@ -240,9 +239,7 @@ def time_to_quality(args: argparse.Namespace) -> int:
     table = evaluate_baseline(model, config, config.data.val_csv, lpips, device)
     table.to_csv(args.out / "baseline_val_metrics.csv", index=False)
     baseline = {
-        "val_psnr_brain": float(table["psnr_brain"].mean()),
-        "val_ssim_brain": float(table["ssim_brain"].mean()),
-        "val_psnr": float(table["psnr"].mean()),
+        **{f"val_{metric}": float(table[metric].mean()) for metric in ("psnr_brain", "ssim_brain", "psnr")},
         "steps": steps,
         "train_s": train_s,
         "wall_s": time.perf_counter() - start,

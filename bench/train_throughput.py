@@ -37,6 +37,13 @@ KEYS = (
     "time_to_quality",
 )
 
+# the run's config.json values the JSON records: section -> keys
+RUN_SETTINGS = {
+    "train": ("batch_size", "amp", "compile", "channels_last", "recompute"),
+    "data": ("device_cache", "num_workers", "train_csv"),
+    "preprocessing": ("target_shape",),
+}
+
 
 def run_train(results: Path, args: argparse.Namespace) -> None:
     """The short ``train.py`` run the throughput keys come from (in this process)."""
@@ -73,17 +80,7 @@ def throughput(run_dir: Path) -> dict[str, Any]:
         out[stage] = statistics.median(v for _, v in kept) if kept else None
     out["peak_memory_gib"] = max(float(row["train/peak_memory_gb"]) for row in rows) if rows else None
     config = json.loads((run_dir / "config.json").read_text())
-    out["config"] = {
-        "batch_size": config["train"]["batch_size"],
-        "amp": config["train"]["amp"],
-        "compile": config["train"]["compile"],
-        "channels_last": config["train"]["channels_last"],
-        "recompute": config["train"]["recompute"],
-        "device_cache": config["data"]["device_cache"],
-        "num_workers": config["data"]["num_workers"],
-        "target_shape": config["preprocessing"]["target_shape"],
-        "train_csv": config["data"]["train_csv"],
-    }
+    out["config"] = {key: config[section][key] for section, keys in RUN_SETTINGS.items() for key in keys}
     log = run_dir / "train.log"
     if log.exists():
         keys = ("device cache", "recompute", "amp=", "train:")
@@ -96,18 +93,11 @@ def throughput(run_dir: Path) -> dict[str, Any]:
 def speed_ratio(path: Path) -> tuple[float | None, dict[str, Any]]:
     """AutoencoderKL's s/step ÷ ours from a ``bench.model_step`` JSON, and what it was measured with."""
     data = json.loads(path.read_text())
-    results = data["results"]
-    ours, monai = results["ours"]["s_per_step"], results["monai_kl"]["s_per_step"]
-    details = {
-        "ours_s_per_step": ours,
-        "autoencoderkl_s_per_step": monai,
-        "shape": data["settings"]["shape"],
-        "batch": data["settings"]["batch"],
-        "precision": data["settings"]["precision"],
-        "compile": data["settings"]["compile"],
-        "channels_last_3d": data["settings"]["inputs_and_monai_models_channels_last_3d"],
-    }
-    return monai / ours, details
+    ours, monai = (data["results"][variant]["s_per_step"] for variant in ("ours", "monai_kl"))
+    settings = data["settings"]
+    details = {key: settings[key] for key in ("shape", "batch", "precision", "compile")}
+    details["channels_last_3d"] = settings["inputs_and_monai_models_channels_last_3d"]
+    return monai / ours, {"ours_s_per_step": ours, "autoencoderkl_s_per_step": monai, **details}
 
 
 def step_status(results: Path) -> dict[str, str]:
