@@ -85,7 +85,6 @@ from latents import (
     EncodedSubject,
     SplitEncoder,
     build_metric_lpips,
-    check_output_dir,
     decode_batch,
     decode_latent_file,
     fatal,
@@ -121,13 +120,16 @@ def reconstruct(subject: EncodedSubject, split: SplitEncoder, lpips: LPIPS3D | N
     }
 
 
-def summary_table(metrics: pd.DataFrame) -> str:
-    """One line per metric: mean ± std over the files."""
-    lines = [f"{'metric':<16}{'mean ± std':>24}   (n = {len(metrics)})"]
+def write_metrics(rows: list[dict[str, Any]], split: SplitEncoder) -> None:
+    """metrics.csv, one row per file, and on stdout one line per metric: mean ± std over the files."""
+    table, path = pd.DataFrame(rows), Path(split.args.output_dir) / "metrics.csv"
+    table.to_csv(path, index=False)
+    metrics = table.drop(columns=[*split.frame.columns, "mask_source", "recon_path", "latent_path"])
+    print(f"{'metric':<16}{'mean ± std':>24}   (n = {len(metrics)})")
     for name in metrics.columns:
         values = metrics[name].astype(float)
-        lines.append(f"{name:<16}{values.mean():>14.4f} ± {values.std(ddof=0):<8.4f}")
-    return "\n".join(lines)
+        print(f"{name:<16}{values.mean():>14.4f} ± {values.std(ddof=0):<8.4f}")
+    print(f"{len(rows)} reconstruction(s) and latent(s) in {path.parent}; per-file metrics: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     try:  # everything that can fail as a whole is checked before any set-up or writing
         if args.decode:
             model = load_model(args)
-            check_output_dir(output_dir)
             stats = None if args.latent_stats is None else read_latent_stats(args.latent_stats)
             path = decode_latent_file(model, Path(args.decode), output_dir, stats, args.denormalise)
             print(f"decoded image: {path}")
@@ -155,11 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"LPIPS3D: {lpips.description}")
     rows = split.encode(split.good_rows, partial(reconstruct, split=split, lpips=lpips), args.sample)
     if rows:
-        table, path = pd.DataFrame(rows), output_dir / "metrics.csv"
-        table.to_csv(path, index=False)
-        metrics = table.drop(columns=[*split.frame.columns, "mask_source", "recon_path", "latent_path"])
-        print(summary_table(metrics))
-        print(f"{len(rows)} reconstruction(s) and latent(s) in {output_dir}; per-file metrics: {path}")
+        write_metrics(rows, split)
     return split.report_failures()
 
 

@@ -4,9 +4,8 @@ Shared by ``infer.py``, ``save_latent.py`` and the notebook (scripts never impor
 
 * :func:`load_model`: the checkpoint (ours, or a bare MAISI state dict with ``--maisi_*`` flags), on the
   device and with the AMP of both scripts' flags (defined in ``script_args.py``, which needs no torch);
-* :class:`SplitEncoder`: the encode loop of both scripts (model, output folder and split checked first; batches
-  → :func:`encode_batch`, the mean or a draw seeded per row by :func:`row_seed` so reruns match → a callback
-  per subject; failed files collected); :func:`fatal` prints what stops them (one line, exit code 2);
+* :class:`SplitEncoder`: both scripts' encode loop (model, output folder, split checked first; batches →
+  :func:`encode_batch`, seeded per row by :func:`row_seed` → a callback per subject; failures listed), :func:`fatal`;
 * :func:`build_metric_lpips`: the checkpoint's LPIPS3D for reporting, with the backbone's default weights
   when the training machine's ``perceptual.weights_path`` is not here (or none, with a warning);
 * :func:`decode_batch` / :func:`decode_latent_file`: latents (a ``.nii.gz`` file) back to images on the
@@ -34,7 +33,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -186,9 +185,10 @@ def decode_latent_file(
     """Decode one latent file into ``<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1].
 
     A latent in normalised units (a diffusion sample) is first mapped back with :func:`denormalise_latent`
-    (``normalisation`` global/channel, ``stats`` from ``latent_stats.json``). ``output_dir`` is created (when
-    missing) only once the image is ready to be written.
+    (``normalisation`` global/channel, ``stats`` from ``latent_stats.json``). ``output_dir`` is checked first
+    (:func:`check_output_dir`) and created (when missing) only once the image is ready to be written.
     """
+    check_output_dir(output_dir)
     latent, affine = read_latent(latent_path)
     if affine is None:
         raise DataError(f"{latent_path}: --decode needs a .nii.gz latent (its affine locates the image)")
@@ -223,8 +223,7 @@ def fatal(error: BaseException | str) -> int:
     return 2
 
 
-@dataclass
-class EncodedSubject:
+class EncodedSubject(NamedTuple):
     """One subject of :meth:`SplitEncoder.encode`, as the callback gets it."""
 
     row: int  # in the split

@@ -109,12 +109,11 @@ def statistics_table(summary: dict[str, Any], output_dir: Path) -> str:
     for channel, (mean, std) in enumerate(zip(summary["channel_mean"], summary["channel_std"], strict=True)):
         lines.append(f"{channel:>9}{mean:>11.4g}{std:>10.4g}{1 / std if std else math.inf:>10.4g}")
     lines.append(f"{'all':>9}{summary['mean']:>11.4g}{summary['std']:>10.4g}{summary['scale_factor']:>10.4g}")
-    mode = summary["normalisation"]["mode"]
     described = {
         "none": "none (latents as saved)",
         "global": "global (z × scale_factor)",
         "channel": "per channel ((z − mean_c) / std_c)",
-    }[mode]
+    }[summary["normalisation"]["mode"]]
     lines.append(f"normalisation for the diffusion stage: {described}; see latent_stats.json")
     return "\n".join(lines)
 

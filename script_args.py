@@ -38,9 +38,7 @@ def script_parser(description: str, output_dir: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="base seed of sampled latents")
     parser.add_argument(
-        "--strict",
-        action="store_true",
-        help="inputs not on the model's grid or not skull-stripped are errors",
+        "--strict", action="store_true", help="inputs off the model's grid or not skull-stripped are errors"
     )
     maisi = parser.add_argument_group("MAISI state dict (a bare state dict carries no config)")
     maisi.add_argument("--maisi_channels", type=int, nargs="+", help="e.g. 64 128 256")
