@@ -37,16 +37,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
+from typing import Any
 
-from script_args import LATENT_FORMATS, NORMALISATIONS, add_model_arguments
+from script_args import LATENT_FORMATS, NORMALISATIONS, script_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_model_arguments(parser)
+    parser = script_parser(__doc__, output_dir="out")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input_data", help="a NIfTI file, a folder of them, or a split CSV")
     source.add_argument(
@@ -61,16 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --decode: the latent is in these normalised units (needs --latent_stats)",
     )
     parser.add_argument("--latent_stats", help="latent_stats.json of save_latent.py, for --denormalise")
-    parser.add_argument("--output_dir", default="out")
     parser.add_argument("--intensity", default="original", choices=["original", "unit"])
     parser.add_argument("--sample", action="store_true", help="save/decode a posterior draw, not the mean")
     parser.add_argument("--latent_format", default="nii.gz", choices=LATENT_FORMATS)
     parser.add_argument("--no_lpips", action="store_true", help="leave out the LPIPS3D metrics")
-    parser.add_argument(
-        "--strict",
-        action="store_true",
-        help="inputs not on the model's grid or not skull-stripped are errors",
-    )
     args = parser.parse_args(argv)
     if args.denormalise != "none" and (args.decode is None or args.latent_stats is None):
         parser.error(
@@ -84,138 +77,91 @@ if __name__ == "__main__":
 
 import nibabel as nib
 import pandas as pd
-import torch
 from tqdm import tqdm
 
-from checkpoints import CheckpointError
-from config import ConfigError
-from dataset import (
-    DataError,
-    brain_mask_warning,
-    preflight_failures,
-    preprocessed_batches,
-    read_split,
-    restore_to_input_grid,
-    warn_inputs,
-)
+from dataset import brain_mask_warning, restore_to_input_grid
 from latents import (
+    FATAL_ERRORS,
+    EncodedSubject,
+    SplitEncoder,
     build_metric_lpips,
-    check_output_dir,
+    decode_batch,
     decode_latent_file,
-    encode_batch,
-    latent_affine,
+    fatal,
     load_model,
-    maisi_model_config,
-    output_paths,
     read_latent_stats,
-    row_seed,
     write_latent,
 )
 from metrics import image_metrics
-from utils import DeviceOutOfMemoryError, autocast, explain_out_of_memory
+from model import LPIPS3D
+from utils import DeviceOutOfMemoryError
 
 
-def summary_table(metrics: pd.DataFrame) -> str:
-    """One line per metric: mean ± std over the files."""
-    lines = [f"{'metric':<16}{'mean ± std':>24}   (n = {len(metrics)})"]
+def reconstruct(subject: EncodedSubject, split: SplitEncoder, lpips: LPIPS3D | None) -> dict[str, Any]:
+    """Write one subject's reconstruction (on its input grid, ``--intensity`` units) and latent; returns its
+    metrics.csv row: every input column (extras included), mask_source, the metrics (on the preprocessed
+    grid), then the two paths. A head-sized brain mask gets a ``WARNING:`` line naming the file."""
+    volume, device, args = subject.volume, split.model.device, split.args
+    if warning := brain_mask_warning(volume):
+        tqdm.write(f"WARNING: {warning}", file=sys.stderr)
+    recon = decode_batch(split.model, subject.latent[None])  # (1, 1, D, H, W), as --decode gives it
+    values = image_metrics(recon, volume.image[None].to(device), volume.mask[None].to(device), lpips=lpips)
+    recon_path = split.output_path(subject.row, "_recon.nii.gz")
+    latent_path = split.output_path(subject.row, f"_latent.{args.latent_format}")
+    recon_path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(restore_to_input_grid(recon[0], volume.inverse, args.intensity), recon_path)
+    write_latent(subject.latent, latent_path, subject.latent_affine)
+    return {
+        **split.frame.iloc[subject.row].to_dict(),
+        "mask_source": volume.mask_source,
+        **{name: float(value[0]) for name, value in values.items()},
+        "recon_path": str(recon_path),
+        "latent_path": str(latent_path),
+    }
+
+
+def write_metrics(rows: list[dict[str, Any]], split: SplitEncoder) -> None:
+    """metrics.csv, one row per file, and on stdout one line per metric: mean ± std over the files."""
+    table, path = pd.DataFrame(rows), Path(split.args.output_dir) / "metrics.csv"
+    table.to_csv(path, index=False)
+    metrics = table.drop(columns=[*split.frame.columns, "mask_source", "recon_path", "latent_path"])
+    print(f"{'metric':<16}{'mean ± std':>24}   (n = {len(metrics)})")
     for name in metrics.columns:
         values = metrics[name].astype(float)
-        lines.append(f"{name:<16}{values.mean():>14.4f} ± {values.std(ddof=0):<8.4f}")
-    return "\n".join(lines)
+        print(f"{name:<16}{values.mean():>14.4f} ± {values.std(ddof=0):<8.4f}")
+    print(f"{len(rows)} reconstruction(s) and latent(s) in {path.parent}; per-file metrics: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Returns 0 when every file was processed, 1 when some failed, 2 on a fatal error (checkpoint, input)."""
     args = parse_args(argv)
-
     output_dir = Path(args.output_dir)
     try:  # everything that can fail as a whole is checked before any set-up or writing
-        model = load_model(args.model_checkpoint, args.device, args.amp, maisi_model_config(args))
-        check_output_dir(output_dir)
         if args.decode:
+            model = load_model(args)
             stats = None if args.latent_stats is None else read_latent_stats(args.latent_stats)
             path = decode_latent_file(model, Path(args.decode), output_dir, stats, args.denormalise)
             print(f"decoded image: {path}")
             return 0
-        frame = read_split(args.input_data)
-        recon_paths = output_paths(frame, output_dir, "_recon.nii.gz")
-        latent_paths = output_paths(frame, output_dir, f"_latent.{args.latent_format}")
-    except (CheckpointError, ConfigError, DataError, ValueError, RuntimeError) as error:
-        print(f"ERROR: {error}", file=sys.stderr)
-        return 2
-    vae, prep, factor = model.vae, model.config.preprocessing, model.vae.downsample_factor
-    failures = preflight_failures(frame)
-    try:  # inputs not on the checkpoint's grid or not skull-stripped: a warning (--strict: an error)
-        warn_inputs(frame.drop(index=list(failures)), prep, strict=args.strict)
-    except DataError as error:
-        print(f"ERROR: {error}", file=sys.stderr)
-        return 2
-    todo = [i for i in range(len(frame)) if i not in failures]
-    lpips = None
-    if todo and not args.no_lpips:
-        lpips, warning = build_metric_lpips(model.config.perceptual)
+        split = SplitEncoder(args, args.input_data)
+    except FATAL_ERRORS as error:
+        return fatal(error)
+    lpips = None  # built only when there is something to do
+    if split.good_rows and not args.no_lpips:
+        lpips, warning = build_metric_lpips(split.model.config.perceptual)
         if warning:
             print(f"WARNING: {warning}", file=sys.stderr)
         if lpips is not None:
-            lpips = lpips.to(model.device)
+            lpips = lpips.to(split.model.device)
             print(f"LPIPS3D: {lpips.description}")
-
-    ids = list(frame["subject_id"].astype(str))
-    rows, metric_names = [], []
-    batches = preprocessed_batches(frame, prep, todo, args.batch_size, args.num_workers)
-    remedies = f"lower --batch_size (now {args.batch_size}), or use --amp bf16 (now {args.amp})"
-    memory = explain_out_of_memory(model.device, args.batch_size, tuple(prep.target_shape), remedies)
-    with tqdm(total=len(todo), desc="infer", unit="vol", disable=not todo) as progress, memory:
-        for batch in batches:
-            failures.update({item["index"]: item["error"] for item in batch if item["error"]})
-            loaded = [item for item in batch if not item["error"]]
-            if loaded:
-                volumes = [item["volume"] for item in loaded]
-                seeds = [row_seed(args.seed, ids[item["index"]]) for item in loaded]
-                latents = encode_batch(model, volumes, args.sample, seeds)  # (B, C, d, h, w)
-                with torch.no_grad(), autocast(model.device, model.amp_dtype):
-                    recons = vae.decode(latents.to(model.device), tuple(prep.target_shape))
-                recons = recons.float().clamp(0.0, 1.0)  # (B, 1, D, H, W) on the preprocessed grid
-                targets = torch.stack([v.image for v in volumes]).to(model.device)
-                masks = torch.stack([v.mask for v in volumes]).to(model.device)
-                values = image_metrics(recons, targets, masks, lpips=lpips)
-                metric_names = list(values)
-                output_dir.mkdir(parents=True, exist_ok=True)
-                for b, (item, volume) in enumerate(zip(loaded, volumes, strict=True)):
-                    if warning := brain_mask_warning(volume):
-                        tqdm.write(f"WARNING: {warning}", file=sys.stderr)
-                    recon_path, latent_path = recon_paths[item["index"]], latent_paths[item["index"]]
-                    nib.save(restore_to_input_grid(recons[b], volume.inverse, args.intensity), recon_path)
-                    write_latent(latents[b], latent_path, latent_affine(volume.inverse.output_affine, factor))
-                    rows.append(
-                        {
-                            **frame.iloc[item["index"]].to_dict(),  # every input column, extras included
-                            "mask_source": volume.mask_source,
-                            **{name: float(value[b]) for name, value in values.items()},
-                            "recon_path": str(recon_path),
-                            "latent_path": str(latent_path),
-                        }
-                    )
-            progress.update(len(batch))
-
+    rows = split.encode(split.good_rows, partial(reconstruct, split=split, lpips=lpips), args.sample)
     if rows:
-        table = pd.DataFrame(rows)
-        table.to_csv(output_dir / "metrics.csv", index=False)
-        print(summary_table(table[metric_names]))
-        print(
-            f"{len(rows)} reconstruction(s) and latent(s) in {output_dir}; per-file metrics: "
-            f"{output_dir / 'metrics.csv'}"
-        )
-    if failures:
-        lines = "\n".join(f"  {failures[i]}" for i in sorted(failures))
-        print(f"ERROR: {len(failures)} of {len(frame)} file(s) failed:\n{lines}", file=sys.stderr)
-        return 1
-    return 0
+        write_metrics(rows, split)
+    return split.report_failures()
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
     except DeviceOutOfMemoryError as error:  # one line, no traceback; latents already written are kept
-        print(f"ERROR: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(fatal(error))

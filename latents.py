@@ -2,13 +2,14 @@
 
 Shared by ``infer.py``, ``save_latent.py`` and the notebook (scripts never import each other):
 
-* :func:`add_model_arguments` / :func:`load_model`: the checkpoint (ours, or a bare MAISI state dict with
-  ``--maisi_*`` flags), device and AMP options of both scripts (the flags are defined in ``script_args.py``,
-  which needs no torch, and re-exported here);
-* :func:`encode_batch`: posterior mean, or a draw seeded per row (:func:`row_seed`), so reruns match;
+* :func:`load_model`: the checkpoint (ours, or a bare MAISI state dict with ``--maisi_*`` flags), on the
+  device and with the AMP of both scripts' flags (defined in ``script_args.py``, which needs no torch);
+* :class:`SplitEncoder`: both scripts' encode loop (model, output folder, split checked first; batches →
+  :func:`encode_batch`, seeded per row by :func:`row_seed` → a callback per subject; failures listed), :func:`fatal`;
 * :func:`build_metric_lpips`: the checkpoint's LPIPS3D for reporting, with the backbone's default weights
   when the training machine's ``perceptual.weights_path`` is not here (or none, with a warning);
-* :func:`decode_latent_file`: a latent ``.nii.gz`` back to an image on the preprocessed grid;
+* :func:`decode_batch` / :func:`decode_latent_file`: latents (a ``.nii.gz`` file) back to images on the
+  preprocessed grid;
 * latent normalisation for the diffusion stage (:func:`latent_normalisation`, :func:`normalise_latent`,
   :func:`denormalise_latent`, statistics from ``latent_stats.json`` via :func:`read_latent_stats`):
   ``global`` multiplies by ``scale_factor`` = 1/global std (MAISI's convention), ``channel`` standardises each
@@ -27,40 +28,51 @@ import hashlib
 import json
 import os
 import pickle
+import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 import torch
+from tqdm import tqdm
 
-from checkpoints import load_vae
-from config import Config, ModelConfig, PerceptualConfig
-from dataset import DataError, PreprocessedVolume
+from checkpoints import CheckpointError, load_vae
+from config import Config, ConfigError, ModelConfig, PerceptualConfig
+from dataset import (
+    DataError,
+    PreprocessedVolume,
+    preflight_failures,
+    preprocessed_batches,
+    read_split,
+    warn_inputs,
+)
 from model import LPIPS3D, MaisiVAE, build_perceptual_loss
-from script_args import LATENT_FORMATS, NORMALISATIONS, add_model_arguments
-from utils import autocast, new_file_mode, resolve_amp_dtype, resolve_device
+from script_args import LATENT_FORMATS, NORMALISATIONS
+from utils import autocast, explain_out_of_memory, new_file_mode, resolve_amp_dtype, resolve_device
 
 __all__ = [
+    "FATAL_ERRORS",
     "LATENT_FORMATS",
     "NORMALISATIONS",
+    "EncodedSubject",
     "LoadedModel",
-    "add_model_arguments",
+    "SplitEncoder",
     "build_metric_lpips",
     "check_output_dir",
+    "decode_batch",
     "decode_latent_file",
     "denormalise_latent",
     "encode_batch",
+    "fatal",
     "latent_affine",
     "latent_normalisation",
     "latent_suffix",
     "load_model",
-    "maisi_model_config",
     "normalise_latent",
-    "output_paths",
     "preprocessed_affine_from_latent",
     "read_latent",
     "read_latent_stats",
@@ -72,40 +84,34 @@ __all__ = [
 # ------------------------------------------------------------------------------------------- the model
 
 
-def maisi_model_config(args: argparse.Namespace) -> ModelConfig | None:
-    """The ModelConfig given by the ``--maisi_*`` flags, or None when ``--maisi_channels`` is absent."""
-    if args.maisi_channels is None:
-        return None
-    levels = len(args.maisi_channels)
-    model = ModelConfig(
-        channels=tuple(args.maisi_channels),
-        num_res_blocks=tuple(args.maisi_num_res_blocks or [1] * levels),
-        attention_levels=tuple(bool(a) for a in (args.maisi_attention_levels or [0] * levels)),
-        latent_channels=args.maisi_latent_channels,
-        norm_num_groups=args.maisi_norm_num_groups,
-    )
-    model.validate()
-    return model
-
-
 @dataclass
 class LoadedModel:
     """A VAE ready for inference, with the config it was trained with and where/how it runs."""
 
     vae: MaisiVAE
     config: Config
-    checkpoint: dict[str, Any]
     device: torch.device
     amp_dtype: torch.dtype | None
 
 
-def load_model(
-    checkpoint: str | Path, device: str = "auto", amp: str = "auto", maisi_model: ModelConfig | None = None
-) -> LoadedModel:
-    """``checkpoints.load_vae`` (weights_only) on ``device``; raises CheckpointError / ConfigError naming the file."""
-    resolved = resolve_device(device)
-    vae, config, raw = load_vae(checkpoint, resolved, maisi_model)
-    return LoadedModel(vae, config, raw, resolved, resolve_amp_dtype(amp, resolved))
+def load_model(args: argparse.Namespace) -> LoadedModel:
+    """``checkpoints.load_vae`` (weights_only) of the scripts' flags: ``--model_checkpoint`` (a bare MAISI state
+    dict with the model given by ``--maisi_*`` when ``--maisi_channels`` is there), ``--device``, ``--amp``;
+    raises CheckpointError / ConfigError naming the file."""
+    maisi = None
+    if args.maisi_channels is not None:
+        levels = len(args.maisi_channels)
+        maisi = ModelConfig(
+            channels=tuple(args.maisi_channels),
+            num_res_blocks=tuple(args.maisi_num_res_blocks or [1] * levels),
+            attention_levels=tuple(bool(a) for a in (args.maisi_attention_levels or [0] * levels)),
+            latent_channels=args.maisi_latent_channels,
+            norm_num_groups=args.maisi_norm_num_groups,
+        )
+        maisi.validate()
+    device = resolve_device(args.device)
+    vae, config, _ = load_vae(args.model_checkpoint, device, maisi)
+    return LoadedModel(vae, config, device, resolve_amp_dtype(args.amp, device))
 
 
 def build_metric_lpips(perceptual: PerceptualConfig) -> tuple[LPIPS3D | None, str | None]:
@@ -160,6 +166,15 @@ def encode_batch(
 
 
 @torch.no_grad()
+def decode_batch(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+    """Images (B, 1, D, H, W) in [0, 1] on the model's device, on the preprocessed grid (the config's
+    ``preprocessing.target_shape``), from latents (B, C, d, h, w)."""
+    with autocast(model.device, model.amp_dtype):
+        images = model.vae.decode(latents.to(model.device), tuple(model.config.preprocessing.target_shape))
+    return images.float().clamp(0.0, 1.0)
+
+
+@torch.no_grad()
 def decode_latent_file(
     model: LoadedModel,
     latent_path: Path,
@@ -170,9 +185,10 @@ def decode_latent_file(
     """Decode one latent file into ``<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1].
 
     A latent in normalised units (a diffusion sample) is first mapped back with :func:`denormalise_latent`
-    (``normalisation`` global/channel, ``stats`` from ``latent_stats.json``). ``output_dir`` is created (when
-    missing) only once the image is ready to be written.
+    (``normalisation`` global/channel, ``stats`` from ``latent_stats.json``). ``output_dir`` is checked first
+    (:func:`check_output_dir`) and created (when missing) only once the image is ready to be written.
     """
+    check_output_dir(output_dir)
     latent, affine = read_latent(latent_path)
     if affine is None:
         raise DataError(f"{latent_path}: --decode needs a .nii.gz latent (its affine locates the image)")
@@ -185,15 +201,94 @@ def decode_latent_file(
         )
     if normalisation != "none":
         latent = denormalise_latent(latent, stats, normalisation)
-    with autocast(model.device, model.amp_dtype):
-        image = model.vae.decode(latent[None].to(model.device), target_shape)
-    image = image.float().clamp(0.0, 1.0)[0, 0].cpu().numpy()
+    image = decode_batch(model, latent[None])[0, 0].cpu().numpy()
     affine = preprocessed_affine_from_latent(affine, model.vae.downsample_factor)
     name = Path(latent_path).name[: -len(latent_suffix(latent_path)) - 1]
     path = output_dir / f"{name}_decoded.nii.gz"
     output_dir.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(image, affine), path)
     return path
+
+
+# ------------------------------------------------------------------------------------------- encoding a split
+
+FATAL_ERRORS = (CheckpointError, ConfigError, DataError, ValueError, RuntimeError)
+T = TypeVar("T")
+
+
+def fatal(error: BaseException | str) -> int:
+    """Print what stops a script (``FATAL_ERRORS`` before any work) as one ``ERROR:`` line on stderr, no
+    traceback; returns its exit code, 2."""
+    print(f"ERROR: {error}", file=sys.stderr)
+    return 2
+
+
+class EncodedSubject(NamedTuple):
+    """One subject of :meth:`SplitEncoder.encode`, as the callback gets it."""
+
+    row: int  # in the split
+    volume: PreprocessedVolume
+    latent: torch.Tensor  # (C, d, h, w) float32 on the CPU
+    latent_affine: np.ndarray  # (4, 4): :func:`latent_affine` of the volume's preprocessed grid
+
+
+class SplitEncoder:
+    """A split to encode with the flags of infer.py / save_latent.py (``script_args``: model, batching, seed,
+    ``--output_dir``) and its failed files."""
+
+    def __init__(self, args: argparse.Namespace, source: str) -> None:
+        """Load the model, check ``--output_dir`` (creating nothing), read the split ``source``, pre-flight check
+        its files and warn about inputs off the checkpoint's grid or not skull-stripped (``dataset.warn_inputs``;
+        with ``--strict`` an error); raises one of :data:`FATAL_ERRORS`, naming the file."""
+        self.args, self.model = args, load_model(args)
+        check_output_dir(Path(args.output_dir))
+        self.frame = read_split(source)
+        self.failures = preflight_failures(self.frame)  # row -> "<image>: <problem>"; preprocessing adds more
+        warn_inputs(self.frame.drop(index=list(self.failures)), self.model.config.preprocessing, args.strict)
+
+    @property
+    def good_rows(self) -> list[int]:
+        """The rows that have not failed (so far), in order."""
+        return [i for i in range(len(self.frame)) if i not in self.failures]
+
+    def output_path(self, row: int, suffix: str) -> Path:
+        """``<output_dir>/<subject_id><suffix>`` of a row (``dataset.read_split`` makes ids unique)."""
+        name = str(self.frame["subject_id"].iloc[row]).replace(os.sep, "_")
+        return Path(self.args.output_dir) / f"{name}{suffix}"
+
+    def encode(self, rows: list[int], callback: Callable[[EncodedSubject], T], sample: bool) -> list[T]:
+        """Preprocess ``rows`` in batches (worker processes, row order), encode each batch (:func:`encode_batch`:
+        the mean, or with ``sample`` a draw seeded by :func:`row_seed`) and call ``callback`` per subject;
+        returns what it returned, in row order. Files that fail preprocessing join ``failures``; running out of
+        device memory (in the callback too) raises one ``utils.DeviceOutOfMemoryError`` line naming the batch
+        size and what to change."""
+        args, prep = self.args, self.model.config.preprocessing
+        ids = list(self.frame["subject_id"].astype(str))
+        remedies = f"lower --batch_size (now {args.batch_size}), or use --amp bf16 (now {args.amp})"
+        memory = explain_out_of_memory(self.model.device, args.batch_size, tuple(prep.target_shape), remedies)
+        batches = preprocessed_batches(self.frame, prep, rows, args.batch_size, args.num_workers)
+        results: list[T] = []
+        with tqdm(total=len(rows), desc="encode", unit="vol", disable=not rows) as progress, memory:
+            for batch in batches:
+                self.failures.update({item["index"]: item["error"] for item in batch if item["error"]})
+                loaded = [(item["index"], item["volume"]) for item in batch if not item["error"]]
+                if loaded:
+                    seeds = [row_seed(args.seed, ids[row]) for row, _ in loaded]
+                    latents = encode_batch(self.model, [volume for _, volume in loaded], sample, seeds)
+                    for (row, volume), latent in zip(loaded, latents, strict=True):
+                        affine = latent_affine(volume.inverse.output_affine, self.model.vae.downsample_factor)
+                        results.append(callback(EncodedSubject(row, volume, latent, affine)))
+                progress.update(len(batch))
+        return results
+
+    def report_failures(self, note: str = "") -> int:
+        """0, or 1 after listing every failed file on stderr (``note`` follows "failed")."""
+        if not self.failures:
+            return 0
+        lines = "".join(f"\n  {self.failures[i]}" for i in sorted(self.failures))
+        count = f"{len(self.failures)} of {len(self.frame)} file(s)"
+        print(f"ERROR: {count} failed{note}:{lines}", file=sys.stderr)
+        return 1
 
 
 # ------------------------------------------------------------------------------------------- normalisation
@@ -284,12 +379,6 @@ def check_output_dir(path: Path) -> None:
         raise ValueError(f"{path}: no permission to write in {existing}")
 
 
-def output_paths(frame: pd.DataFrame, output_dir: Path, suffix: str) -> list[Path]:
-    """One path ``<output_dir>/<subject_id><suffix>`` per row (``dataset.read_split`` makes ids unique)."""
-    ids = frame["subject_id"].astype(str)
-    return [output_dir / f"{sid.replace(os.sep, '_')}{suffix}" for sid in ids]
-
-
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
@@ -327,7 +416,8 @@ def write_latent(latent: torch.Tensor, path: str | Path, affine: np.ndarray) -> 
     """
     path = Path(path)
     suffix = latent_suffix(path)
-    array = latent.detach().float().cpu().contiguous()
+    # a copy: torch.save of a view (one latent of a batch) stores the whole batch it was cut from
+    array = latent.detach().float().cpu().clone(memory_format=torch.contiguous_format)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix="." + suffix, dir=path.parent)
     os.close(handle)
     try:

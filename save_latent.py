@@ -38,16 +38,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from script_args import LATENT_FORMATS, NORMALISATIONS, add_model_arguments
+from script_args import LATENT_FORMATS, NORMALISATIONS, script_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_model_arguments(parser)
+    parser = script_parser(__doc__, output_dir="latents")
     parser.add_argument("--dataset", required=True, help="split CSV, folder of NIfTI files or one NIfTI file")
-    parser.add_argument("--output_dir", default="latents")
     parser.add_argument("--mode", default="mean", choices=["mean", "sample"])
     parser.add_argument("--format", default="npy", choices=LATENT_FORMATS)
     parser.add_argument("--overwrite", action="store_true", help="re-encode latents that already exist")
@@ -57,11 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=NORMALISATIONS,
         help="normalisation recorded in latent_stats.json for the diffusion stage (files stay unnormalised)",
     )
-    parser.add_argument(
-        "--strict",
-        action="store_true",
-        help="inputs not on the model's grid or not skull-stripped are errors",
-    )
     return parser.parse_args(argv)
 
 
@@ -70,24 +61,19 @@ if __name__ == "__main__":
 
 from tqdm import tqdm
 
-from checkpoints import CheckpointError
-from config import ConfigError
-from dataset import DataError, preflight_failures, preprocessed_batches, read_split, warn_inputs
+from dataset import DataError
 from latents import (
-    check_output_dir,
-    encode_batch,
-    latent_affine,
+    FATAL_ERRORS,
+    EncodedSubject,
+    SplitEncoder,
+    fatal,
     latent_normalisation,
-    load_model,
-    maisi_model_config,
-    output_paths,
     read_latent,
-    row_seed,
     sha256_file,
     write_latent,
 )
 from metrics import LatentStatistics
-from utils import DeviceOutOfMemoryError, explain_out_of_memory
+from utils import DeviceOutOfMemoryError
 
 SETTINGS_FILE = ".save_latent_settings.json"
 
@@ -113,133 +99,103 @@ def open_output_dir(output_dir: Path, settings: dict[str, Any]) -> None:
         path.write_text(text)
 
 
-def statistics_table(summary: dict[str, Any], count: int, output_dir: Path) -> str:
+def statistics_table(summary: dict[str, Any], output_dir: Path) -> str:
     """The latent statistics, one line per channel (mean, std, scale 1/std), then the global ones and the
     normalisation recorded for the diffusion stage."""
     lines = [
-        f"{count} latents {summary['latent_shape']} in {output_dir}",
+        f"{summary['num_volumes']} latents {summary['latent_shape']} in {output_dir}",
         f"{'channel':>9}{'mean':>11}{'std':>10}{'1/std':>10}",
     ]
     for channel, (mean, std) in enumerate(zip(summary["channel_mean"], summary["channel_std"], strict=True)):
         lines.append(f"{channel:>9}{mean:>11.4g}{std:>10.4g}{1 / std if std else math.inf:>10.4g}")
     lines.append(f"{'all':>9}{summary['mean']:>11.4g}{summary['std']:>10.4g}{summary['scale_factor']:>10.4g}")
-    mode = summary["normalisation"]["mode"]
     described = {
         "none": "none (latents as saved)",
         "global": "global (z × scale_factor)",
         "channel": "per channel ((z − mean_c) / std_c)",
-    }[mode]
+    }[summary["normalisation"]["mode"]]
     lines.append(f"normalisation for the diffusion stage: {described}; see latent_stats.json")
     return "\n".join(lines)
+
+
+def write_manifest_and_statistics(split: SplitEncoder, paths: list[Path], settings: dict[str, Any]) -> None:
+    """manifest.csv (the good rows that have a latent, every input column + ``latent_path``) and
+    latent_stats.json, streamed over those latents read back from disk in row order (resume-proof), and the
+    statistics table on stdout; nothing without a latent. ValueError (DataError too) when every value, or one
+    channel under ``--normalise channel``, is constant over the whole split."""
+    args, written = split.args, [i for i in split.good_rows if paths[i].is_file()]
+    if not written:
+        return
+    output_dir = Path(args.output_dir)
+    open_output_dir(output_dir, settings)
+    stats = LatentStatistics(split.model.vae.latent_channels)
+    for i in tqdm(written, desc="statistics", unit="vol"):
+        latent, _ = read_latent(paths[i])
+        stats.update(latent[None])
+    manifest = split.frame.iloc[written].assign(latent_path=[str(paths[i].resolve()) for i in written])
+    manifest.to_csv(output_dir / "manifest.csv", index=False)
+    statistics = stats.summary()
+    shift, scale = latent_normalisation(statistics, args.normalise)
+    summary: dict[str, Any] = {
+        "latent_shape": list(latent.shape),  # of every latent
+        **statistics,
+        "mode": args.mode,
+        "seed": args.seed if args.mode == "sample" else None,
+        "format": args.format,
+        "checkpoint": str(Path(args.model_checkpoint).resolve()),
+        "checkpoint_sha256": settings["checkpoint_sha256"],
+        "num_volumes": len(written),
+    }
+    summary["normalisation"] = {
+        "mode": args.normalise,
+        "shift": shift.tolist(),
+        "scale": scale.tolist(),
+        "formula": "z_normalised = (z - shift) * scale per channel; decode z_normalised / scale + shift",
+    }
+    (output_dir / "latent_stats.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(statistics_table(summary, output_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Returns 0 when every row was encoded, 1 when some failed, 2 on a fatal error (bad checkpoint/split)."""
     args = parse_args(argv)
-
+    output_dir = Path(args.output_dir)
     try:  # everything that can fail as a whole is checked before any set-up or writing
-        model = load_model(args.model_checkpoint, args.device, args.amp, maisi_model_config(args))
-        frame = read_split(args.dataset)
-        output_dir = Path(args.output_dir)
-        check_output_dir(output_dir)
-        paths = output_paths(frame, output_dir, f".{args.format}")
+        split = SplitEncoder(args, args.dataset)
         checkpoint_sha256 = sha256_file(args.model_checkpoint)
         settings = {"checkpoint_sha256": checkpoint_sha256, "mode": args.mode, "seed": args.seed}
         check_settings(output_dir, settings, args.overwrite)
-    except (CheckpointError, ConfigError, DataError, ValueError, RuntimeError) as error:
-        print(f"ERROR: {error}", file=sys.stderr)
-        return 2
+    except FATAL_ERRORS as error:
+        return fatal(error)
     for stale in output_dir.glob(".*.partial-*"):  # temporary files of a killed run
         stale.unlink()
-    factor = model.vae.downsample_factor
-
-    # pre-flight: the same per-file check as training; bad rows are reported at the end
-    failures = preflight_failures(frame)
-    try:  # inputs not on the checkpoint's grid or not skull-stripped: a warning (--strict: an error)
-        warn_inputs(frame.drop(index=list(failures)), model.config.preprocessing, strict=args.strict)
-    except DataError as error:
-        print(f"ERROR: {error}", file=sys.stderr)
-        return 2
+    paths = [split.output_path(i, f".{args.format}") for i in range(len(split.frame))]
     # batches are fixed chunks of the good rows; a chunk with a missing latent is re-encoded whole, so every
     # latent comes from the same batch as in an uninterrupted run (results depend on the batch in the last bits)
-    good = [i for i in range(len(frame)) if i not in failures]
+    good = split.good_rows
     chunks = [good[k : k + args.batch_size] for k in range(0, len(good), args.batch_size)]
-    todo = [
-        i for chunk in chunks if args.overwrite or not all(paths[i].is_file() for i in chunk) for i in chunk
-    ]
+    redo = [chunk for chunk in chunks if args.overwrite or not all(paths[i].is_file() for i in chunk)]
+    todo = [i for chunk in redo for i in chunk]
     print(
-        f"{len(frame)} rows: {len(good) - len(todo)} latents kept, {len(todo)} to encode, {len(failures)} failed "
-        f"the pre-flight check; device {model.device}, mode {args.mode}, batch size {args.batch_size}"
+        f"{len(split.frame)} rows: {len(good) - len(todo)} latents kept, {len(todo)} to encode, "
+        f"{len(split.failures)} failed the pre-flight check; device {split.model.device}, mode {args.mode}, "
+        f"batch size {args.batch_size}"
     )
-    ids = list(frame["subject_id"].astype(str))
-    batches = preprocessed_batches(frame, model.config.preprocessing, todo, args.batch_size, args.num_workers)
-    remedies = f"lower --batch_size (now {args.batch_size}), or use --amp bf16 (now {args.amp})"
-    memory = explain_out_of_memory(
-        model.device, args.batch_size, tuple(model.config.preprocessing.target_shape), remedies
-    )
-    with tqdm(total=len(todo), desc="encode", unit="vol", disable=not todo) as progress, memory:
-        for batch in batches:
-            failures.update({item["index"]: item["error"] for item in batch if item["error"]})
-            loaded = [item for item in batch if not item["error"]]
-            if loaded:
-                seeds = [row_seed(args.seed, ids[item["index"]]) for item in loaded]
-                volumes = [item["volume"] for item in loaded]
-                latents = encode_batch(model, volumes, args.mode == "sample", seeds)
-                open_output_dir(output_dir, settings)
-                for item, volume, latent in zip(loaded, volumes, latents, strict=True):
-                    affine = latent_affine(volume.inverse.output_affine, factor)
-                    write_latent(latent, paths[item["index"]], affine)
-            progress.update(len(batch))
 
-    # statistics over every latent of the manifest, in row order, read back from disk (resume-proof)
-    written = [i for i in range(len(frame)) if i not in failures and paths[i].is_file()]
-    if written:
+    def write(subject: EncodedSubject) -> None:
         open_output_dir(output_dir, settings)
-        stats = LatentStatistics(model.vae.latent_channels)
-        latent_shape: list[int] | None = None
-        for i in tqdm(written, desc="statistics", unit="vol"):
-            latent, _ = read_latent(paths[i])
-            latent_shape = list(latent.shape)
-            stats.update(latent[None])
-        manifest = frame.iloc[written].assign(latent_path=[str(paths[i].resolve()) for i in written])
-        manifest.to_csv(output_dir / "manifest.csv", index=False)
-        try:  # ValueError (DataError too): every value, or one channel, constant over the whole split
-            statistics = stats.summary()
-            shift, scale = latent_normalisation(statistics, args.normalise)
-        except ValueError as error:
-            print(f"ERROR: {output_dir / 'latent_stats.json'} not written: {error}", file=sys.stderr)
-            return 2
-        summary: dict[str, Any] = {
-            "latent_shape": latent_shape,
-            **statistics,
-            "mode": args.mode,
-            "seed": args.seed if args.mode == "sample" else None,
-            "format": args.format,
-            "checkpoint": str(Path(args.model_checkpoint).resolve()),
-            "checkpoint_sha256": checkpoint_sha256,
-            "num_volumes": len(written),
-        }
-        summary["normalisation"] = {
-            "mode": args.normalise,
-            "shift": shift.tolist(),
-            "scale": scale.tolist(),
-            "formula": "z_normalised = (z - shift) * scale per channel; decode z_normalised / scale + shift",
-        }
-        (output_dir / "latent_stats.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(statistics_table(summary, len(written), output_dir))
-    if failures:
-        lines = "\n".join(f"  {failures[i]}" for i in sorted(failures))
-        print(
-            f"ERROR: {len(failures)} of {len(frame)} file(s) failed (left out of the manifest):\n{lines}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+        write_latent(subject.latent, paths[subject.row], subject.latent_affine)
+
+    split.encode(todo, write, sample=args.mode == "sample")
+    try:
+        write_manifest_and_statistics(split, paths, settings)
+    except ValueError as error:  # DataError too: every value, or one channel, constant over the whole split
+        return fatal(f"{output_dir / 'latent_stats.json'} not written: {error}")
+    return split.report_failures(" (left out of the manifest)")
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
     except DeviceOutOfMemoryError as error:  # one line, no traceback; latents already written are kept
-        print(f"ERROR: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(fatal(error))

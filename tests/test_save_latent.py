@@ -18,7 +18,7 @@ import torch
 from helpers import INPUT_FAULTS, assert_failed_before_writing, faulty_inputs, make_split, tiny_checkpoint
 
 import save_latent
-from latents import denormalise_latent, normalise_latent, read_latent, sha256_file
+from latents import denormalise_latent, normalise_latent, read_latent, sha256_file, write_latent
 from metrics import LatentStatistics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -221,3 +221,13 @@ def test_constant_latent_channel_cannot_be_normalised_per_channel(
     assert errors[0].endswith("has a zero; cannot normalise per channel")
     assert not (tmp_path / "out" / "latent_stats.json").exists()
     assert run(checkpoint, split, tmp_path / "out", "--normalise", "global") == 0
+
+
+def test_pt_latent_of_a_batch_holds_only_its_own_values(tmp_path: Path) -> None:
+    """A latent cut from a batch (B, C, d, h, w) is saved alone: torch.save of a view would store the whole
+    batch's memory (a .pt file B times too large)."""
+    batch = torch.randn(3, 2, 6, 7, 5)
+    write_latent(batch[1], tmp_path / "one.pt", np.eye(4))
+    loaded = torch.load(tmp_path / "one.pt", weights_only=True)
+    torch.testing.assert_close(loaded, batch[1], rtol=0, atol=0)
+    assert loaded.untyped_storage().nbytes() == batch[1].numel() * 4
