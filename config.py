@@ -240,6 +240,8 @@ class TrainConfig:
       our VAE's convolution weights always are (measured faster on CPU; see BENCHMARKS.md).
     * ``compile_mode``: the ``torch.compile`` mode when ``compile`` is true.
     * ``val_batch_size``: volumes per validation forward pass (default: ``batch_size``).
+    * ``region_metrics``: validation also reports PSNR/SSIM/MAE per tissue class (``val/psnr_gm`` …;
+      ``regions.py``: each validation subject is segmented once, at the first validation).
     """
 
     run_name: str = "vae_default"
@@ -271,6 +273,7 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     val_every: int = 1
     val_batch_size: int | None = None
+    region_metrics: bool = True
     checkpoint_every_steps: int | None = None
     best_metric: str = "val/psnr_brain"
     best_metric_mode: Literal["max", "min"] = "max"

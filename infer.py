@@ -16,7 +16,10 @@ Per input file, into ``--output_dir``:
   affine @ [[f,0,0,(f-1)/2],[0,f,0,(f-1)/2],[0,0,f,(f-1)/2],[0,0,0,1]] (latent voxel = centre of its f-block);
 * ``metrics.csv``: per file, every input column (subject_id, image, mask and the CSV's extra columns), then
   MSE, PSNR, SSIM, MS-SSIM, LPIPS3D and their in-brain variants (computed on the preprocessed grid; brain =
-  the CSV's mask, else the foreground), then recon_path and latent_path; a mean ± std table on stdout.
+  the CSV's mask, else the foreground), PSNR/SSIM/MAE per region (``psnr_gm``, ``ssim_wm``, ``mae_csf``, …:
+  tissue classes of the input, and on the MNI grid hemispheres and cortical/deep grey matter, ``regions.py``;
+  empty where a segmentation failed; ``--no_region_metrics`` leaves them out), then recon_path and
+  latent_path; a mean ± std table on stdout (over the files that have the value).
   LPIPS3D uses the checkpoint's backbone, with its default weights when the checkpoint's
   ``perceptual.weights_path`` is not on this machine; without any weights (or with ``--no_lpips``) the
   lpips columns are left out, with a warning.
@@ -62,6 +65,7 @@ from latents import (
     write_latent,
 )
 from metrics import image_metrics
+from regions import batch_region_masks
 from utils import autocast
 
 
@@ -99,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", action="store_true", help="save/decode a posterior draw, not the mean")
     parser.add_argument("--latent_format", default="nii.gz", choices=LATENT_FORMATS)
     parser.add_argument("--no_lpips", action="store_true", help="leave out the LPIPS3D metrics")
+    parser.add_argument(
+        "--no_region_metrics", action="store_true", help="leave out the per-region metrics (psnr_gm, …)"
+    )
     args = parser.parse_args(argv)
     if args.denormalise != "none" and (args.decode is None or args.latent_stats is None):
         parser.error(
@@ -148,8 +155,13 @@ def main(argv: list[str] | None = None) -> int:
                 recons = recons.float().clamp(0.0, 1.0)  # (B, 1, D, H, W) on the preprocessed grid
                 targets = torch.stack([v.image for v in volumes]).to(model.device)
                 masks = torch.stack([v.mask for v in volumes]).to(model.device)
-                values = image_metrics(recons, targets, masks, lpips=lpips)
-                metric_names = list(values)
+                regions = None  # tissue classes of the input (+ hemispheres, cortical/deep GM on the MNI grid)
+                if not args.no_region_metrics:
+                    affines = [v.inverse.output_affine for v in volumes]
+                    names = [ids[item["index"]] for item in loaded]
+                    regions = batch_region_masks(targets, masks, affines, names)
+                values = image_metrics(recons, targets, masks, lpips=lpips, regions=regions)
+                metric_names = list(dict.fromkeys([*metric_names, *values]))  # a region some files lack
                 output_dir.mkdir(parents=True, exist_ok=True)
                 for b, (item, volume) in enumerate(zip(loaded, volumes, strict=True)):
                     recon_path, latent_path = recon_paths[item["index"]], latent_paths[item["index"]]
