@@ -62,6 +62,8 @@ SEGMENTATION_SETTINGS = {
 MNI_FIRST_VOXEL_MM = np.array([-90.0, -126.0, -72.0])  # FSL MNI152 2 mm grid (91×109×91) in RAS order
 MNI_LAST_VOXEL_MM = np.array([90.0, 90.0, 108.0])
 DEEP_GREY_MAX_ABS_X_MM = 32.0  # lateral edge of the putamen; the insula lies beyond
+DEEP_GREY_Y_MM = (-40.0, 28.0)  # pulvinar to the head of the caudate: leaves out the cingulate's ends
+DEEP_GREY_Z_MM = (-14.0, 24.0)  # below the corpus callosum's body, above the amygdala
 DEEP_GREY_MIN_DEPTH_MM = 20.0  # distance from the template brain's outer surface
 TEMPLATE_GM_THRESHOLD = 0.5
 CACHE_SIZE = 1024  # segmentations kept (uint8 labels: 0.9 MB per 91×109×91 volume)
@@ -135,12 +137,15 @@ def _deep_grey_zone(affine_bytes: bytes, shape: tuple[int, int, int]) -> np.ndar
     brain = datasets.load_mni152_brain_mask(resolution=2)  # thresholded from the shipped T1 template
     spacing = np.abs(np.diag(brain.affine)[:3])
     depth = ndimage.distance_transform_edt(ndimage.binary_fill_holes(brain.get_fdata() > 0), sampling=spacing)
-    x_mm = (brain.affine @ np.c_[np.indices(brain.shape).reshape(3, -1).T, np.ones(depth.size)].T)[0]
+    world = brain.affine @ np.c_[np.indices(brain.shape).reshape(3, -1).T, np.ones(depth.size)].T
+    x_mm, y_mm, z_mm = (axis.reshape(depth.shape) for axis in world[:3])
     zone = (
         (grey.get_fdata() > TEMPLATE_GM_THRESHOLD)
         & (depth >= DEEP_GREY_MIN_DEPTH_MM)
-        & (np.abs(x_mm.reshape(depth.shape)) <= DEEP_GREY_MAX_ABS_X_MM)
-    )
+        & (np.abs(x_mm) <= DEEP_GREY_MAX_ABS_X_MM)
+        & (DEEP_GREY_Y_MM[0] <= y_mm) & (y_mm <= DEEP_GREY_Y_MM[1])
+        & (DEEP_GREY_Z_MM[0] <= z_mm) & (z_mm <= DEEP_GREY_Z_MM[1])
+    )  # fmt: skip
     zone_image = image.new_img_like(brain, zone.astype(np.float32))
     target = image.resample_img(
         zone_image, target_affine=affine, target_shape=shape, interpolation="nearest", copy_header=True
@@ -152,7 +157,11 @@ def deep_grey_zone(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarra
     """(D, H, W) bool on the given MNI grid: the template's deep grey matter (basal ganglia, thalamus).
 
     MNI152 2009 GM probability > 0.5, at least :data:`DEEP_GREY_MIN_DEPTH_MM` from the outer surface of the
-    template's brain mask and within :data:`DEEP_GREY_MAX_ABS_X_MM` of the midline (leaving out the insula).
+    template's brain mask, within :data:`DEEP_GREY_MAX_ABS_X_MM` of the midline (leaving out the insula) and
+    inside the box :data:`DEEP_GREY_Y_MM` × :data:`DEEP_GREY_Z_MM` around the striatum and thalamus (the depth
+    alone keeps the medial cortex: the template's mask fills the interhemispheric fissure). A coarse, fixed
+    zone: nilearn ships no subcortical atlas offline, and T1 k-means labels part of the pallidum and
+    thalamus (bright, myelinated) as WM, so ``deep_gm`` is the GM-labelled part of the deep nuclei.
     """
     return _deep_grey_zone(np.asarray(affine, dtype=np.float64).tobytes(), tuple(int(s) for s in shape))
 
