@@ -10,8 +10,11 @@
   labels. Classes are named by their mean intensity (T1: CSF < GM < WM).
 * **Coarse anatomical regions, on the MNI grid only** (:func:`on_mni_grid`: the volume's world box is the FSL
   MNI152 box): left/right hemisphere of the brain mask by the sign of the voxel's world x coordinate (RAS:
-  x < 0 is left), and cortical vs deep grey matter: the subject's GM inside / outside the deep-grey-matter
-  zone of the MNI152 2009 GM template that ships inside ``nilearn`` (:func:`deep_grey_zone`; never downloaded).
+  x < 0 is left), and cortical vs deep grey matter: ``cortical_gm`` = the subject's GM outside, ``deep_gm`` =
+  the brain inside the deep-grey-matter zone of the MNI152 2009 GM template that ships inside ``nilearn``
+  (:func:`deep_grey_zone`; never downloaded). ``deep_gm`` is the template's zone, not the subject's GM label:
+  on T1 at 2 mm Atropos labels most of the thalamus and pallidum WM (seen on IXI), so their intersection
+  was only the partial-volume rim of the lateral ventricles.
 * A volume whose segmentation fails gets empty (all-False) tissue masks and one ``WARNING:`` line; its
   region metrics are then NaN (empty CSV cells), never a crash.
 
@@ -160,8 +163,7 @@ def deep_grey_zone(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarra
     template's brain mask, within :data:`DEEP_GREY_MAX_ABS_X_MM` of the midline (leaving out the insula) and
     inside the box :data:`DEEP_GREY_Y_MM` × :data:`DEEP_GREY_Z_MM` around the striatum and thalamus (the depth
     alone keeps the medial cortex: the template's mask fills the interhemispheric fissure). A coarse, fixed
-    zone: nilearn ships no subcortical atlas offline, and T1 k-means labels part of the pallidum and
-    thalamus (bright, myelinated) as WM, so ``deep_gm`` is the GM-labelled part of the deep nuclei.
+    zone: nilearn ships no subcortical atlas offline.
     """
     return _deep_grey_zone(np.asarray(affine, dtype=np.float64).tobytes(), tuple(int(s) for s in shape))
 
@@ -218,7 +220,7 @@ def region_masks(
             left=left,
             right=torch.from_numpy(brain) & ~left,
             cortical_gm=regions["gm"] & ~deep,
-            deep_gm=regions["gm"] & deep,
+            deep_gm=torch.from_numpy(brain) & deep,
         )
     return {region: value[None] for region, value in regions.items()}
 

@@ -91,7 +91,8 @@ def test_mni_grid_regions_hemispheres_and_deep_grey_matter() -> None:
     assert torch.equal(masks["left"] | masks["right"], brain) and not (masks["left"] & masks["right"]).any()
     assert masks["left"][:, : MNI_4MM_SHAPE[0] // 2].all() == brain[:, : MNI_4MM_SHAPE[0] // 2].all()
     assert not masks["left"][:, x_mm > 0].any()
-    assert torch.equal(masks["cortical_gm"] | masks["deep_gm"], masks["gm"])
+    assert torch.equal(masks["cortical_gm"] | (masks["deep_gm"] & masks["gm"]), masks["gm"])
+    assert masks["deep_gm"].any() and not (masks["deep_gm"] & ~brain).any()
     not_mni = regions.region_masks(torch.from_numpy(image)[None], brain, np.eye(4))
     assert set(not_mni) == set(regions.TISSUE_CLASSES)
 
