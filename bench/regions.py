@@ -104,7 +104,7 @@ def tissue_mode(frame: pd.DataFrame, output_dir: Path) -> None:
                 outlined={name: masks[name][0] for name in ("deep_gm", "left") if name in masks},
                 path=output_dir / "classes.png",
                 title=f"{row['subject_id']}: tissue classes (Atropos, {regions.SEGMENTATION_SETTINGS['mrf']}"
-                " MRF) filled; deep GM zone ∩ GM and the left hemisphere outlined",
+                " MRF) filled; deep GM (template zone) and the left hemisphere outlined",
             )
     table = pd.DataFrame(rows)
     table.to_csv(output_dir / "tissue.csv", index=False)
