@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 recons = recons.float().clamp(0.0, 1.0)  # (B, 1, D, H, W) on the preprocessed grid
                 targets = torch.stack([v.image for v in volumes]).to(model.device)
                 masks = torch.stack([v.mask for v in volumes]).to(model.device)
-                regions = None  # tissue classes of the input (+ hemispheres, cortical/deep GM on the MNI grid)
+                regions = None  # tissue classes (+ hemispheres, cortical/deep GM on the MNI grid)
                 if not args.no_region_metrics:
                     affines = [v.inverse.output_affine for v in volumes]
                     names = [ids[item["index"]] for item in loaded]
