@@ -2,12 +2,12 @@
 
 * **Tissue classes, per subject** (every input): CSF, grey matter (GM) and white matter (WM) from a 3-class
   segmentation of the *input* volume (never the reconstruction) inside its brain mask, with ANTsPy's Atropos
-  (``ants.atropos``, the ANTs tool behind ``antsAtroposN4``/FAST-like tissue segmentation, already a project
-  dependency for ``prepare.py``; it needs no prior, runs on the preprocessed grid and is a maintained
-  library rather than a hand-written k-means). Settings, fixed and recorded in :data:`SEGMENTATION_SETTINGS`:
+  (``ants.atropos``: ANTs' EM tissue segmentation with an MRF prior, the one behind ``antsAtroposN4``; ANTsPy
+  is already a project dependency for ``prepare.py``; it needs no atlas prior, runs on the preprocessed grid
+  and is a maintained library rather than a hand-written k-means). Settings, fixed and recorded in :data:`SEGMENTATION_SETTINGS`:
   k-means initialisation with 3 classes, MRF smoothing 0.1 over the 1×1×1 neighbourhood, 5 iterations, the
   constant internal random seed (``r=0``) and single-threaded ITK, so the same input always gives the same
-  labels. Classes are named by their mean intensity (T1: CSF < GM < WM).
+  labels (without ``r=0``, two runs on one IXI volume differed in ~300 of 275k brain voxels). Classes are named by their mean intensity (T1: CSF < GM < WM).
 * **Coarse anatomical regions, on the MNI grid only** (:func:`on_mni_grid`: the volume's world box is the FSL
   MNI152 box): left/right hemisphere of the brain mask by the sign of the voxel's world x coordinate (RAS:
   x < 0 is left), and cortical vs deep grey matter: ``cortical_gm`` = the subject's GM outside, ``deep_gm`` =
@@ -16,7 +16,8 @@
   on T1 at 2 mm Atropos labels most of the thalamus and pallidum WM (seen on IXI), so their intersection
   was only the partial-volume rim of the lateral ventricles.
 * A volume whose segmentation fails gets empty (all-False) tissue masks and one ``WARNING:`` line; its
-  region metrics are then NaN (empty CSV cells), never a crash.
+  region metrics are then NaN (empty CSV cells in ``infer.py``; in validation that region's epoch mean is
+  NaN too, as the mean includes every subject), never a crash.
 
 The segmentation of an input is memoised by the content of (image, mask): validation segments each subject
 once and reuses it every epoch (its input never changes).
