@@ -14,9 +14,10 @@ blurred with a Gaussian of 1 voxel; the cost does not depend on the values). Wri
 ``summary.json`` and ``classes.png`` (the classes over the first subject) into ``--output_dir``.
 
 Validation mode (``--validation_timing CONFIG``): ``train.validate`` itself, on the first ``--limit`` rows of
-the split preprocessed by the config, with a fresh (untrained) VAE and the config's LPIPS3D: once with
-``train.region_metrics=false``, then twice with it on (the first call segments every subject, the second
-reuses the memo, as every later epoch does). Writes ``validation_timing.json``.
+the split preprocessed by the config, with a fresh (untrained) VAE and the config's LPIPS3D: after one untimed
+warm-up call, once with ``train.region_metrics=false``, then twice with it on (the first call segments every
+subject), then three alternating pairs without / with (the memo serving the segmentation, as in every later
+epoch); increases against the median call without. Writes ``validation_timing_<shape>.json``.
 
 Every result records the load average before and after (the machine may be shared).
 """
@@ -30,6 +31,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from scipy import ndimage
@@ -137,8 +139,10 @@ def validation_mode(frame: pd.DataFrame, config_file: str, overrides: list[str],
     vae = build_vae(config.model)
     lpips = build_perceptual_loss(config.perceptual)
     amp = resolve_amp_dtype(config.train.amp, context.device)
+    train.validate(vae, val_set, lpips, configs[False], context, amp)  # warm-up (first-call set-up), untimed
     results = []
-    for label, enabled in (("without", False), ("with_first", True), ("with_cached", True)):
+    calls = [("without", False), ("with_first", True)] + [("without", False), ("with_cached", True)] * 3
+    for label, enabled in calls:
         load_before = os.getloadavg()[0]
         start = time.perf_counter()
         metrics, _, _ = train.validate(vae, val_set, lpips, configs[enabled], context, amp)
@@ -146,15 +150,20 @@ def validation_mode(frame: pd.DataFrame, config_file: str, overrides: list[str],
         results.append({"call": label, "seconds": seconds, "load_before": load_before,
                         "load_after": os.getloadavg()[0], "has_psnr_gm": "val/psnr_gm" in metrics})  # fmt: skip
         print(results[-1], flush=True)
-    without = results[0]["seconds"]
+
+    def median(label: str) -> float:
+        return float(np.median([r["seconds"] for r in results if r["call"] == label]))
+
+    without = median("without")
     report = {
         "config_file": config_file,
         "overrides": overrides,
         "subjects": len(frame),
         "target_shape": list(config.preprocessing.target_shape),
         "calls": results,
-        "increase_first": results[1]["seconds"] / without - 1,
-        "increase_cached": results[2]["seconds"] / without - 1,
+        "median_without_s": without,
+        "increase_first": median("with_first") / without - 1,
+        "increase_cached": median("with_cached") / without - 1,
         "machine": machine(),
     }
     name = f"validation_timing_{'x'.join(map(str, config.preprocessing.target_shape))}.json"
