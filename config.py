@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from metrics import VALIDATION_METRICS
+from metrics import VALIDATION_METRICS, VALIDATION_REGION_METRICS
 
 __all__ = [
     "AugmentationConfig",
@@ -269,6 +269,9 @@ class TrainConfig:
       our VAE's convolution weights always are (measured faster on CPU; see BENCHMARKS.md).
     * ``compile_mode``: the ``torch.compile`` mode when ``compile`` is true.
     * ``val_batch_size``: volumes per validation forward pass (default: ``batch_size``).
+    * ``region_metrics``: validation also reports PSNR/SSIM/MAE per tissue class (``val/psnr_gm`` …;
+      ``regions.py``: each validation subject is segmented once, at the first validation); they are then
+      ``best_metric`` choices too (``metrics.VALIDATION_REGION_METRICS``).
     """
 
     run_name: str = "vae_default"
@@ -300,6 +303,7 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     val_every: int = 1
     val_batch_size: int | None = None
+    region_metrics: bool = True
     checkpoint_every_steps: int | None = None
     best_metric: str = "val/psnr_brain"
     best_metric_mode: Literal["max", "min"] = "max"
@@ -336,10 +340,16 @@ class TrainConfig:
             "train.time_budget_s must be null or > 0 (seconds)",
             "train.time_budget_s",
         )
+        choices = VALIDATION_METRICS + (VALIDATION_REGION_METRICS if self.region_metrics else ())
+        hint = (
+            " (region metrics need train.region_metrics: true)"
+            if self.best_metric in VALIDATION_REGION_METRICS
+            else ""
+        )
         _check(
-            self.best_metric in VALIDATION_METRICS,
-            f"train.best_metric must be a validation metric, one of {', '.join(VALIDATION_METRICS)}; got "
-            f"{self.best_metric!r}",
+            self.best_metric in choices,
+            f"train.best_metric must be a validation metric, one of {', '.join(choices)}; got "
+            f"{self.best_metric!r}{hint}",
             "train.best_metric",
         )
         _check(

@@ -17,8 +17,11 @@ Per input file, into ``--output_dir``:
 * ``metrics.csv``: per file, every input column (subject_id, image, mask and the CSV's extra columns),
   ``mask_source`` (``csv``: the brain is the CSV's mask; ``estimated``: ``dataset.estimate_brain_mask``),
   then MSE, PSNR, SSIM, MS-SSIM, LPIPS3D and their in-brain variants (computed on the preprocessed grid),
-  then recon_path and latent_path; a mean ± std table on stdout. A brain mask covering more than half the
-  field of view (a raw head, not a skull-stripped brain) gets a ``WARNING:`` line naming the file.
+  PSNR/SSIM/MAE per region (``psnr_gm``, ``ssim_wm``, ``mae_csf``, …: tissue classes of the input, and on
+  the MNI grid hemispheres and cortical/deep grey matter, ``regions.py``; empty where a segmentation failed;
+  ``--no_region_metrics`` leaves them out), then recon_path and latent_path; a mean ± std table on stdout
+  (over the files that have the value). A brain mask covering more than half the field of view (a raw head,
+  not a skull-stripped brain) gets a ``WARNING:`` line naming the file.
   LPIPS3D uses the checkpoint's backbone, with its default weights when the checkpoint's
   ``perceptual.weights_path`` is not on this machine; without any weights (or with ``--no_lpips``) the
   lpips columns are left out, with a warning.
@@ -64,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample", action="store_true", help="save/decode a posterior draw, not the mean")
     parser.add_argument("--latent_format", default="nii.gz", choices=LATENT_FORMATS)
     parser.add_argument("--no_lpips", action="store_true", help="leave out the LPIPS3D metrics")
+    parser.add_argument(
+        "--no_region_metrics", action="store_true", help="leave out the per-region metrics (psnr_gm, …)"
+    )
     args = parser.parse_args(argv)
     if args.denormalise != "none" and (args.decode is None or args.latent_stats is None):
         parser.error(
@@ -94,18 +100,27 @@ from latents import (
 )
 from metrics import image_metrics
 from model import LPIPS3D
+from regions import batch_region_masks
 from utils import DeviceOutOfMemoryError
 
 
-def reconstruct(subject: EncodedSubject, split: SplitEncoder, lpips: LPIPS3D | None) -> dict[str, Any]:
+def reconstruct(
+    subject: EncodedSubject, split: SplitEncoder, lpips: LPIPS3D | None, regions: bool
+) -> dict[str, Any]:
     """Write one subject's reconstruction (on its input grid, ``--intensity`` units) and latent; returns its
     metrics.csv row: every input column (extras included), mask_source, the metrics (on the preprocessed
-    grid), then the two paths. A head-sized brain mask gets a ``WARNING:`` line naming the file."""
+    grid; with ``regions``, per region of this subject's input too), then the two paths. A head-sized brain
+    mask gets a ``WARNING:`` line naming the file."""
     volume, device, args = subject.volume, split.model.device, split.args
     if warning := brain_mask_warning(volume):
         tqdm.write(f"WARNING: {warning}", file=sys.stderr)
     recon = decode_batch(split.model, subject.latent[None])  # (1, 1, D, H, W), as --decode gives it
-    values = image_metrics(recon, volume.image[None].to(device), volume.mask[None].to(device), lpips=lpips)
+    target, mask = volume.image[None].to(device), volume.mask[None].to(device)  # (1, 1, D, H, W)
+    masks = None  # tissue classes of the input (+ hemispheres, cortical/deep GM on the MNI grid)
+    if regions:
+        name = str(split.frame.iloc[subject.row]["subject_id"])
+        masks = batch_region_masks(target, mask, [volume.inverse.output_affine], [name])
+    values = image_metrics(recon, target, mask, lpips=lpips, regions=masks)
     recon_path = split.output_path(subject.row, "_recon.nii.gz")
     latent_path = split.output_path(subject.row, f"_latent.{args.latent_format}")
     recon_path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,10 +136,14 @@ def reconstruct(subject: EncodedSubject, split: SplitEncoder, lpips: LPIPS3D | N
 
 
 def write_metrics(rows: list[dict[str, Any]], split: SplitEncoder) -> None:
-    """metrics.csv, one row per file, and on stdout one line per metric: mean ± std over the files."""
+    """metrics.csv, one row per file, and on stdout one line per metric: mean ± std over the files that have
+    it (a region only on the MNI grid, a failed segmentation: empty cells)."""
     table, path = pd.DataFrame(rows), Path(split.args.output_dir) / "metrics.csv"
-    table.to_csv(path, index=False)
-    metrics = table.drop(columns=[*split.frame.columns, "mask_source", "recon_path", "latent_path"])
+    first, last = [*split.frame.columns, "mask_source"], ["recon_path", "latent_path"]
+    metrics = table.drop(columns=first + last)
+    table[first + list(metrics.columns) + last].to_csv(
+        path, index=False
+    )  # a region first seen late: not last
     print(f"{'metric':<16}{'mean ± std':>24}   (n = {len(metrics)})")
     for name in metrics.columns:
         values = metrics[name].astype(float)
@@ -154,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         if lpips is not None:
             lpips = lpips.to(split.model.device)
             print(f"LPIPS3D: {lpips.description}")
-    rows = split.encode(split.good_rows, partial(reconstruct, split=split, lpips=lpips), args.sample)
+    reconstruct_one = partial(reconstruct, split=split, lpips=lpips, regions=not args.no_region_metrics)
+    rows = split.encode(split.good_rows, reconstruct_one, args.sample)
     if rows:
         write_metrics(rows, split)
     return split.report_failures()

@@ -7,6 +7,12 @@ Used by training validation, ``infer.py``, ``save_latent.py``, the notebook and 
   over the whole volume and inside the brain mask (``*_brain``).
   In-brain definitions: MSE/PSNR over mask voxels; SSIM = mean of the SSIM map over mask voxels;
   MS-SSIM and LPIPS3D on both volumes multiplied by the mask, cropped to the mask's bounding box.
+* Per region (``regions.py``: tissue classes csf/gm/wm, and on the MNI grid left/right hemisphere and
+  cortical/deep grey matter): ``psnr_<region>``, ``ssim_<region>``, ``mae_<region>``
+  (:func:`region_metrics`): PSNR and MAE over the region's voxels, SSIM = the same SSIM map averaged over
+  the region's voxels; NaN for a region with no voxels (e.g. a failed segmentation). No LPIPS3D per region:
+  its deep features see tens of voxels around each voxel, so a thin region (cortical ribbon, CSF) cannot be
+  scored apart from its surroundings, and masking the volumes to the region adds edges that dominate it.
 * KL divergence of N(mu, sigma²) from N(0, 1): ``losses.kl_divergence`` (one definition for loss and report).
 * Latent statistics, streamed (never holding all latents): :class:`LatentStatistics`.
 """
@@ -20,10 +26,19 @@ import torch
 import torch.distributed as dist
 from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
 
+from regions import TISSUE_CLASSES
+
 if TYPE_CHECKING:
     from model.lpips3D import LPIPS3D
 
-__all__ = ["VALIDATION_METRICS", "LatentStatistics", "image_metrics", "ms_ssim_scales"]
+__all__ = [
+    "VALIDATION_METRICS",
+    "VALIDATION_REGION_METRICS",
+    "LatentStatistics",
+    "image_metrics",
+    "ms_ssim_scales",
+    "region_metrics",
+]
 
 SSIM_KERNEL = 11
 MS_SSIM_KERNEL = 7
@@ -35,8 +50,14 @@ IMAGE_METRICS = tuple(
 )
 # the KL divergence and the :class:`LatentStatistics` summary values that training validation reports too
 LATENT_METRICS = ("kl", "latent_std", "latent_std_min", "latent_std_max", "scale_factor")
+# what :func:`region_metrics` reports per region: ``<kind>_<region>``
+REGION_METRIC_KINDS = ("psnr", "ssim", "mae")
 # every number ``train.validate`` reports (the choices of ``train.best_metric``)
 VALIDATION_METRICS = tuple(f"val/{name}" for name in IMAGE_METRICS + LATENT_METRICS)
+# and with ``train.region_metrics`` (validation segments tissue classes only: no affine, no MNI regions)
+VALIDATION_REGION_METRICS = tuple(
+    f"val/{kind}_{region}" for region in TISSUE_CLASSES for kind in REGION_METRIC_KINDS
+)
 
 
 def ms_ssim_scales(spatial_shape: tuple[int, ...]) -> int:
@@ -85,21 +106,84 @@ def _bounding_box(mask: torch.Tensor, min_size: int) -> tuple[slice, ...]:
     return tuple(slices)
 
 
+def _ssim_map(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MONAI's SSIM map (Gaussian window 11, sigma 1.5, data range 1) of (B, 1, D, H, W) volumes, window
+    borders cropped: (B, 1, D - 10, H - 10, W - 10)."""
+    ssim_map, _ = compute_ssim_and_cs(
+        recon,
+        target,
+        spatial_dims=3,
+        kernel_size=[SSIM_KERNEL] * 3,
+        kernel_sigma=[KERNEL_SIGMA] * 3,
+        data_range=1.0,
+    )
+    return ssim_map
+
+
+def _ssim_support(mask: torch.Tensor) -> torch.Tensor:
+    """The part of a (B, 1, D, H, W) mask that MONAI's SSIM map covers (the window's border cropped)."""
+    border = SSIM_KERNEL // 2
+    return mask[..., border:-border, border:-border, border:-border]
+
+
+def _region_mean(values: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """(B,) mean of ``values`` over each sample's ``region`` voxels; NaN where the region is empty."""
+    region = region.to(values.dtype)
+    return (values * region).flatten(1).sum(1) / region.flatten(1).sum(1)
+
+
+@torch.no_grad()
+def region_metrics(
+    recon: torch.Tensor,
+    target: torch.Tensor,
+    regions: dict[str, torch.Tensor],
+    ssim_map: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """PSNR, SSIM and MAE inside each region.
+
+    Args:
+        recon, target: (B, 1, D, H, W) in [0, 1] (``recon`` is clipped to [0, 1] first).
+        regions: region name → (B, 1, D, H, W) bool.
+        ssim_map: the SSIM map of (recon, target) when already computed (``image_metrics``), else None.
+    Returns:
+        ``psnr_<region>``, ``ssim_<region>``, ``mae_<region>`` → (B,) float32 on the CPU; NaN for an empty region.
+    """
+    recon = recon.float().clamp(0.0, 1.0)
+    target = target.float()
+    if ssim_map is None:
+        ssim_map = _ssim_map(recon, target)
+    error = recon - target
+    out: dict[str, torch.Tensor] = {}
+    for name, region in regions.items():
+        region = region.to(recon.device)
+        mse = _region_mean(error.pow(2), region)
+        values = {
+            "psnr": -10.0 * torch.log10(mse.clamp_min(1e-10)),
+            "ssim": _region_mean(ssim_map, _ssim_support(region)),
+            "mae": _region_mean(error.abs(), region),
+        }
+        out.update({f"{kind}_{name}": values[kind] for kind in REGION_METRIC_KINDS})
+    return {name: value.detach().float().cpu() for name, value in out.items()}
+
+
 @torch.no_grad()
 def image_metrics(
     recon: torch.Tensor,
     target: torch.Tensor,
     brain_mask: torch.Tensor | None = None,
     lpips: LPIPS3D | None = None,
+    regions: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-sample reconstruction metrics, whole volume and in-brain.
+    """Per-sample reconstruction metrics, whole volume, in-brain and per region.
 
     Args:
         recon, target: (B, 1, D, H, W), intensities in [0, 1] (``recon`` is clipped to [0, 1] first).
         brain_mask: (B, 1, D, H, W) bool/0-1; None → the nonzero foreground of ``target``.
         lpips: a 3D LPIPS module; its metrics are left out when None.
+        regions: region name → (B, 1, D, H, W) bool (``regions.batch_region_masks``), or None.
     Returns:
-        name → (B,) float32 tensor on the CPU: mse, psnr, ssim, ms_ssim, [lpips], and the same + ``_brain``.
+        name → (B,) float32 tensor on the CPU: mse, psnr, ssim, ms_ssim, [lpips], and the same + ``_brain``;
+        with ``regions``, :func:`region_metrics` too.
     """
     recon = recon.float().clamp(0.0, 1.0)
     target = target.float()
@@ -113,17 +197,9 @@ def image_metrics(
     for name in ("mse", "mse_brain"):
         out[name.replace("mse", "psnr")] = -10.0 * torch.log10(out[name].clamp_min(1e-10))
 
-    ssim_map, _ = compute_ssim_and_cs(
-        recon,
-        target,
-        spatial_dims=3,
-        kernel_size=[SSIM_KERNEL] * 3,
-        kernel_sigma=[KERNEL_SIGMA] * 3,
-        data_range=1.0,
-    )
+    ssim_map = _ssim_map(recon, target)
     out["ssim"] = ssim_map.flatten(1).mean(1)
-    border = SSIM_KERNEL // 2
-    inner_mask = mask[..., border:-border, border:-border, border:-border]
+    inner_mask = _ssim_support(mask)
     out["ssim_brain"] = (ssim_map * inner_mask).flatten(1).sum(1) / inner_mask.flatten(1).sum(1).clamp_min(
         1.0
     )
@@ -142,6 +218,8 @@ def image_metrics(
     out["ms_ssim_brain"] = torch.cat(brain_ms_ssim)
     if lpips is not None:
         out["lpips_brain"] = torch.cat(brain_lpips)
+    if regions:
+        out.update(region_metrics(recon, target, regions, ssim_map))
     return {name: value.detach().float().cpu() for name, value in out.items()}
 
 

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["orthogonal_slices_figure"]
+__all__ = ["orthogonal_slices_figure", "regions_figure"]
 
 
 def _as_volume(volume: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -56,6 +56,65 @@ def orthogonal_slices_figure(
             axis.set_axis_off()
             axis.set_title(f"{name} — {label}", fontsize=8)
         figure.colorbar(shown, ax=axes[row, :].tolist(), fraction=0.02)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=90)
+    return figure
+
+
+REGION_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:cyan", "tab:olive")
+
+
+def regions_figure(
+    background: torch.Tensor | np.ndarray,
+    filled: dict[str, torch.Tensor | np.ndarray] | None = None,
+    outlined: dict[str, torch.Tensor | np.ndarray] | None = None,
+    path: str | Path | None = None,
+    title: str | None = None,
+    background_label: str = "input",
+    cmap: str = "gray",
+) -> plt.Figure:
+    """Sagittal, coronal and axial slices through the centre of ``background`` with regions drawn on it.
+
+    Args:
+        background: (D, H, W) or (1, D, H, W) volume (RAS), shown on [0, max] with ``cmap``.
+        filled: region name → (D, H, W) mask, drawn as translucent colour; outlined: the same, as contours.
+        path: where to save the PNG (parent folders are created); None → only return the figure.
+    """
+    image = _as_volume(background)
+    layers = [(name, _as_volume(mask) > 0.5, True) for name, mask in (filled or {}).items()]
+    layers += [(name, _as_volume(mask) > 0.5, False) for name, mask in (outlined or {}).items()]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 4.4), squeeze=False)
+    cx, cy, cz = (s // 2 for s in image.shape)
+    views = (lambda a: a[cx, :, :].T, lambda a: a[:, cy, :].T, lambda a: a[:, :, cz].T)
+    for column, (view, label) in enumerate(zip(views, ("sagittal", "coronal", "axial"), strict=True)):
+        axis = axes[0, column]
+        shown = axis.imshow(view(image), cmap=cmap, vmin=0.0, vmax=float(image.max()) or 1.0, origin="lower")
+        for index, (_, mask, is_filled) in enumerate(layers):
+            colour = REGION_COLOURS[index % len(REGION_COLOURS)]
+            region = view(mask).astype(np.float32)
+            if is_filled:
+                rgba = np.zeros((*region.shape, 4), dtype=np.float32)
+                rgba[..., :3] = matplotlib.colors.to_rgb(colour)
+                rgba[..., 3] = 0.45 * region
+                axis.imshow(rgba, origin="lower")
+            elif region.any():
+                axis.contour(region, levels=[0.5], colors=[colour], linewidths=0.8)
+        axis.set_axis_off()
+        axis.set_title(f"{background_label} — {label}", fontsize=8)
+    figure.colorbar(shown, ax=axes[0, :].tolist(), fraction=0.02)
+    handles = [
+        matplotlib.patches.Patch(
+            facecolor=REGION_COLOURS[i % len(REGION_COLOURS)] if is_filled else "none",
+            edgecolor=REGION_COLOURS[i % len(REGION_COLOURS)],
+            label=f"{name} ({'filled' if is_filled else 'outline'})",
+        )
+        for i, (name, _, is_filled) in enumerate(layers)
+    ]
+    if handles:
+        figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     if title:
         figure.suptitle(title, fontsize=9)
     if path is not None:

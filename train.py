@@ -97,6 +97,7 @@ from metrics import LatentStatistics, image_metrics
 from model import MaisiVAE, PatchDiscriminator3D, build_discriminator, build_perceptual_loss, build_vae
 from model.recompute import recompute
 from plotting import orthogonal_slices_figure
+from regions import batch_region_masks
 from utils import (
     DeviceOutOfMemoryError,
     DistributedContext,
@@ -640,7 +641,10 @@ def validate(
         with autocast(context.device, amp_dtype):
             mu, sigma = vae.encode(images)
             recon = vae.decode(mu, spatial_shape=tuple(images.shape[2:]))
-        values = image_metrics(recon, images, masks, lpips=lpips)
+        regions = None  # tissue classes of each input, segmented once per subject (memoised in regions.py)
+        if config.train.region_metrics:
+            regions = batch_region_masks(images, masks, names=[f"validation volume {i}" for i in chunk])
+        values = image_metrics(recon, images, masks, lpips=lpips, regions=regions)
         values["kl"] = kl_divergence(mu, sigma).cpu()
         for name, value in values.items():
             sums[name] = sums.get(name, torch.zeros(1, dtype=torch.float64)) + value.double().sum()

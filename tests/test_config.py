@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,23 @@ def test_bad_values_are_clear_errors(overrides, expected):
     with pytest.raises(ConfigError) as error:
         load_config(None, overrides)
     assert expected in str(error.value)
+
+
+def test_region_metrics_are_best_metric_choices_only_when_validation_reports_them():
+    assert load_config(None, ['train.best_metric="val/ssim_gm"']).train.best_metric == "val/ssim_gm"
+    with pytest.raises(ConfigError, match="region metrics need train.region_metrics: true"):
+        load_config(None, ['train.best_metric="val/ssim_gm"', "train.region_metrics=false"])
+    with pytest.raises(ConfigError, match="train.best_metric must be a validation metric"):
+        load_config(None, ['train.best_metric="val/ssim_left"'])  # MNI regions: infer.py only
+
+
+def test_import_config_loads_neither_ants_nor_nilearn():
+    """config.py checks best_metric against the region names (metrics.py ← regions.py) without ANTs."""
+    code = "import sys, config; print(sorted({'ants', 'nilearn'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
 
 
 def test_file_errors_name_the_file(tmp_path):

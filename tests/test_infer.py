@@ -45,7 +45,10 @@ def test_native_ixi_round_trip(ixi_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = ["--model_checkpoint", str(checkpoint), "--input_data", str(tmp_path / "native.csv")]
     assert (
-        infer.main([*argv, "--output_dir", str(out), "--device", "cpu", "--num_workers", "0", "--no_lpips"])
+        infer.main(
+            [*argv, "--output_dir", str(out), "--device", "cpu", "--num_workers", "0", "--no_lpips"]
+            + ["--no_region_metrics"]  # two 2 mm segmentations would add minutes; regions tested below
+        )
         == 0
     )
     for subject_id, image in zip(native["subject_id"], native["image"], strict=True):
@@ -355,3 +358,23 @@ def test_in_brain_metrics_mask_source_and_background_of_offset_files(
     rim = np.ones(shape, bool)
     rim[2:-2, 2:-2, 2:-2] = False  # outside the centred 24x28x20 grid
     assert np.all(recon[rim] == 10.0) and recon.min() >= 10.0
+
+
+def test_metrics_csv_has_region_columns_unless_switched_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """psnr/ssim/mae per tissue class in metrics.csv and the mean ± std table; none with --no_region_metrics."""
+    checkpoint = tiny_checkpoint(tmp_path / "vae.pt")
+    split = make_split(tmp_path / "data", 2)
+    assert run_infer(checkpoint, split, tmp_path / "out", "--no_lpips") == 0
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    region_columns = [f"{m}_{r}" for r in ("csf", "gm", "wm") for m in ("psnr", "ssim", "mae")]
+    assert set(region_columns) <= set(metrics.columns)
+    assert np.isfinite(metrics[region_columns].to_numpy()).all()  # oblique synthetic input: no MNI regions
+    assert not {"psnr_left", "psnr_deep_gm"} & set(metrics.columns)
+    assert (metrics["mae_gm"] > 0).all() and (metrics["ssim_wm"] <= 1).all()
+    assert "psnr_gm" in capsys.readouterr().out
+    assert run_infer(checkpoint, split, tmp_path / "plain", "--no_lpips", "--no_region_metrics") == 0
+    plain = pd.read_csv(tmp_path / "plain" / "metrics.csv")
+    assert not set(region_columns) & set(plain.columns)
+    assert np.allclose(plain["psnr_brain"], metrics["psnr_brain"])

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,7 @@ from torch._functorch import config as functorch_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import device_data
+import regions
 import train
 from checkpoints import (
     CheckpointError,
@@ -49,11 +51,16 @@ from device_data import (
 from losses import VAEGANLoss
 from model import build_vae
 from model.maisi_vae import convert_maisi_state_dict
+from regions import tissue_classes
 from utils import DistributedContext
 
 
-def test_two_epochs_cross_the_gan_stage(tmp_path, tiny_split):
+def test_two_epochs_cross_the_gan_stage(tmp_path, tiny_split, monkeypatch):
+    segmented = []  # each validation subject is segmented once, at the first validation, and reused
+    monkeypatch.setattr(regions, "_segmentations", OrderedDict())
+    monkeypatch.setattr(regions, "tissue_classes", lambda *a: segmented.append(1) or tissue_classes(*a))
     train.fit(tiny_config(tmp_path, tiny_split))
+    assert len(segmented) == 2
     run_dir = tmp_path / "runs" / "tiny"
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert last["epoch"] == 2 and last["stage"] == "gan" and last["global_step"] == 4
@@ -71,6 +78,9 @@ def test_two_epochs_cross_the_gan_stage(tmp_path, tiny_split):
         "val/lpips",
         "val/kl",
         "val/scale_factor",
+        "val/psnr_gm",
+        "val/ssim_wm",
+        "val/mae_csf",
     ):
         assert np.isfinite(metrics[column]).all(), column
     assert sorted(p.name for p in (run_dir / "previews").iterdir()) == ["epoch_0000.png", "epoch_0001.png"]
