@@ -38,7 +38,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -458,17 +458,24 @@ def input_warnings(frame: pd.DataFrame, prep: PreprocessingConfig | None = None)
     return [f"{image}: {'; '.join(why)}; {PREPARE_HINT}" for image, why in reasons.items() if why]
 
 
+def print_warning(line: str) -> None:
+    """One ``WARNING: …`` line on stderr (the scripts' way; ``train.py`` logs instead)."""
+    print(f"WARNING: {line}", file=sys.stderr)
+
+
 def warn_inputs(
-    frame: pd.DataFrame, prep: PreprocessingConfig | None = None, strict: bool = False
+    frame: pd.DataFrame,
+    prep: PreprocessingConfig | None = None,
+    strict: bool = False,
+    emit: Callable[[str], None] = print_warning,
 ) -> list[str]:
-    """Print (stderr) and log :func:`input_warnings` as ``WARNING:`` lines; ``strict``: raise :class:`DataError`."""
+    """Report :func:`input_warnings` one line each through ``emit``; ``strict``: raise :class:`DataError`."""
     lines = input_warnings(frame, prep)
     if lines and strict:
         table = "\n".join(f"  {line}" for line in lines)
         raise DataError(f"{len(lines)} input(s) do not look model-ready (strict input checks):\n{table}")
     for line in lines:
-        print(f"WARNING: {line}", file=sys.stderr)
-        log.warning(line)
+        emit(line)
     return lines
 
 

@@ -375,7 +375,9 @@ def make_loaders(
         demo_cohort.ensure_demo_data(data)
     train_frame = dataset.preflight(dataset.read_split(data.train_csv), skip_bad_files=data.skip_bad_files)
     val_frame = dataset.preflight(dataset.read_split(data.val_csv), skip_bad_files=data.skip_bad_files)
-    dataset.warn_inputs(pd.concat([train_frame, val_frame]), strict=data.strict_input_checks)
+    dataset.warn_inputs(
+        pd.concat([train_frame, val_frame]), strict=data.strict_input_checks, emit=log.warning
+    )
     log.info("train: %d volumes, val: %d volumes", len(train_frame), len(val_frame))
     augmentation = config.augmentation if config.augmentation.enabled else None
     cache_dir = Path(data.cache_dir)

@@ -54,6 +54,17 @@ def test_a_split_that_mixes_grids_names_the_odd_file(tmp_path):
     assert [line.split(":")[0] for line in lines] == [images[0], odd]
 
 
+def test_each_warning_is_reported_once_through_the_callers_channel(tmp_path, capsys):
+    """Scripts print ``WARNING:`` lines; train.py passes its logger (console + train.log), so no line is doubled."""
+    images = [_volume(tmp_path / f"s{i}.nii.gz", SHAPE, 2.0) for i in range(2)]
+    frame = _frame(*images, _volume(tmp_path / "odd.nii.gz", (30, 30, 30), 1.0))
+    logged: list[str] = []
+    assert dataset.warn_inputs(frame, emit=logged.append) == logged and len(logged) == 1
+    assert capsys.readouterr().err == ""
+    dataset.warn_inputs(frame)
+    assert capsys.readouterr().err == f"WARNING: {logged[0]}\n"
+
+
 def test_an_input_off_the_checkpoint_grid_is_named(tmp_path):
     good = _volume(tmp_path / "good.nii.gz", SHAPE, 2.0)
     off = _volume(tmp_path / "off.nii.gz", (30, 30, 30), 1.0)
