@@ -56,12 +56,7 @@ def orthogonal_slices_figure(
             axis.set_axis_off()
             axis.set_title(f"{name} — {label}", fontsize=8)
         figure.colorbar(shown, ax=axes[row, :].tolist(), fraction=0.02)
-    if title:
-        figure.suptitle(title, fontsize=9)
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=90)
-    return figure
+    return _finish(figure, title, path)
 
 
 REGION_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:cyan", "tab:olive")
@@ -115,6 +110,11 @@ def regions_figure(
     ]
     if handles:
         figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    return _finish(figure, title, path)
+
+
+def _finish(figure: plt.Figure, title: str | None, path: str | Path | None) -> plt.Figure:
+    """Title the figure and save it as a PNG at ``path`` (parent folders created) when one is given."""
     if title:
         figure.suptitle(title, fontsize=9)
     if path is not None:
