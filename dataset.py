@@ -414,8 +414,10 @@ def _non_brain_warning(path: str) -> str:
 def input_warnings(frame: pd.DataFrame, prep: PreprocessingConfig | None = None) -> list[str]:
     """One line per input that does not look model-ready: '<image>: <why>; <how to prepare>'.
 
-    With ``prep`` (the checkpoint's preprocessing): a file whose grid (shape and voxel size, in
-    ``prep.orientation`` axis order) is not ``prep.target_shape`` / ``prep.target_spacing``. Without it (a
+    With ``prep`` (the checkpoint's preprocessing): a file whose field of view (shape × voxel size, in
+    ``prep.orientation`` axis order) differs by more than one target voxel from ``prep.target_shape`` ×
+    ``prep.target_spacing`` (a 2 mm MNI file for a 4 mm model is fine: it is resampled to the same field);
+    without a target spacing, a file whose shape is not ``prep.target_shape``. Without it (a
     training split): a file whose grid (shape, affine) differs from the split's most common one. Always: a
     file with more non-zero signal than a brain. Unreadable files are left to :func:`check_files`.
     """
@@ -431,10 +433,15 @@ def input_warnings(frame: pd.DataFrame, prep: PreprocessingConfig | None = None)
     if prep is not None:
         expected_spacing = None if prep.target_spacing is None else tuple(prep.target_spacing)
         for image, (shape, zooms, _) in grids.items():
-            spacing_differs = expected_spacing is not None and not np.allclose(
-                zooms, expected_spacing, atol=SPACING_TOLERANCE_MM
-            )
-            if shape != tuple(prep.target_shape) or spacing_differs:
+            if expected_spacing is None:  # no resampling: the file's grid is the model's
+                off_grid = shape != tuple(prep.target_shape)
+            else:  # resampled to target_spacing, then padded/cropped: the field of view must match
+                field, model_field = (
+                    np.multiply(shape, zooms),
+                    np.multiply(prep.target_shape, expected_spacing),
+                )
+                off_grid = bool(np.any(np.abs(field - model_field) > np.asarray(expected_spacing)))
+            if off_grid:
                 trained = _describe(tuple(prep.target_shape), expected_spacing or zooms)
                 reasons[image].insert(
                     0, f"grid {_describe(shape, zooms)}, the model was trained on {trained}"

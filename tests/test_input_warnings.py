@@ -74,6 +74,18 @@ def test_an_input_off_the_checkpoint_grid_is_named(tmp_path):
     )
 
 
+def test_the_same_field_at_another_voxel_size_is_on_the_model_grid(tmp_path):
+    """A model trained at 4 mm on 2 mm MNI files: 2 mm and 1 mm files of that field are resampled to it, no
+    warning (it warned for every IXI file given to the CPU preset's model); another field of view is named."""
+    prep = PreprocessingConfig(target_shape=(12, 14, 10), target_spacing=(4.0, 4.0, 4.0))
+    two_mm = _volume(tmp_path / "two.nii.gz", (23, 27, 19), 2.0)  # 46x54x38 mm: within one 4 mm voxel
+    one_mm = _volume(tmp_path / "one.nii.gz", (48, 56, 40), 1.0)
+    head = _volume(tmp_path / "head.nii.gz", (30, 30, 30), 2.0)  # 60x60x60 mm
+    lines = dataset.input_warnings(_frame(two_mm, one_mm, head), prep)
+    assert [line.split(":")[0] for line in lines] == [head]
+    assert "grid 30x30x30 at 2x2x2 mm, the model was trained on 12x14x10 at 4x4x4 mm" in lines[0]
+
+
 def test_a_full_head_does_not_look_skull_stripped(tmp_path):
     stripped = _volume(tmp_path / "brain.nii.gz", (40, 40, 40), 4.0)  # a ~1.2 l ball in a 4 l field of view
     head = _volume(tmp_path / "head.nii.gz", (40, 40, 40), 4.0, full=True)
