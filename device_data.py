@@ -354,7 +354,7 @@ class DeviceBatches:
                 batch["image"], batch["mask"] = self.augmentation(
                     batch["image"], batch["mask"], indices, self.epoch
                 )
-                yield batch
+            yield batch
 
 
 # ------------------------------------------------------------------------------------- training data path

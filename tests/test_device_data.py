@@ -101,9 +101,12 @@ def test_each_step_equals_volume_dataset(frame, cache32, step):
             assert torch.equal(images[i], expected[i]["image"]) and torch.equal(masks[i], expected[i]["mask"])
 
 
-def test_device_batches_replay_the_dataloader(frame, cache32):
-    """Same shuffled batches and the same augmented items as the training DataLoader over VolumeDataset."""
-    dataset = VolumeDataset(frame, PREP, augmentation=HALF, cache="memory", seed=SEED)
+@pytest.mark.parametrize("augmented", [True, False])
+def test_device_batches_replay_the_dataloader(frame, cache32, augmented):
+    """Same shuffled batches and the same (augmented or plain) items as the training DataLoader over
+    VolumeDataset; without augmentation the device path yielded no batch at all (configs/cpu.json)."""
+    augmentation = HALF if augmented else None
+    dataset = VolumeDataset(frame, PREP, augmentation=augmentation, cache="memory", seed=SEED)
     loader_generator, device_generator = torch.Generator(), torch.Generator()
     loader = DataLoader(
         dataset,
@@ -113,7 +116,7 @@ def test_device_batches_replay_the_dataloader(frame, cache32):
     )
     batches = DeviceBatches(
         cache32,
-        Augmentation(HALF, SEED),
+        Augmentation(HALF, SEED) if augmented else None,
         RandomSampler(dataset, generator=device_generator),
         3,
         device_generator,
