@@ -3,7 +3,8 @@
 Per subject (:func:`prepare_subject`), each step done by a maintained library:
 
 1. load with nibabel (scale factors applied), reorient to RAS (``as_closest_canonical``);
-2. N4 bias-field correction (ANTsPy), unless ``bias_correction=False``;
+2. N4 bias-field correction (ANTsPy, fitted on an ~8 mm grid at any voxel size), unless
+   ``bias_correction=False``;
 3. brain mask by deepbet (its bundled weights, CPU), unless ``brain_extraction=False`` (then the input's
    ``mask`` column, or its non-zero voxels: the input is already skull-stripped);
 4. registration of the brain to nilearn's MNI152 brain template (ANTsPy, ``affine`` or ``rigid``; ``none``
@@ -94,7 +95,8 @@ _deterministic_here: bool | None = None  # set by the first init_worker() call o
 TEMPLATE_FWHM_MM = math.sqrt(3.0)  # light smoothing of the 1 mm template before it goes to 2 mm
 QC_THRESHOLDS = {"ncc_min": 0.3, "dice_min": 0.85, "det_min": 0.4, "det_max": 1.6}
 MAX_OVERVIEW_SUBJECTS = 60  # the overview sheet shows the worst-NCC subjects, at most this many
-PIPELINE_VERSION = "1"  # bump when the outputs of the same options change; recorded in provenance
+N4_FIT_MM = 8.0  # N4's fitting grid in mm (see n4_shrink_factor)
+PIPELINE_VERSION = "2"  # bump when the outputs of the same options change; recorded in provenance
 TEMPLATE_DESCRIPTION = (
     "nilearn MNI152 2009a (mni_icbm152_t1_tal_nlin_sym_09a, 1 mm) x its brain mask, "
     "Gaussian FWHM sqrt(3) mm, linear to the FSL 2 mm grid"
@@ -219,11 +221,18 @@ def _to_ants(image: nib.Nifti1Image):  # -> ants.ANTsImage
     return ants.from_nibabel_nifti(plain)
 
 
+def n4_shrink_factor(zooms: tuple[float, ...]) -> int:
+    """N4 fits its bias field on a grid of about :data:`N4_FIT_MM` whatever the voxel size (ANTs' default
+    shrink factor 4 at 2 mm), so a 1 mm and a 2 mm scan of one head get the same correction."""
+    return max(1, round(N4_FIT_MM / min(zooms[:3])))
+
+
 def _bias_corrected(image: nib.Nifti1Image) -> nib.Nifti1Image:
-    """N4 (ANTsPy defaults) in the input's intensity units."""
+    """N4 (ANTsPy defaults but the shrink factor, :func:`n4_shrink_factor`) in the input's intensity units."""
     import ants
 
-    corrected = ants.n4_bias_field_correction(_to_ants(image))
+    shrink = n4_shrink_factor(image.header.get_zooms())
+    corrected = ants.n4_bias_field_correction(_to_ants(image), shrink_factor=shrink)
     return nib.Nifti1Image(corrected.numpy().astype(np.float32), image.affine)
 
 
