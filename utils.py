@@ -18,21 +18,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = [
-    "DistributedContext",
-    "autocast",
-    "cleanup_distributed",
-    "gather_rng_states",
-    "get_rng_state",
-    "new_file_mode",
-    "resolve_amp_dtype",
-    "resolve_device",
-    "seed_everything",
-    "set_rng_state",
-    "setup_distributed",
-    "verify_identical_weights",
-]
-
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error, not a silent fallback."""
@@ -80,14 +65,14 @@ def seed_everything(seed: int) -> None:
 
 def get_rng_state() -> dict[str, Any]:
     """Every RNG state as tensors / plain Python values, so that ``weights_only=True`` can load it."""
-    np_state = np.random.get_state()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
         },
         "torch": torch.get_rng_state(),
     }
@@ -98,17 +83,13 @@ def get_rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`get_rng_state` returned."""
-    random.setstate(_as_tuples(state["python"]))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
+    version, internal, gauss_next = state[
+        "python"
+    ]  # random.setstate needs tuples: a round trip may give lists
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy = state["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -121,13 +102,6 @@ def gather_rng_states(context: DistributedContext) -> list[dict[str, Any]]:
     states: list[Any] = [None] * context.world_size
     dist.all_gather_object(states, get_rng_state())
     return states
-
-
-def _as_tuples(value: Any) -> Any:
-    """``random.setstate`` needs tuples all the way down; a checkpoint round trip may give lists."""
-    if isinstance(value, list | tuple):
-        return tuple(_as_tuples(v) for v in value)
-    return value
 
 
 @dataclass
@@ -151,11 +125,10 @@ class DistributedContext:
 def setup_distributed(device_name: str = "auto") -> DistributedContext:
     """Initialise DDP when launched by ``torchrun`` (NCCL on GPU, gloo on CPU); a no-op otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return DistributedContext(rank=0, world_size=1, local_rank=0, device=resolve_device(device_name))
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
+    if world_size == 1:
+        return DistributedContext(rank=0, world_size=1, local_rank=0, device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
