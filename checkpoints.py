@@ -62,8 +62,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], kind: str 
             os.fsync(file.fileno())
         os.replace(temp_name, path)
     except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
+        Path(temp_name).unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise CheckpointError(
                 f"could not write {kind} {path}: {error.strerror or error}; the previous file (if any) "

@@ -282,11 +282,8 @@ class TrainConfig(_Section):
     def validate(self) -> None:
         super().validate()
         choices = VALIDATION_METRICS + (VALIDATION_REGION_METRICS if self.region_metrics else ())
-        hint = (
-            " (region metrics need train.region_metrics: true)"
-            if self.best_metric in VALIDATION_REGION_METRICS
-            else ""
-        )
+        region = self.best_metric in VALIDATION_REGION_METRICS
+        hint = " (region metrics need train.region_metrics: true)" if region else ""
         _check(
             self.best_metric in choices,
             f"train.best_metric must be a validation metric, one of {', '.join(choices)}; got "
@@ -432,9 +429,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return Config.from_dict(raw)
     except ConfigError as error:
-        involved = {sources[key] for key in error.keys if key in sources}
         everywhere = ([str(path)] if path is not None else []) + [f"--set {item}" for item in overrides]
-        named = [source for source in dict.fromkeys(everywhere) if source in involved]
+        named = sorted({sources[key] for key in error.keys if key in sources}, key=everywhere.index)
         if not named and path is not None:  # e.g. the file is not a JSON object
             named = [str(path)]
         prefix = f"{', '.join(named)}: " if named else ""

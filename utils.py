@@ -34,19 +34,13 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     ``auto``: bf16 on a GPU that supports it, else fp16 on GPU; fp32 on CPU (CPU bf16 is opt-in: it is
     supported but not faster for 3D convolutions on every CPU).
     """
-    if amp == "none":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' or 'none' on CPU")
-        return torch.float16
-    if amp == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    raise ValueError(f"amp must be one of auto, bf16, fp16, none; got {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' or 'none' on CPU")
+    if amp == "auto" and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"auto": None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        amp
+    ]  # checked by config.py
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -132,9 +126,7 @@ def setup_distributed(device_name: str = "auto") -> DistributedContext:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl")
-    else:
-        dist.init_process_group(backend="gloo")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
