@@ -1,27 +1,10 @@
-"""Data for the 3D brain VAE: split reading, pre-flight checks, THE preprocessing, datasets.
+"""Data for the 3D brain VAE: split reading, pre-flight checks, THE preprocessing and its inverse, datasets.
 
-Every script (train, infer, save_latent, notebook) preprocesses through :func:`preprocess_volume` /
-:func:`build_preprocessing` and maps results back with :func:`restore_to_input_grid`; nothing here is
-re-implemented elsewhere.
-
-Splits (:func:`read_split`): a CSV, a folder of NIfTI files or one NIfTI file. Every row gets a
-``subject_id``, by one rule: the CSV's ``subject_id`` cell when given, otherwise the file name without
-``.nii``/``.nii.gz`` and without a trailing BIDS ``_T1w`` (``sub-01_T1w.nii.gz`` -> ``sub-01``,
-``IXI014-HH-1236_T1.nii.gz`` -> ``IXI014-HH-1236_T1``). Subject ids must be unique within a split: they name
-every per-row output (reconstructions, latents, metrics rows).
-
-Preprocessing (MONAI transforms on a channel-first MetaTensor that carries the affine):
-load (nibabel) -> channel first -> reorient to ``prep.orientation`` -> resample to ``prep.target_spacing``
-(skipped when already there) -> centred pad/crop to ``prep.target_shape`` (padding with the file's
-background value) -> brain mask (the CSV's, else :func:`estimate_brain_mask`) -> intensity to [0, 1] (robust
-percentiles over the foreground, the voxels brighter than the background, which becomes 0; or min-max) ->
-optional masking.
-
-Background and foreground (one rule for the pre-flight, the preprocessing and the in-brain metrics): the
-background value is the median of the volume's outer 2-voxel shell (:func:`background_value`: 0 for a
-skull-stripped file, 10 for one stored with ``scl_inter = 10``, whatever units it is in); the foreground is
-every voxel brighter than it (:func:`foreground_problem` refuses a volume without one); the estimated brain
-mask is the foreground's largest connected component with its holes filled.
+Every script (train, infer, save_latent, notebook) preprocesses through :func:`preprocess_volume` and maps
+results back with :func:`restore_to_input_grid`; nothing here is re-implemented elsewhere. One rule for
+background and foreground serves the pre-flight, the preprocessing and the in-brain metrics: the background is
+the median of the volume's outer 2-voxel shell (:func:`background_value`; 0 for a skull-stripped file, 10 for
+one stored with ``scl_inter = 10``, whatever its units), the foreground every voxel brighter than it.
 
 CLI::
 
@@ -33,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -74,41 +59,11 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from config import AugmentationConfig, PreprocessingConfig
-from demo_cohort import (
-    make_demo_cohort,
-)
-
-__all__ = [
-    "Augmentation",
-    "AugmentationDraw",
-    "DataError",
-    "InverseInfo",
-    "MAX_BRAIN_FRACTION",
-    "PreprocessedRows",
-    "PreprocessedVolume",
-    "VolumeDataset",
-    "background_value",
-    "brain_mask_warning",
-    "build_dataset",
-    "build_preprocessing",
-    "check_files",
-    "estimate_brain_mask",
-    "foreground_problem",
-    "input_warnings",
-    "preflight",
-    "preflight_failures",
-    "preprocessed_batches",
-    "preprocess_volume",
-    "preprocessing_cache_dir",
-    "read_split",
-    "restore_to_input_grid",
-    "warn_inputs",
-]
+from demo_cohort import make_demo_cohort
 
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-BIDS_T1W_SUFFIX = "_T1w"  # dropped from file names when deriving subject ids
 MAX_LISTED_IDS = 5  # duplicated subject ids named in full in the error message
 SPACING_TOLERANCE_MM = 0.01
 PIPELINE_VERSION = "2"  # bump when the preprocessing code changes, so disk caches are rebuilt
@@ -121,28 +76,18 @@ class DataError(ValueError):
     """Bad input data; the message names the file(s) and the problem."""
 
 
-# ----------------------------------------------------------------------------------------------- splits
-
-
 def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
 def _subject_id(path: str | Path) -> str:
-    """Subject id of a file: its name without ``.nii``/``.nii.gz`` and a trailing ``_T1w``."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    if name.endswith(BIDS_T1W_SUFFIX) and len(name) > len(BIDS_T1W_SUFFIX):
-        name = name[: -len(BIDS_T1W_SUFFIX)]
-    return name
+    """Subject id of a file: its name without ``.nii``/``.nii.gz`` and a trailing (BIDS) ``_T1w``."""
+    return re.sub(r"(?<=.)_T1w$", "", re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE))
 
 
 def _resolve(value: Any, base: Path) -> str | None:
     """Absolute path string for a CSV cell (relative to ``base``); None for an empty cell."""
-    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+    if pd.isna(value) or not str(value).strip():
         return None
     path = Path(str(value).strip()).expanduser()
     return str(path if path.is_absolute() else (base / path).resolve())
@@ -152,8 +97,10 @@ def read_split(source: str | Path) -> pd.DataFrame:
     """Read a split: a CSV (``image`` column required), a folder of NIfTI files, or one NIfTI file.
 
     Returns columns ``subject_id``, ``image`` (absolute str), ``mask`` (absolute str or None), then every
-    other CSV column unchanged. ``subject_id`` follows the rule in the module docstring; a split whose
-    images or subject ids repeat is refused (:class:`DataError` naming them and their files).
+    other CSV column unchanged. ``subject_id``: the CSV's cell when given, otherwise the file name without
+    ``.nii``/``.nii.gz`` and a trailing BIDS ``_T1w`` (``sub-01_T1w.nii.gz`` -> ``sub-01``,
+    ``IXI014-HH-1236_T1.nii.gz`` -> ``IXI014-HH-1236_T1``). A split whose images or subject ids repeat is
+    refused (:class:`DataError` naming them and their files): subject ids name every per-row output.
     """
     source = Path(source).expanduser()
     if not source.exists():
@@ -180,23 +127,17 @@ def read_split(source: str | Path) -> pd.DataFrame:
     duplicated = frame["image"][frame["image"].duplicated(keep=False)]
     if len(duplicated):
         raise DataError(f"{source}: duplicate rows for image(s) {sorted(set(duplicated))}")
-    _refuse_duplicate_ids(frame, source)
+    repeated = frame[frame["subject_id"].duplicated(keep=False)]
+    if not repeated.empty:
+        files = [(sid, list(images)) for sid, images in repeated.groupby("subject_id", sort=True)["image"]]
+        listed = "; ".join(f"{sid!r} ({', '.join(images)})" for sid, images in files[:MAX_LISTED_IDS])
+        more = f"; (+{len(files) - MAX_LISTED_IDS} more)" if len(files) > MAX_LISTED_IDS else ""
+        raise DataError(
+            f"{source}: subject_id must be unique (it names each row's outputs); duplicated: {listed}{more}. "
+            "Give each row its own subject_id (CSV column) or rename the files"
+        )
     others = [c for c in frame.columns if c not in ("subject_id", "image", "mask")]
     return frame[["subject_id", "image", "mask", *others]].reset_index(drop=True)
-
-
-def _refuse_duplicate_ids(frame: pd.DataFrame, source: Path) -> None:
-    """Raise :class:`DataError` naming every repeated subject id with its files (they name the outputs)."""
-    repeated = frame[frame["subject_id"].duplicated(keep=False)]
-    if repeated.empty:
-        return
-    files = [(sid, list(images)) for sid, images in repeated.groupby("subject_id", sort=True)["image"]]
-    listed = "; ".join(f"{sid!r} ({', '.join(images)})" for sid, images in files[:MAX_LISTED_IDS])
-    more = f"; (+{len(files) - MAX_LISTED_IDS} more)" if len(files) > MAX_LISTED_IDS else ""
-    raise DataError(
-        f"{source}: subject_id must be unique (it names each row's outputs); duplicated: {listed}{more}. "
-        "Give each row its own subject_id (CSV column) or rename the files"
-    )
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -219,9 +160,6 @@ def _read_csv(path: Path) -> pd.DataFrame:
     if "mask" in frame:
         frame["mask"] = pd.Series([_resolve(v, base) for v in frame["mask"]], dtype=object)
     return frame
-
-
-# ------------------------------------------------------------------------------------------- pre-flight
 
 
 def _inspect_image(path: str) -> dict[str, Any]:
@@ -338,9 +276,6 @@ def preflight(frame: pd.DataFrame, skip_bad_files: bool = False) -> pd.DataFrame
     return good
 
 
-# ------------------------------------------------------------------------------ background and brain
-
-
 def background_value(volume: np.ndarray) -> float:
     """The background intensity of a (D, H, W) volume: the median of its outer ``BORDER_VOXELS`` shell."""
     b = BORDER_VOXELS
@@ -373,8 +308,6 @@ def estimate_brain_mask(volume: np.ndarray, background: float) -> np.ndarray:
     sizes[0] = 0
     return ndimage.binary_fill_holes(labels == sizes.argmax())
 
-
-# -------------------------------------------------------------------------------------- input warnings
 
 NON_BRAIN_VOLUME_ML = 3000.0  # more non-zero signal than this is a head, not a skull-stripped brain (~1-2 l)
 GRID_DECIMALS = 2  # affines compared to 0.01 mm
@@ -486,9 +419,6 @@ def warn_inputs(
     return lines
 
 
-# ---------------------------------------------------------------------------------------- preprocessing
-
-
 @dataclass
 class InverseInfo:
     """What :func:`restore_to_input_grid` needs to undo the preprocessing of one file."""
@@ -528,156 +458,97 @@ def brain_mask_warning(volume: PreprocessedVolume) -> str:
     )
 
 
-def _spacing(affine: np.ndarray | torch.Tensor) -> np.ndarray:
-    affine = np.asarray(affine, dtype=np.float64)
-    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-
-
-class _CheckLoaded(mt.MapTransform):
-    """Refuse anything but one 3D volume, and a mask on another grid than its image."""
-
-    def __call__(self, data: dict) -> dict:
-        image = data["image"]
-        source = image.meta.get("filename_or_obj", "?")
-        if image.shape[0] != 1 or image.ndim != 4 or min(image.shape[1:]) < 2:
-            raise DataError(f"{source}: expected one 3D volume, got channel-first shape {tuple(image.shape)}")
-        if "mask" in data:
-            mask = data["mask"]
-            if mask.shape != image.shape or not np.allclose(mask.affine, image.affine, atol=1e-3):
-                raise DataError(
-                    f"{mask.meta.get('filename_or_obj', '?')}: mask grid (shape {tuple(mask.shape[1:])}) "
-                    f"differs from its image {source} (shape {tuple(image.shape[1:])}) or their affines differ"
-                )
-        return data
-
-
-class _MeasureBackground(mt.Transform):
-    """``background``: :func:`background_value` of the loaded image, on the input file's own grid."""
-
-    def __call__(self, data: dict) -> dict:
-        data["background"] = background_value(data["image"][0].detach().cpu().numpy())
-        return data
-
-
-class _PadOrCrop(mt.Transform):
-    """Centred pad/crop to ``spatial_size``: the image padded with its background value, the mask with 0."""
-
-    def __init__(self, spatial_size: tuple[int, int, int]) -> None:
-        self.resize = mt.ResizeWithPadOrCrop(spatial_size)
-
-    def __call__(self, data: dict) -> dict:
-        data["image"] = self.resize(data["image"], value=data["background"])
-        if "mask" in data:
-            data["mask"] = self.resize(data["mask"], value=0)
-        return data
-
-
-class _ResampleIfNeeded(mt.MapTransform):
-    """``Spacingd`` (linear for the image, nearest for the mask), skipped when the spacing already fits."""
-
-    def __init__(self, pixdim: tuple[float, float, float]) -> None:
-        super().__init__(["image", "mask"], allow_missing_keys=True)
-        self.pixdim = np.asarray(pixdim, dtype=np.float64)
-        self.spacing = mt.Spacingd(
-            ["image", "mask"], pixdim=pixdim, mode=("bilinear", "nearest"), allow_missing_keys=True
+def _check_loaded(data: dict) -> dict:
+    """Refuse anything but one 3D volume, and a mask on another grid than its image; set ``background``
+    (:func:`background_value` of the image, on the input file's own grid)."""
+    image, mask = data["image"], data.get("mask")
+    source = image.meta.get("filename_or_obj", "?")
+    if image.shape[0] != 1 or image.ndim != 4 or min(image.shape[1:]) < 2:
+        raise DataError(f"{source}: expected one 3D volume, got channel-first shape {tuple(image.shape)}")
+    if mask is not None and (
+        mask.shape != image.shape or not np.allclose(mask.affine, image.affine, atol=1e-3)
+    ):
+        raise DataError(
+            f"{mask.meta.get('filename_or_obj', '?')}: mask grid (shape {tuple(mask.shape[1:])}) "
+            f"differs from its image {source} (shape {tuple(image.shape[1:])}) or their affines differ"
         )
-
-    def __call__(self, data: dict) -> dict:
-        if np.allclose(_spacing(data["image"].affine), self.pixdim, atol=SPACING_TOLERANCE_MM):
-            return data
-        return self.spacing(data)
+    data["background"] = background_value(image[0].detach().cpu().numpy())
+    return data
 
 
-class _ScaleIntensity(mt.Transform):
+def _resample(data: dict, pixdim: tuple[float, float, float]) -> dict:
+    """``Spacingd`` (linear for the image, nearest for the mask), skipped when the spacing already fits."""
+    if np.allclose(data["image"].pixdim, pixdim, atol=SPACING_TOLERANCE_MM):
+        return data
+    keys = ["image", "mask"]
+    return mt.Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest"), allow_missing_keys=True)(data)
+
+
+def _pad_crop_and_mask(data: dict, spatial_size: tuple[int, int, int]) -> dict:
+    """Centred pad/crop to ``spatial_size``, the image padded with its background value, the mask with 0;
+    ``mask`` -> bool: the given mask > 0, else :func:`estimate_brain_mask` of the image."""
+    resize = mt.ResizeWithPadOrCrop(spatial_size)
+    image = data["image"] = resize(data["image"], value=data["background"])
+    if "mask" in data:
+        data["mask"] = resize(data["mask"], value=0) > 0
+    else:
+        estimate = estimate_brain_mask(image[0].detach().cpu().numpy(), data["background"])
+        data["mask"] = MetaTensor(torch.from_numpy(estimate)[None], meta=dict(image.meta))
+    return data
+
+
+def _scale_intensity(data: dict, prep: PreprocessingConfig) -> dict:
     """Image to [0, 1]; low/high are stored in ``image.meta`` (``intensity_low`` / ``intensity_high``).
 
     ``percentile``: low/high = percentiles over the foreground (voxels brighter than ``background``), clip to
     [0, 1]; the background (and everything below ``low``) becomes exactly 0.
     ``minmax``: low/high = min/max over the whole volume.
     """
-
-    def __init__(self, prep: PreprocessingConfig) -> None:
-        self.prep = prep
-
-    def __call__(self, data: dict) -> dict:
-        image = data["image"]
-        values = image.detach().cpu().numpy()
-        source = image.meta.get("filename_or_obj", "?")
-        if not np.isfinite(values).all():
-            raise DataError(f"{source}: NaN/Inf voxels")
-        if self.prep.intensity == "percentile":
-            problem = foreground_problem(values, data["background"])
-            if problem:
-                raise DataError(f"{source}: {problem} (inside the target field of view)")
-            foreground = values[values > data["background"]]
-            low, high = np.percentile(foreground, [self.prep.lower_percentile, self.prep.upper_percentile])
-        else:
-            low, high = values.min(), values.max()
-        if not high > low:
-            raise DataError(f"{source}: no intensity range to normalise (low = high = {float(low):g})")
-        scaled = ((image - float(low)) / float(high - low)).clamp(0.0, 1.0)
-        scaled.meta["intensity_low"], scaled.meta["intensity_high"] = float(low), float(high)
-        data["image"] = scaled
-        return data
-
-
-class _MakeMask(mt.Transform):
-    """``mask`` -> bool: the given mask > 0, else :func:`estimate_brain_mask` of the image."""
-
-    def __call__(self, data: dict) -> dict:
-        if "mask" in data:
-            data["mask"] = data["mask"] > 0
-        else:
-            image = data["image"]
-            estimate = estimate_brain_mask(image[0].detach().cpu().numpy(), data["background"])
-            data["mask"] = MetaTensor(torch.from_numpy(estimate)[None], meta=dict(image.meta))
-        return data
-
-
-class _ApplyMask(mt.Transform):
-    """Zero the image outside the mask when ``apply_mask``."""
-
-    def __init__(self, apply_mask: bool) -> None:
-        self.apply_mask = apply_mask
-
-    def __call__(self, data: dict) -> dict:
-        if self.apply_mask:
-            data["image"] = data["image"] * data["mask"]
-        return data
+    image = data["image"]
+    values = image.detach().cpu().numpy()
+    source = image.meta.get("filename_or_obj", "?")
+    if not np.isfinite(values).all():
+        raise DataError(f"{source}: NaN/Inf voxels")
+    if prep.intensity == "percentile":
+        problem = foreground_problem(values, data["background"])
+        if problem:
+            raise DataError(f"{source}: {problem} (inside the target field of view)")
+        foreground = values[values > data["background"]]
+        low, high = np.percentile(foreground, [prep.lower_percentile, prep.upper_percentile])
+    else:
+        low, high = values.min(), values.max()
+    if not high > low:
+        raise DataError(f"{source}: no intensity range to normalise (low = high = {float(low):g})")
+    scaled = ((image - float(low)) / float(high - low)).clamp(0.0, 1.0)
+    scaled.meta["intensity_low"], scaled.meta["intensity_high"] = float(low), float(high)
+    data["image"] = scaled
+    return data
 
 
 def build_preprocessing(prep: PreprocessingConfig) -> mt.Compose:
-    """The one deterministic MONAI chain: dict ``{"image": path, ["mask": path]}`` -> MetaTensors.
+    """The one deterministic MONAI chain: dict ``{"image": path, ["mask": path]}`` -> MetaTensors ``image``
+    (1, D, H, W) float32 in [0, 1] and ``mask`` (1, D, H, W) bool, both on the target grid.
 
-    Output ``image`` (1, D, H, W) float32 in [0, 1], ``mask`` (1, D, H, W) bool, both on the target grid.
+    load (nibabel) -> channel first -> reorient to ``prep.orientation`` -> resample to ``prep.target_spacing``
+    (skipped when already there) -> centred pad/crop to ``prep.target_shape`` (padding with the file's
+    background value) -> brain mask (the CSV's, else :func:`estimate_brain_mask`) -> intensity to [0, 1]
+    (robust percentiles over the foreground, the background becoming 0; or min-max) -> optional masking.
+    Every step is a MONAI ``Transform`` (``Lambda`` for ours), so the caching datasets cache them all.
     """
     keys = ["image", "mask"]
-    steps: list = [
-        mt.LoadImaged(
-            keys,
-            reader="NibabelReader",
-            image_only=True,
-            ensure_channel_first=True,
-            dtype=np.float32,
-            allow_missing_keys=True,
-        ),
-        _CheckLoaded(keys, allow_missing_keys=True),
-        _MeasureBackground(),
-        mt.Orientationd(
-            keys,
-            axcodes=prep.orientation.upper(),
-            labels=(("L", "R"), ("P", "A"), ("I", "S")),
-            allow_missing_keys=True,
-        ),
+    load = {"reader": "NibabelReader", "image_only": True, "ensure_channel_first": True, "dtype": np.float32}
+    labels = (("L", "R"), ("P", "A"), ("I", "S"))
+    steps = [
+        mt.LoadImaged(keys, **load, allow_missing_keys=True),
+        mt.Lambda(_check_loaded),
+        mt.Orientationd(keys, axcodes=prep.orientation.upper(), labels=labels, allow_missing_keys=True),
     ]
     if prep.target_spacing is not None:
-        steps.append(_ResampleIfNeeded(tuple(prep.target_spacing)))
-    steps += [
-        _PadOrCrop(tuple(prep.target_shape)),
-        _MakeMask(),
-        _ScaleIntensity(prep),
-        _ApplyMask(prep.apply_mask),
-    ]
+        steps.append(mt.Lambda(functools.partial(_resample, pixdim=tuple(prep.target_spacing))))
+    steps.append(mt.Lambda(functools.partial(_pad_crop_and_mask, spatial_size=tuple(prep.target_shape))))
+    steps.append(mt.Lambda(functools.partial(_scale_intensity, prep=prep)))
+    if prep.apply_mask:
+        steps.append(mt.MaskIntensityd("image", mask_key="mask"))
     return mt.Compose(steps)
 
 
@@ -698,11 +569,10 @@ def preprocess_volume(
             raise cause from None
         raise DataError(f"{image_path}: preprocessing failed ({error})") from error
     image = out["image"]
-    header_image = nib.load(str(image_path))
     inverse = InverseInfo(
         source=str(image_path),
-        input_affine=np.asarray(header_image.affine, dtype=np.float64),
-        input_shape=tuple(int(s) for s in header_image.shape[:3]),
+        input_affine=np.asarray(image.meta["original_affine"], dtype=np.float64),
+        input_shape=tuple(int(s) for s in image.meta["spatial_shape"]),
         output_affine=np.asarray(image.affine, dtype=np.float64),
         intensity=prep.intensity,
         low=image.meta["intensity_low"],
@@ -759,8 +629,6 @@ def restore_to_input_grid(
         raise ValueError(f"intensity must be 'original' or 'unit', got {intensity!r}")
     return nib.Nifti1Image(restored.astype(np.float32), inverse.input_affine)
 
-
-# ------------------------------------------------------------------------------------------ augmentation
 
 # the log bias field: a Legendre polynomial of total degree <= 3 with coefficients uniform in [0, 0.1] (MONAI
 # RandBiasField's defaults)
@@ -894,23 +762,14 @@ class Augmentation:
         return self.apply(images, masks, self.draw(indices, epoch, images.shape[2:]))
 
 
-# ---------------------------------------------------------------------------------------------- datasets
-
-
-class _ToCacheable(mt.Transform):
-    """Plain tensors (not MetaTensors) for caching: ``image`` float32, ``mask`` uint8; keeps ``index``."""
-
-    def __call__(self, data: dict) -> dict:
-        return {
-            "image": _plain_tensor(data["image"]).float().contiguous(),
-            "mask": _plain_tensor(data["mask"]).to(torch.uint8).contiguous(),
-            "index": data["index"],
-        }
-
-
-def _plain_tensor(value: Any) -> torch.Tensor:
-    """A bare ``torch.Tensor``: MONAI's MetaTensor subclass would leak into the model and autograd."""
-    return value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
+def _cacheable(data: dict) -> dict:
+    """Plain tensors for caching (a MetaTensor would leak into the model and autograd): ``image`` float32,
+    ``mask`` uint8; keeps ``index``."""
+    return {
+        "image": data["image"].as_tensor().float().contiguous(),
+        "mask": data["mask"].as_tensor().to(torch.uint8).contiguous(),
+        "index": data["index"],
+    }
 
 
 def preprocessing_cache_dir(cache_dir: str | Path, prep: PreprocessingConfig) -> Path:
@@ -953,27 +812,20 @@ class VolumeDataset(torch.utils.data.Dataset):
         items = []
         for index, (image, mask) in enumerate(zip(frame["image"], frame["mask"], strict=True)):
             item = {"image": image, "index": index, "stamp": _file_stamp(image)}
-            if mask is not None:
-                item["mask"], item["stamp_of_mask"] = (
-                    mask,
-                    _file_stamp(mask),
-                )  # not "mask_*": MONAI treats those as meta dicts
+            if mask is not None:  # "stamp_of_mask", not "mask_*": MONAI treats those keys as meta dicts
+                item.update(mask=mask, stamp_of_mask=_file_stamp(mask))
             items.append(item)
         # flat list: CacheDataset / PersistentDataset cache up to the first Randomizable (a nested Compose is one)
-        transform = mt.Compose([*build_preprocessing(prep).transforms, _ToCacheable()])
+        transform = mt.Compose([*build_preprocessing(prep).transforms, mt.Lambda(_cacheable)])
         if cache == "memory":
             workers = min(4, os.cpu_count() or 1)
             self.base = CacheDataset(items, transform, progress=False, num_workers=workers, copy_cache=False)
-        elif cache == "disk":
-            if cache_dir is None:
-                raise ValueError("cache='disk' needs a cache_dir")
+        elif cache == "disk":  # cache and cache_dir: checked by config.py
             folder = preprocessing_cache_dir(cache_dir, prep)
             folder.mkdir(parents=True, exist_ok=True)
             self.base = PersistentDataset(items, transform, cache_dir=folder)
-        elif cache == "none":
-            self.base = MonaiDataset(items, transform)
         else:
-            raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
+            self.base = MonaiDataset(items, transform)
         use_augmentation = augmentation is not None and augmentation.enabled
         self.augment = Augmentation(augmentation, seed) if use_augmentation else None
         self.epoch = 0
@@ -1054,9 +906,6 @@ def preprocessed_batches(
         persistent_workers=False,
     )
     yield from loader
-
-
-# ------------------------------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
