@@ -231,25 +231,20 @@ def check_files(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for subject_id, image, mask in zip(frame["subject_id"], frame["image"], frame["mask"], strict=True):
         info = _inspect_image(image)
-        spatial_shape = info.pop("_spatial_shape", None)
-        problems = [info.pop("problem")] if info["problem"] else []
-        if mask is not None:
-            mask_problem = _inspect_mask(mask, spatial_shape)
-            if mask_problem:
-                problems.append(mask_problem)
-        rows.append(
-            {"subject_id": subject_id, "image": image, **info, "mask": mask, "problem": "; ".join(problems)}
-        )
+        shape = info.pop("_spatial_shape", None)
+        problems = [info.pop("problem"), "" if mask is None else _inspect_mask(mask, shape)]
+        problem = "; ".join(p for p in problems if p)
+        rows.append({"subject_id": subject_id, "image": image, **info, "mask": mask, "problem": problem})
     columns = ["subject_id", "image", "readable", "shape", "volumes", "voxel_size", "orientation", "dtype"]
     columns += ["min", "max", "nan_inf", "constant", "mask", "problem"]
     return pd.DataFrame(rows).reindex(columns=columns)
 
 
-def _problem_table(report: pd.DataFrame) -> str:
-    bad = report[report["problem"] != ""]
-    return "\n".join(
-        f"  {image}: {problem}" for image, problem in zip(bad["image"], bad["problem"], strict=True)
-    )
+def preflight_failures(frame: pd.DataFrame) -> dict[int, str]:
+    """Row index -> "<image>: <problem>" for every row that fails :func:`check_files` (as in training)."""
+    report = check_files(frame)
+    rows = zip(report["image"], report["problem"], strict=True)
+    return {i: f"{image}: {problem}" for i, (image, problem) in enumerate(rows) if problem}
 
 
 def preflight(frame: pd.DataFrame, skip_bad_files: bool = False) -> pd.DataFrame:
@@ -257,20 +252,19 @@ def preflight(frame: pd.DataFrame, skip_bad_files: bool = False) -> pd.DataFrame
 
     Skipped files are printed and logged explicitly; the returned frame keeps the good rows only.
     """
-    report = check_files(frame)
-    bad = (report["problem"] != "").to_numpy()
-    if not bad.any():
+    failures = preflight_failures(frame)
+    if not failures:
         return frame
-    table = _problem_table(report)
+    table = "\n".join(f"  {line}" for line in failures.values())
     if not skip_bad_files:
         raise DataError(
-            f"{int(bad.sum())} of {len(frame)} file(s) failed the pre-flight check "
+            f"{len(failures)} of {len(frame)} file(s) failed the pre-flight check "
             f"(fix them, or set data.skip_bad_files / --skip_bad_files to drop them):\n{table}"
         )
-    message = f"SKIPPING {int(bad.sum())} of {len(frame)} file(s) that failed the pre-flight check:\n{table}"
+    message = f"SKIPPING {len(failures)} of {len(frame)} file(s) that failed the pre-flight check:\n{table}"
     print(message, file=sys.stderr)
     log.warning(message)
-    good = frame[~bad].reset_index(drop=True)
+    good = frame[[i not in failures for i in range(len(frame))]].reset_index(drop=True)
     if good.empty:
         raise DataError("every file failed the pre-flight check; nothing left to use")
     return good
@@ -314,34 +308,8 @@ GRID_DECIMALS = 2  # affines compared to 0.01 mm
 PREPARE_HINT = "raw scans? run: python prepare.py --input <scans> --output_dir prepared/"
 
 
-def _grid(path: str, orientation: str | None) -> tuple[tuple[int, ...], tuple[float, ...], np.ndarray]:
-    """(spatial shape, voxel size) in ``orientation``'s axis order (the file's own when None), and affine."""
-    header = nib.load(path)
-    shape, zooms = (
-        tuple(int(s) for s in header.shape[:3]),
-        tuple(float(z) for z in header.header.get_zooms()[:3]),
-    )
-    if orientation is not None:
-        ornt = nib.orientations.ornt_transform(
-            nib.io_orientation(header.affine), nib.orientations.axcodes2ornt(tuple(orientation.upper()))
-        )
-        order = [int(np.flatnonzero(ornt[:, 0] == axis)[0]) for axis in range(3)]
-        shape, zooms = tuple(shape[i] for i in order), tuple(zooms[i] for i in order)
-    return shape, zooms, np.round(np.asarray(header.affine, dtype=np.float64), GRID_DECIMALS)
-
-
 def _describe(shape: tuple[int, ...], zooms: tuple[float, ...]) -> str:
     return f"{'x'.join(map(str, shape))} at {'x'.join(f'{z:g}' for z in zooms)} mm"
-
-
-def _non_brain_warning(path: str) -> str:
-    """'' when the image could be skull-stripped, else what says it is not (too much non-zero signal)."""
-    image = nib.load(path)
-    voxel_ml = float(np.prod(image.header.get_zooms()[:3])) / 1000.0
-    volume_ml = float(np.count_nonzero(np.asanyarray(image.dataobj))) * voxel_ml
-    if volume_ml <= NON_BRAIN_VOLUME_ML:
-        return ""
-    return f"does not look skull-stripped ({volume_ml:.0f} ml of non-zero signal; a brain is < {NON_BRAIN_VOLUME_ML:.0f} ml)"
 
 
 def input_warnings(frame: pd.DataFrame, prep: PreprocessingConfig | None = None) -> list[str]:
@@ -354,66 +322,76 @@ def input_warnings(frame: pd.DataFrame, prep: PreprocessingConfig | None = None)
     training split): a file whose grid (shape, affine) differs from the split's most common one. Always: a
     file with more non-zero signal than a brain. Unreadable files are left to :func:`check_files`.
     """
-    grids: dict[str, tuple] = {}
+    grids: dict[str, tuple] = {}  # image -> (shape, voxel size, affine rounded to GRID_DECIMALS as bytes)
     reasons: dict[str, list[str]] = {}
     for image in frame["image"]:
         try:
-            grids[image] = _grid(image, None if prep is None else prep.orientation)
-            skull = _non_brain_warning(image)
+            nifti = nib.load(image)
+            nonzero = np.count_nonzero(np.asanyarray(nifti.dataobj))
         except Exception:  # unreadable: check_files reports it
             continue
-        reasons[image] = [skull] if skull else []
+        shape = tuple(int(s) for s in nifti.shape[:3])
+        zooms = tuple(float(z) for z in nifti.header.get_zooms()[:3])
+        volume_ml = float(nonzero) * float(np.prod(nifti.header.get_zooms()[:3])) / 1000.0
+        if prep is not None:  # shape and voxel size in prep.orientation's axis order
+            target = nib.orientations.axcodes2ornt(tuple(prep.orientation.upper()))
+            ornt = nib.orientations.ornt_transform(nib.io_orientation(nifti.affine), target)
+            order = [int(np.flatnonzero(ornt[:, 0] == axis)[0]) for axis in range(3)]
+            shape, zooms = tuple(shape[i] for i in order), tuple(zooms[i] for i in order)
+        affine = np.round(np.asarray(nifti.affine, dtype=np.float64), GRID_DECIMALS)
+        grids[image] = (shape, zooms, affine.tobytes())
+        reasons[image] = []
+        if volume_ml > NON_BRAIN_VOLUME_ML:
+            reasons[image].append(
+                f"does not look skull-stripped ({volume_ml:.0f} ml of non-zero signal; "
+                f"a brain is < {NON_BRAIN_VOLUME_ML:.0f} ml)"
+            )
     if prep is not None:
-        expected_spacing = None if prep.target_spacing is None else tuple(prep.target_spacing)
+        spacing = None if prep.target_spacing is None else tuple(prep.target_spacing)
         for image, (shape, zooms, _) in grids.items():
-            if expected_spacing is None:  # no resampling: the file's grid is the model's
+            if spacing is None:  # no resampling: the file's grid is the model's
                 off_grid = shape != tuple(prep.target_shape)
             else:  # resampled to target_spacing, then padded/cropped: the field of view must match
-                field, model_field = (
-                    np.multiply(shape, zooms),
-                    np.multiply(prep.target_shape, expected_spacing),
-                )
-                off_grid = bool(np.any(np.abs(field - model_field) > np.asarray(expected_spacing)))
+                field_error = np.multiply(shape, zooms) - np.multiply(prep.target_shape, spacing)
+                off_grid = bool(np.any(np.abs(field_error) > np.asarray(spacing)))
             if off_grid:
-                trained = _describe(tuple(prep.target_shape), expected_spacing or zooms)
+                trained = _describe(tuple(prep.target_shape), spacing or zooms)
                 reasons[image].insert(
                     0, f"grid {_describe(shape, zooms)}, the model was trained on {trained}"
                 )
     elif grids:
-        keys = {image: (shape, zooms, affine.tobytes()) for image, (shape, zooms, affine) in grids.items()}
-        counts = pd.Series(list(keys.values())).value_counts(sort=True)
+        counts = pd.Series(list(grids.values())).value_counts(sort=True)
         if len(counts) > 1:
             common = counts.index[0] if counts.iloc[0] > 1 else None  # None: no two files share a grid
-            for image, key in keys.items():
+            for image, key in grids.items():
                 if common is None:
-                    why = f"grid {_describe(key[0], key[1])}: the split mixes grids (no two of its {len(keys)} files"
+                    why = (
+                        f"grid {_describe(*key[:2])}: the split mixes grids (no two of its {len(grids)} files"
+                    )
                     reasons[image].insert(0, f"{why} share shape, voxel size and affine)")
                 elif key != common:
                     note = "" if key[:2] != common[:2] else " (same shape and voxel size, other affine)"
                     reasons[image].insert(
                         0,
-                        f"grid {_describe(key[0], key[1])}{note} differs from {counts.iloc[0]} of {len(keys)} "
-                        f"files of this split ({_describe(common[0], common[1])}): the split mixes grids",
+                        f"grid {_describe(*key[:2])}{note} differs from {counts.iloc[0]} of {len(grids)} "
+                        f"files of this split ({_describe(*common[:2])}): the split mixes grids",
                     )
     return [f"{image}: {'; '.join(why)}; {PREPARE_HINT}" for image, why in reasons.items() if why]
-
-
-def print_warning(line: str) -> None:
-    """One ``WARNING: …`` line on stderr (the scripts' way; ``train.py`` logs instead)."""
-    print(f"WARNING: {line}", file=sys.stderr)
 
 
 def warn_inputs(
     frame: pd.DataFrame,
     prep: PreprocessingConfig | None = None,
     strict: bool = False,
-    emit: Callable[[str], None] = print_warning,
+    emit: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Report :func:`input_warnings` one line each through ``emit``; ``strict``: raise :class:`DataError`."""
+    """Report :func:`input_warnings` one line each through ``emit`` (default: a ``WARNING: …`` line on stderr,
+    the scripts' way; ``train.py`` logs instead); ``strict``: raise :class:`DataError` instead."""
     lines = input_warnings(frame, prep)
     if lines and strict:
         table = "\n".join(f"  {line}" for line in lines)
         raise DataError(f"{len(lines)} input(s) do not look model-ready (strict input checks):\n{table}")
+    emit = emit or (lambda line: print(f"WARNING: {line}", file=sys.stderr))
     for line in lines:
         emit(line)
     return lines
@@ -611,14 +589,9 @@ def restore_to_input_grid(
     is_grid_shift = np.allclose(mapping, np.round(mapping), atol=1e-4)
     if is_grid_shift:
         mapping = np.round(mapping)
+    order = 0 if is_grid_shift else 1  # outside the preprocessed field of view: 0 (mode "constant")
     restored = ndimage.affine_transform(
-        array,
-        mapping[:3, :3],
-        offset=mapping[:3, 3],
-        output_shape=inverse.input_shape,
-        order=0 if is_grid_shift else 1,
-        mode="constant",
-        cval=0.0,
+        array, mapping[:3, :3], offset=mapping[:3, 3], output_shape=inverse.input_shape, order=order
     )
     if intensity == "original":
         scaled = restored * np.float32(inverse.high - inverse.low) + np.float32(inverse.low)
@@ -792,7 +765,8 @@ def _file_stamp(path: str) -> str:
 
 
 class VolumeDataset(torch.utils.data.Dataset):
-    """Preprocessed volumes (cached per ``cache``) with optional training augmentation after the cache.
+    """Preprocessed volumes (cached per ``cache``) with optional training augmentation after the cache
+    (``augmentation=None`` for validation / inference).
 
     Item: ``{"image": (1, D, H, W) float32 in [0, 1], "mask": (1, D, H, W) float32 0/1, "index": int}``,
     ``index`` = row position in ``frame``. The augmentation of an item is seeded from (``seed``, epoch,
@@ -846,26 +820,7 @@ class VolumeDataset(torch.utils.data.Dataset):
         return {"image": image, "mask": mask, "index": cached["index"]}
 
 
-def build_dataset(
-    frame: pd.DataFrame,
-    prep: PreprocessingConfig,
-    augmentation: AugmentationConfig | None,
-    cache: Literal["memory", "disk", "none"] = "memory",
-    cache_dir: str | Path | None = None,
-    seed: int = 0,
-) -> VolumeDataset:
-    """A :class:`VolumeDataset`; pass ``augmentation=None`` for validation / inference."""
-    return VolumeDataset(frame, prep, augmentation, cache, cache_dir, seed)
-
-
-def preflight_failures(frame: pd.DataFrame) -> dict[int, str]:
-    """Row index -> "<image>: <problem>" for every row that fails :func:`check_files` (as in training)."""
-    report = check_files(frame)
-    return {
-        i: f"{image}: {problem}"
-        for i, (image, problem) in enumerate(zip(report["image"], report["problem"], strict=True))
-        if problem
-    }
+build_dataset = VolumeDataset  # the name device_data.py and bench/ build datasets by
 
 
 class PreprocessedRows(torch.utils.data.Dataset):
@@ -897,15 +852,8 @@ def preprocessed_batches(
     frame: pd.DataFrame, prep: PreprocessingConfig, indices: list[int], batch_size: int, num_workers: int
 ) -> Iterator[list[dict[str, Any]]]:
     """Batches (lists) of :class:`PreprocessedRows` items in row order, preprocessed in worker processes."""
-    loader = torch.utils.data.DataLoader(
-        PreprocessedRows(frame, prep, indices),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=list,
-        prefetch_factor=2 if num_workers > 0 else None,
-        persistent_workers=False,
-    )
-    yield from loader
+    rows = PreprocessedRows(frame, prep, indices)
+    yield from torch.utils.data.DataLoader(rows, batch_size, num_workers=num_workers, collate_fn=list)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -924,16 +872,19 @@ def main(argv: list[str] | None = None) -> int:
     shown = report.assign(image=[Path(p).name for p in report["image"]]).drop(columns=["mask"])
     with pd.option_context("display.width", 250, "display.max_rows", None, "display.max_colwidth", 80):
         print(shown.to_string(index=False))
-    n_bad = int((report["problem"] != "").sum())
+    bad = report[report["problem"] != ""]
     try:
         warn_inputs(frame[(report["problem"] == "").to_numpy()], strict=args.strict)
     except DataError as error:
         print(f"ERROR: {error}", file=sys.stderr)
         return 1
-    if n_bad == 0:
+    if bad.empty:
         print(f"OK: all {len(report)} file(s) passed the pre-flight check")
         return 0
-    table = _problem_table(report)
+    n_bad = len(bad)
+    table = "\n".join(
+        f"  {image}: {problem}" for image, problem in zip(bad["image"], bad["problem"], strict=True)
+    )
     if args.skip_bad_files:
         print(f"SKIPPING {n_bad} of {len(report)} file(s):\n{table}", file=sys.stderr)
         return 0 if n_bad < len(report) else 1
