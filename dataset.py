@@ -63,7 +63,6 @@ from demo_cohort import make_demo_cohort
 
 log = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MAX_LISTED_IDS = 5  # duplicated subject ids named in full in the error message
 SPACING_TOLERANCE_MM = 0.01
 PIPELINE_VERSION = "2"  # bump when the preprocessing code changes, so disk caches are rebuilt
@@ -77,7 +76,7 @@ class DataError(ValueError):
 
 
 def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
+    return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
 def _subject_id(path: str | Path) -> str:
@@ -118,11 +117,9 @@ def read_split(source: str | Path) -> pd.DataFrame:
         frame = _read_csv(source)
     if "mask" not in frame:
         frame["mask"] = None
-    if "subject_id" not in frame:
-        frame["subject_id"] = None
     frame["subject_id"] = [
         str(sid).strip() if pd.notna(sid) and str(sid).strip() else _subject_id(image)
-        for sid, image in zip(frame["subject_id"], frame["image"], strict=True)
+        for sid, image in zip(frame.get("subject_id", [None] * len(frame)), frame["image"], strict=True)
     ]
     duplicated = frame["image"][frame["image"].duplicated(keep=False)]
     if len(duplicated):
@@ -184,9 +181,8 @@ def _inspect_image(path: str) -> dict[str, Any]:
         orientation="".join(nib.aff2axcodes(image.affine)),
         dtype=str(image.get_data_dtype()),
     )
-    finite = np.isfinite(data) if data.dtype.kind == "f" else None
-    has_nonfinite = finite is not None and not bool(finite.all())
-    values = data[finite] if has_nonfinite else data
+    has_nonfinite = data.dtype.kind == "f" and not np.isfinite(data).all()
+    values = data[np.isfinite(data)] if has_nonfinite else data
     low, high = (float(values.min()), float(values.max())) if values.size else (np.nan, np.nan)
     info.update(min=low, max=high, nan_inf=has_nonfinite, constant=bool(values.size and low == high))
     problems = []
@@ -333,49 +329,41 @@ def input_warnings(frame: pd.DataFrame, prep: PreprocessingConfig | None = None)
         shape = tuple(int(s) for s in nifti.shape[:3])
         zooms = tuple(float(z) for z in nifti.header.get_zooms()[:3])
         volume_ml = float(nonzero) * float(np.prod(nifti.header.get_zooms()[:3])) / 1000.0
+        reasons[image] = []
         if prep is not None:  # shape and voxel size in prep.orientation's axis order
             target = nib.orientations.axcodes2ornt(tuple(prep.orientation.upper()))
             ornt = nib.orientations.ornt_transform(nib.io_orientation(nifti.affine), target)
             order = [int(np.flatnonzero(ornt[:, 0] == axis)[0]) for axis in range(3)]
             shape, zooms = tuple(shape[i] for i in order), tuple(zooms[i] for i in order)
+            if prep.target_spacing is None:  # no resampling: the file's grid is the model's
+                off_grid = shape != tuple(prep.target_shape)
+            else:  # resampled to target_spacing, then padded/cropped: the field of view must match
+                field_error = np.multiply(shape, zooms) - np.multiply(prep.target_shape, prep.target_spacing)
+                off_grid = bool(np.any(np.abs(field_error) > np.asarray(prep.target_spacing)))
+            if off_grid:
+                trained = _describe(tuple(prep.target_shape), prep.target_spacing or zooms)
+                reasons[image].append(f"grid {_describe(shape, zooms)}, the model was trained on {trained}")
         affine = np.round(np.asarray(nifti.affine, dtype=np.float64), GRID_DECIMALS)
         grids[image] = (shape, zooms, affine.tobytes())
-        reasons[image] = []
         if volume_ml > NON_BRAIN_VOLUME_ML:
             reasons[image].append(
                 f"does not look skull-stripped ({volume_ml:.0f} ml of non-zero signal; "
                 f"a brain is < {NON_BRAIN_VOLUME_ML:.0f} ml)"
             )
-    if prep is not None:
-        spacing = None if prep.target_spacing is None else tuple(prep.target_spacing)
-        for image, (shape, zooms, _) in grids.items():
-            if spacing is None:  # no resampling: the file's grid is the model's
-                off_grid = shape != tuple(prep.target_shape)
-            else:  # resampled to target_spacing, then padded/cropped: the field of view must match
-                field_error = np.multiply(shape, zooms) - np.multiply(prep.target_shape, spacing)
-                off_grid = bool(np.any(np.abs(field_error) > np.asarray(spacing)))
-            if off_grid:
-                trained = _describe(tuple(prep.target_shape), spacing or zooms)
+    counts = pd.Series(list(grids.values())).value_counts(sort=True)
+    if prep is None and len(counts) > 1:  # a training split: one grid for all
+        common = counts.index[0] if counts.iloc[0] > 1 else None  # None: no two files share a grid
+        for image, key in grids.items():
+            if common is None:
+                why = f"grid {_describe(*key[:2])}: the split mixes grids (no two of its {len(grids)} files"
+                reasons[image].insert(0, f"{why} share shape, voxel size and affine)")
+            elif key != common:
+                note = "" if key[:2] != common[:2] else " (same shape and voxel size, other affine)"
                 reasons[image].insert(
-                    0, f"grid {_describe(shape, zooms)}, the model was trained on {trained}"
+                    0,
+                    f"grid {_describe(*key[:2])}{note} differs from {counts.iloc[0]} of {len(grids)} "
+                    f"files of this split ({_describe(*common[:2])}): the split mixes grids",
                 )
-    elif grids:
-        counts = pd.Series(list(grids.values())).value_counts(sort=True)
-        if len(counts) > 1:
-            common = counts.index[0] if counts.iloc[0] > 1 else None  # None: no two files share a grid
-            for image, key in grids.items():
-                if common is None:
-                    why = (
-                        f"grid {_describe(*key[:2])}: the split mixes grids (no two of its {len(grids)} files"
-                    )
-                    reasons[image].insert(0, f"{why} share shape, voxel size and affine)")
-                elif key != common:
-                    note = "" if key[:2] != common[:2] else " (same shape and voxel size, other affine)"
-                    reasons[image].insert(
-                        0,
-                        f"grid {_describe(*key[:2])}{note} differs from {counts.iloc[0]} of {len(grids)} "
-                        f"files of this split ({_describe(*common[:2])}): the split mixes grids",
-                    )
     return [f"{image}: {'; '.join(why)}; {PREPARE_HINT}" for image, why in reasons.items() if why]
 
 
@@ -476,12 +464,8 @@ def _pad_crop_and_mask(data: dict, spatial_size: tuple[int, int, int]) -> dict:
 
 
 def _scale_intensity(data: dict, prep: PreprocessingConfig) -> dict:
-    """Image to [0, 1]; low/high are stored in ``image.meta`` (``intensity_low`` / ``intensity_high``).
-
-    ``percentile``: low/high = percentiles over the foreground (voxels brighter than ``background``), clip to
-    [0, 1]; the background (and everything below ``low``) becomes exactly 0.
-    ``minmax``: low/high = min/max over the whole volume.
-    """
+    """Image to [0, 1] (see :func:`build_preprocessing`; under ``percentile`` everything below ``low``, the
+    background too, becomes exactly 0); low/high are stored in ``image.meta`` (``intensity_low``/``_high``)."""
     image = data["image"]
     values = image.detach().cpu().numpy()
     source = image.meta.get("filename_or_obj", "?")
@@ -534,17 +518,12 @@ def preprocess_volume(
     image_path: str | Path, prep: PreprocessingConfig, mask_path: str | Path | None = None
 ) -> PreprocessedVolume:
     """Preprocess one file (and its optional brain mask) with :func:`build_preprocessing`."""
-    item = {"image": str(image_path)}
-    if mask_path is not None:
-        item["mask"] = str(mask_path)
+    item = {"image": str(image_path)} | ({} if mask_path is None else {"mask": str(mask_path)})
     try:
         out = build_preprocessing(prep)(item)
-    except RuntimeError as error:  # MONAI wraps errors raised inside a transform
-        cause = error.__cause__
-        while cause is not None and not isinstance(cause, DataError):
-            cause = cause.__cause__
-        if isinstance(cause, DataError):
-            raise cause from None
+    except RuntimeError as error:  # MONAI wraps errors raised inside a transform (ours: in its Lambda)
+        if isinstance(error.__cause__, DataError):
+            raise error.__cause__ from None
         raise DataError(f"{image_path}: preprocessing failed ({error})") from error
     image = out["image"]
     inverse = InverseInfo(
@@ -735,16 +714,6 @@ class Augmentation:
         return self.apply(images, masks, self.draw(indices, epoch, images.shape[2:]))
 
 
-def _cacheable(data: dict) -> dict:
-    """Plain tensors for caching (a MetaTensor would leak into the model and autograd): ``image`` float32,
-    ``mask`` uint8; keeps ``index``."""
-    return {
-        "image": data["image"].as_tensor().float().contiguous(),
-        "mask": data["mask"].as_tensor().to(torch.uint8).contiguous(),
-        "index": data["index"],
-    }
-
-
 def preprocessing_cache_dir(cache_dir: str | Path, prep: PreprocessingConfig) -> Path:
     """``cache_dir/<sha256 of the preprocessing settings + pipeline version>/``."""
     settings = json.dumps(
@@ -790,7 +759,15 @@ class VolumeDataset(torch.utils.data.Dataset):
                 item.update(mask=mask, stamp_of_mask=_file_stamp(mask))
             items.append(item)
         # flat list: CacheDataset / PersistentDataset cache up to the first Randomizable (a nested Compose is one)
-        transform = mt.Compose([*build_preprocessing(prep).transforms, mt.Lambda(_cacheable)])
+        # cached: plain tensors (a MetaTensor would leak into the model and autograd), image float32, mask uint8
+        transform = mt.Compose(
+            [
+                *build_preprocessing(prep).transforms,
+                mt.EnsureTyped("image", dtype=torch.float32, track_meta=False),
+                mt.EnsureTyped("mask", dtype=torch.uint8, track_meta=False),
+                mt.SelectItemsd(["image", "mask", "index"]),
+            ]
+        )
         if cache == "memory":
             workers = min(4, os.cpu_count() or 1)
             self.base = CacheDataset(items, transform, progress=False, num_workers=workers, copy_cache=False)
@@ -800,8 +777,7 @@ class VolumeDataset(torch.utils.data.Dataset):
             self.base = PersistentDataset(items, transform, cache_dir=folder)
         else:
             self.base = MonaiDataset(items, transform)
-        use_augmentation = augmentation is not None and augmentation.enabled
-        self.augment = Augmentation(augmentation, seed) if use_augmentation else None
+        self.augment = Augmentation(augmentation, seed) if augmentation and augmentation.enabled else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
