@@ -115,8 +115,7 @@ def read_split(source: str | Path) -> pd.DataFrame:
         frame = pd.DataFrame({"image": [str(source.resolve())]})
     else:
         frame = _read_csv(source)
-    if "mask" not in frame:
-        frame["mask"] = None
+    frame["mask"] = frame.get("mask")  # None for a split without masks
     frame["subject_id"] = [
         str(sid).strip() if pd.notna(sid) and str(sid).strip() else _subject_id(image)
         for sid, image in zip(frame.get("subject_id", [None] * len(frame)), frame["image"], strict=True)
@@ -442,18 +441,15 @@ def _check_loaded(data: dict) -> dict:
     return data
 
 
-def _resample(data: dict, pixdim: tuple[float, float, float]) -> dict:
-    """``Spacingd`` (linear for the image, nearest for the mask), skipped when the spacing already fits."""
-    if np.allclose(data["image"].pixdim, pixdim, atol=SPACING_TOLERANCE_MM):
-        return data
-    keys = ["image", "mask"]
-    return mt.Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest"), allow_missing_keys=True)(data)
-
-
-def _pad_crop_and_mask(data: dict, spatial_size: tuple[int, int, int]) -> dict:
-    """Centred pad/crop to ``spatial_size``, the image padded with its background value, the mask with 0;
-    ``mask`` -> bool: the given mask > 0, else :func:`estimate_brain_mask` of the image."""
-    resize = mt.ResizeWithPadOrCrop(spatial_size)
+def _to_target_grid(data: dict, prep: PreprocessingConfig) -> dict:
+    """Resample to ``prep.target_spacing`` (``Spacingd``: linear for the image, nearest for the mask; skipped
+    when the spacing already fits), centred pad/crop to ``prep.target_shape`` (the image padded with its
+    background value, the mask with 0); ``mask`` -> bool: the given mask > 0, else :func:`estimate_brain_mask`."""
+    pixdim = None if prep.target_spacing is None else tuple(prep.target_spacing)
+    if pixdim is not None and not np.allclose(data["image"].pixdim, pixdim, atol=SPACING_TOLERANCE_MM):
+        modes = ("bilinear", "nearest")
+        data = mt.Spacingd(["image", "mask"], pixdim=pixdim, mode=modes, allow_missing_keys=True)(data)
+    resize = mt.ResizeWithPadOrCrop(tuple(prep.target_shape))
     image = data["image"] = resize(data["image"], value=data["background"])
     if "mask" in data:
         data["mask"] = resize(data["mask"], value=0) > 0
@@ -504,11 +500,9 @@ def build_preprocessing(prep: PreprocessingConfig) -> mt.Compose:
         mt.LoadImaged(keys, **load, allow_missing_keys=True),
         mt.Lambda(_check_loaded),
         mt.Orientationd(keys, axcodes=prep.orientation.upper(), labels=labels, allow_missing_keys=True),
+        mt.Lambda(functools.partial(_to_target_grid, prep=prep)),
+        mt.Lambda(functools.partial(_scale_intensity, prep=prep)),
     ]
-    if prep.target_spacing is not None:
-        steps.append(mt.Lambda(functools.partial(_resample, pixdim=tuple(prep.target_spacing))))
-    steps.append(mt.Lambda(functools.partial(_pad_crop_and_mask, spatial_size=tuple(prep.target_shape))))
-    steps.append(mt.Lambda(functools.partial(_scale_intensity, prep=prep)))
     if prep.apply_mask:
         steps.append(mt.MaskIntensityd("image", mask_key="mask"))
     return mt.Compose(steps)
@@ -536,12 +530,8 @@ def preprocess_volume(
         high=image.meta["intensity_high"],
         background=out["background"],
     )
-    return PreprocessedVolume(
-        image=image.as_tensor().float(),
-        mask=out["mask"].as_tensor().bool(),
-        inverse=inverse,
-        mask_source="estimated" if mask_path is None else "csv",
-    )
+    mask_source = "estimated" if mask_path is None else "csv"
+    return PreprocessedVolume(image.as_tensor().float(), out["mask"].as_tensor().bool(), inverse, mask_source)
 
 
 def restore_to_input_grid(

@@ -31,10 +31,7 @@ def _load_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MNI ICBM152 2009a T1 (1 mm) from the nilearn wheel, its brain mask and affine (no download)."""
     from nilearn import datasets
 
-    template_path = (
-        Path(datasets.__file__).parent / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-    )
-    template = nib.load(template_path)
+    template = nib.load(datasets.MNI152_FILE_PATH)  # mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz
     mask = datasets.load_mni152_brain_mask(resolution=1)
     if mask.shape != template.shape or not np.allclose(mask.affine, template.affine):
         raise RuntimeError("nilearn MNI152 brain mask is not on the template grid")
