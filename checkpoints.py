@@ -1,19 +1,11 @@
-"""Checkpoints, in one place: the format, atomic save, safe load, resume, and the inference checkpoint.
+"""Checkpoint files: the format, atomic save, safe load, resume, and the inference checkpoint.
 
-Two kinds of file share one format tag (:data:`CHECKPOINT_FORMAT`):
-
-* the **training checkpoint** ``runs/<run>/checkpoints/last.pt`` (:func:`training_checkpoint`): weights of the
-  VAE and the discriminator, optimisers, scalers, counters, stage, every rank's RNG state, the config and the
-  metric history; :func:`resume` restores all of it into a ``train.TrainState``;
-* the **inference checkpoint** ``best_runs/<run>/best_model.pt`` (:func:`inference_checkpoint`): VAE weights,
-  config (model + preprocessing), latent statistics and metrics; :func:`load_vae` turns it (or a bare MAISI
-  state dict) into a ready model.
-
-Either (or a MAISI state dict) can seed a new run's VAE: :func:`init_vae_weights` (``train.init_from``).
-
-Every file is written atomically (temporary file in the same folder, fsync, ``os.replace``) and read only with
-``torch.load(weights_only=True)``: a file that needs code execution to load is refused, and so is one whose zip
-records fail their CRC-32 (a damaged file; ``torch.load`` does not check them).
+Two kinds of file share one format tag (:data:`CHECKPOINT_FORMAT`): the training checkpoint
+``runs/<run>/checkpoints/last.pt`` and the inference checkpoint ``best_runs/<run>/best_model.pt``. Either, or a
+MAISI state dict, can seed a new run's VAE (``train.init_from``). Every file is written atomically (temporary
+file in the same folder, fsync, ``os.replace``) and read only with ``torch.load(weights_only=True)``: a file
+that needs code execution to load is refused, and so is one whose zip records fail their CRC-32 (a damaged
+file; ``torch.load`` does not check them).
 """
 
 from __future__ import annotations
@@ -28,7 +20,7 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 from torch import nn
@@ -38,41 +30,14 @@ from model import build_vae
 from model.maisi_vae import MaisiVAE, convert_maisi_state_dict
 from utils import DistributedContext, gather_rng_states, new_file_mode, set_rng_state
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "CheckpointError",
-    "atomic_write",
-    "check_archive_crcs",
-    "check_init_from",
-    "check_state_dict_fits",
-    "inference_checkpoint",
-    "init_vae_weights",
-    "load_checkpoint",
-    "load_state_dict_strictly",
-    "load_vae",
-    "model_config_differences",
-    "resume",
-    "save_checkpoint",
-    "save_json",
-    "training_checkpoint",
-]
+if TYPE_CHECKING:
+    from train import TrainState
 
 CHECKPOINT_FORMAT = "brain-vae3d/1"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or safely read."""
-
-
-class ResumableState(Protocol):
-    """What a training checkpoint holds: a ``train.TrainState``, which lists its own fields."""
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, saved: dict[str, Any]) -> None: ...
-
-
-# ------------------------------------------------------------------------------------------- file I/O
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], kind: str = "file") -> None:
@@ -97,8 +62,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], kind: str 
             os.fsync(file.fileno())
         os.replace(temp_name, path)
     except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
+        Path(temp_name).unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise CheckpointError(
                 f"could not write {kind} {path}: {error.strerror or error}; the previous file (if any) "
@@ -190,11 +154,8 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
     return CheckpointError(f"could not read checkpoint {path} (damaged?): {reason}")
 
 
-# ------------------------------------------------------------------------------------------- training
-
-
 def training_checkpoint(
-    state: ResumableState,
+    state: TrainState,
     config: Config,
     context: DistributedContext,
     stage: str,
@@ -213,7 +174,7 @@ def training_checkpoint(
     }
 
 
-def resume(state: ResumableState, path: Path, config: Config, context: DistributedContext) -> bool:
+def resume(state: TrainState, path: Path, config: Config, context: DistributedContext) -> bool:
     """Restore ``state`` (weights, optimisers, scalers, counters, history) and this rank's RNG from ``path``.
 
     Returns whether the RNG streams were restored (only when the world size is unchanged). Raises
@@ -222,17 +183,12 @@ def resume(state: ResumableState, path: Path, config: Config, context: Distribut
     checkpoint = load_checkpoint(path)
     if checkpoint.get("format") != CHECKPOINT_FORMAT or "optimizer_g" not in checkpoint:
         raise CheckpointError(f"{path} is not a training checkpoint of this project (cannot resume)")
-    differences = model_config_differences(checkpoint["config"]["model"], config.to_dict()["model"])
-    if differences:
-        raise ConfigError(f"{path} was trained with another model config: " + "; ".join(differences))
+    _check_same_model(checkpoint, config.model, f"{path} was trained with another model config")
     state.load_state_dict(checkpoint)
     if checkpoint["world_size"] != context.world_size:
         return False
     set_rng_state(checkpoint["rng"][context.rank])
     return True
-
-
-# ------------------------------------------------------------------------------------------- inference
 
 
 def inference_checkpoint(
@@ -257,20 +213,16 @@ def inference_checkpoint(
     }
 
 
-def model_config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable ``key: saved → current`` lines for every model key that differs."""
-    keys = sorted(set(saved) | set(current))
-    return [
+def _check_same_model(checkpoint: dict[str, Any], model: ModelConfig, refusal: str) -> None:
+    """ConfigError ``refusal: key: saved → current; …`` when ``checkpoint`` was saved with another model config."""
+    saved, current = checkpoint["config"]["model"], Config(model=model).to_dict()["model"]
+    differences = [
         f"{key}: {saved.get(key)!r} → {current.get(key)!r}"
-        for key in keys
+        for key in sorted(set(saved) | set(current))
         if saved.get(key) != current.get(key)
     ]
-
-
-def load_state_dict_strictly(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict`` with an error that names the missing, unexpected and mis-shaped keys."""
-    check_state_dict_fits(module, state_dict, source)
-    module.load_state_dict(state_dict)
+    if differences:
+        raise ConfigError(f"{refusal}: " + "; ".join(differences))
 
 
 def check_state_dict_fits(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -302,17 +254,21 @@ def _is_state_dict(checkpoint: dict[str, Any]) -> bool:
     return all(isinstance(value, torch.Tensor) for value in checkpoint.values()) or "state_dict" in checkpoint
 
 
-def _converted_maisi_state_dict(checkpoint: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
-    """A MAISI ``AutoencoderKlMaisi`` state dict in our layout; CheckpointError naming ``source`` when the file
-    is not one (neither our checkpoint nor a state dict, or a state dict the converter cannot map)."""
+def _vae_weights(checkpoint: dict[str, Any], source: str) -> tuple[dict[str, torch.Tensor], str, str]:
+    """(the VAE weights in our layout, the kind of file, how errors name it) of one of our checkpoints or of a
+    MAISI ``AutoencoderKlMaisi`` state dict (converted); CheckpointError naming ``source`` when it is neither
+    (or a state dict the converter cannot map)."""
+    if checkpoint.get("format") == CHECKPOINT_FORMAT:
+        return checkpoint["vae"], "brain-vae3d checkpoint", source
     if not _is_state_dict(checkpoint):
         raise CheckpointError(
             f"{source} is neither a brain-vae3d checkpoint (format {CHECKPOINT_FORMAT!r}) nor a state dict"
         )
     try:
-        return convert_maisi_state_dict(checkpoint)
+        converted = convert_maisi_state_dict(checkpoint)
     except (ValueError, NotImplementedError) as error:
         raise CheckpointError(f"{source} is not a MAISI AutoencoderKlMaisi state dict: {error}") from None
+    return converted, "MAISI state dict", f"{source} (converted from the MAISI layout)"
 
 
 def load_vae(
@@ -330,24 +286,18 @@ def load_vae(
         (vae in eval mode on ``device``, the effective config, the raw checkpoint dict).
     """
     checkpoint = load_checkpoint(path)
-    if checkpoint.get("format") == CHECKPOINT_FORMAT:
-        config = Config.from_dict(checkpoint["config"])
-        vae = build_vae(config.model)
-        load_state_dict_strictly(vae, checkpoint["vae"], str(path))
-    else:
-        if _is_state_dict(checkpoint) and maisi_model is None:
-            raise ConfigError(
-                f"{path} is a bare state dict (MAISI layout?): give its model config "
-                "(e.g. infer.py --maisi_channels 64 128 256 --maisi_num_res_blocks 2 2 2)"
-            )
-        converted = _converted_maisi_state_dict(checkpoint, str(path))
-        config = Config(model=maisi_model)
-        vae = build_vae(maisi_model)
-        load_state_dict_strictly(vae, converted, f"{path} (converted from the MAISI layout)")
+    ours = checkpoint.get("format") == CHECKPOINT_FORMAT
+    if not ours and maisi_model is None and _is_state_dict(checkpoint):
+        raise ConfigError(
+            f"{path} is a bare state dict (MAISI layout?): give its model config "
+            "(e.g. infer.py --maisi_channels 64 128 256 --maisi_num_res_blocks 2 2 2)"
+        )
+    config = Config.from_dict(checkpoint["config"]) if ours else Config(model=maisi_model)
+    weights, _, source = _vae_weights(checkpoint, str(path))
+    vae = build_vae(config.model)
+    check_state_dict_fits(vae, weights, source)
+    vae.load_state_dict(weights)
     return vae.to(device).eval(), config, checkpoint
-
-
-# ------------------------------------------------------------------------------------------- fine-tuning
 
 
 def check_init_from(path: str | Path, model_config: ModelConfig) -> None:
@@ -376,28 +326,22 @@ def init_vae_weights(vae: nn.Module, path: str | Path, model_config: ModelConfig
         keys); ConfigError for one of our checkpoints trained with another model config (naming the keys).
     """
     weights, kind, source = _init_from_weights(path, model_config)
-    load_state_dict_strictly(vae, weights, source)
+    check_state_dict_fits(vae, weights, source)
+    vae.load_state_dict(weights)
     return kind
 
 
 def _init_from_weights(
     path: str | Path, model_config: ModelConfig
 ) -> tuple[dict[str, torch.Tensor], str, str]:
-    """(VAE weights in our layout, the kind of file, how errors name it) of a ``train.init_from`` file."""
+    """:func:`_vae_weights` of a ``train.init_from`` file, refused when it is one of our checkpoints saved
+    with another model config than ``model_config``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"train.init_from: no checkpoint or MAISI state dict at {path}")
     checkpoint = load_checkpoint(path)
     source = f"train.init_from {path}"
     if checkpoint.get("format") == CHECKPOINT_FORMAT:
-        differences = model_config_differences(
-            checkpoint["config"]["model"], Config(model=model_config).to_dict()["model"]
-        )
-        if differences:
-            raise ConfigError(
-                f"{source} was trained with another model config (saved → this run): "
-                + "; ".join(differences)
-            )
-        return checkpoint["vae"], "brain-vae3d checkpoint", source
-    converted = _converted_maisi_state_dict(checkpoint, source)
-    return converted, "MAISI state dict", f"{source} (converted from the MAISI layout)"
+        refusal = f"{source} was trained with another model config (saved → this run)"
+        _check_same_model(checkpoint, model_config, refusal)
+    return _vae_weights(checkpoint, source)

@@ -1,25 +1,19 @@
 """The config schema: every key, its type, default and allowed values, in one place.
 
-A config is JSON with one object per section (``model``, ``discriminator``, ``perceptual``, ``data``,
-``preprocessing``, ``augmentation``, ``train``). Every script reads it through :func:`load_config`, which
-
-* starts from the defaults below,
-* applies the file's values, then ``--set section.key=value`` overrides,
-* rejects unknown keys, wrong types and out-of-range values with an error that lists what is allowed and
-  names where the value came from: the file, or the ``--set section.key=value`` override.
-
-Presets (``configs/*.json``) are overrides on top of these defaults: they list only the keys they change.
-``config.json`` is the full reference (every key at its default). A changed default here changes every
-preset that does not list that key.
-
-The effective config (``Config.to_dict()``) is saved into the run folder and into every checkpoint, so a
-checkpoint alone is enough to rebuild the model and reproduce the preprocessing.
+A config is JSON with one object per section (the fields of :class:`Config`). :func:`load_config` starts from
+the defaults below, applies the file's values, then ``--set section.key=value`` overrides, and rejects unknown
+keys, wrong types and out-of-range values. Presets (``configs/*.json``) list only the keys they change, so a
+changed default here changes every preset that does not list it; ``config.json`` lists every key at its
+default. The effective config (``Config.to_dict()``) is saved into the run folder and into every checkpoint,
+so a checkpoint alone is enough to rebuild the model and reproduce the preprocessing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,18 +22,7 @@ from typing import Any, Literal
 
 from metrics import VALIDATION_METRICS, VALIDATION_REGION_METRICS
 
-__all__ = [
-    "AugmentationConfig",
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "DiscriminatorConfig",
-    "ModelConfig",
-    "PerceptualConfig",
-    "PreprocessingConfig",
-    "TrainConfig",
-    "load_config",
-]
+PROBABILITY = "a probability in [0, 1]"
 
 
 class ConfigError(ValueError):
@@ -56,22 +39,39 @@ def _check(condition: bool, message: str, *keys: str) -> None:
         raise ConfigError(message, keys)
 
 
-def _check_minimum(
-    section: str, values: Any, minimum: int, names: tuple[str, ...], nullable: bool = False
-) -> None:
-    """``section.name >= minimum`` for each of ``names`` of the dataclass ``values`` (or null, when ``nullable``)."""
-    for name in names:
-        value = getattr(values, name)
-        allowed = "null or " if nullable else ""
-        _check(
-            (nullable and value is None) or value >= minimum,
-            f"{section}.{name} must be {allowed}>= {minimum}",
-            f"{section}.{name}",
-        )
+def bounded(default: Any, *rules: str) -> Any:
+    """A field whose value must meet every rule, each written as its error message states it: ``">= 1"``,
+    ``"> 0"``, ``"< 1"`` or an interval ``"in [low, high]"`` (``(`` / ``)``: open ends), with any words around
+    it (``"a probability in [0, 1]"``). A null value of a nullable field meets them all."""
+    return field(default=default, metadata={"rules": rules})
+
+
+def _meets(value: float, rule: str) -> bool:
+    """Whether ``value`` meets a :func:`bounded` ``rule``."""
+    if interval := re.search(r"in ([\[(])([\d.]+), ([\d.]+)([\])])", rule):
+        left, low, high, right = interval.groups()
+        above = float(low) <= value if left == "[" else float(low) < value
+        return above and (value <= float(high) if right == "]" else value < float(high))
+    operator, bound = re.search(r"(>=|>|<) ([\d.]+)", rule).groups()
+    return {">=": value >= float(bound), ">": value > float(bound), "<": value < float(bound)}[operator]
+
+
+class _Section:
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for a value that breaks its field's :func:`bounded` rules; sections with
+        rules between keys extend this."""
+        name = next(name for name, section_type in SECTIONS.items() if section_type is type(self))
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            null = "null or " if type(None) in typing.get_args(hints[f.name]) else ""
+            for rule in f.metadata.get("rules", ()) if value is not None else ():
+                message = f"{name}.{f.name} must be {null}{rule}; got {value}"
+                _check(_meets(value, rule), message, f"{name}.{f.name}")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """MAISI-style KL-VAE (see ``model/maisi_vae.py``). Defaults = the seed model.
 
     ``spatial_dims`` is always 3 (the model is 3-D only); the key stays so that saved configs and checkpoints,
@@ -79,22 +79,20 @@ class ModelConfig:
     """
 
     spatial_dims: Literal[3] = 3
-    in_channels: int = 1
-    out_channels: int = 1
+    in_channels: int = bounded(1, ">= 1")
+    out_channels: int = bounded(1, ">= 1")
     channels: tuple[int, ...] = (32, 64, 128)
-    latent_channels: int = 4
+    latent_channels: int = bounded(4, ">= 1")
     num_res_blocks: tuple[int, ...] = (1, 1, 1)
     attention_levels: tuple[bool, ...] = (False, False, False)
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-6
+    norm_num_groups: int = bounded(32, ">= 1")
+    norm_eps: float = bounded(1e-6, "> 0")
     with_encoder_nonlocal_attn: bool = False
     with_decoder_nonlocal_attn: bool = False
     upsample_mode: Literal["trilinear", "transposed"] = "trilinear"
 
     def validate(self) -> None:
-        _check_minimum(
-            "model", self, 1, ("in_channels", "out_channels", "latent_channels", "norm_num_groups")
-        )
+        super().validate()
         _check(len(self.channels) >= 1, "model.channels: give at least one level", "model.channels")
         for name in ("num_res_blocks", "attention_levels"):
             _check(
@@ -103,57 +101,41 @@ class ModelConfig:
                 f"model.{name}",
                 "model.channels",
             )
-        for c in self.channels:
-            _check(
-                c > 0 and c % self.norm_num_groups == 0,
-                f"model.channels: every entry must be a positive multiple of model.norm_num_groups "
-                f"({self.norm_num_groups}); got {list(self.channels)}",
-                "model.channels",
-                "model.norm_num_groups",
-            )
+        _check(
+            all(c > 0 and c % self.norm_num_groups == 0 for c in self.channels),
+            f"model.channels: every entry must be a positive multiple of model.norm_num_groups "
+            f"({self.norm_num_groups}); got {list(self.channels)}",
+            "model.channels",
+            "model.norm_num_groups",
+        )
         _check(
             all(n >= 1 for n in self.num_res_blocks),
             "model.num_res_blocks: every entry must be >= 1",
             "model.num_res_blocks",
         )
-        _check(self.norm_eps > 0, "model.norm_eps must be > 0", "model.norm_eps")
 
 
 @dataclass
-class DiscriminatorConfig:
+class DiscriminatorConfig(_Section):
     """3D PatchGAN discriminator (``model/discriminator.py``), used from ``train.gan_start_epoch``."""
 
-    channels: int = 32
-    num_layers: int = 3
+    channels: int = bounded(32, ">= 1")
+    num_layers: int = bounded(3, "in [1, 6]")
     norm: Literal["instance", "batch"] = "instance"
-    learning_rate: float = 1e-4
+    learning_rate: float = bounded(1e-4, "> 0")
     loss: Literal["least_squares", "hinge"] = "least_squares"
-
-    def validate(self) -> None:
-        _check(self.channels >= 1, "discriminator.channels must be >= 1", "discriminator.channels")
-        _check(
-            1 <= self.num_layers <= 6,
-            "discriminator.num_layers must be in [1, 6]",
-            "discriminator.num_layers",
-        )
-        _check(
-            self.learning_rate > 0, "discriminator.learning_rate must be > 0", "discriminator.learning_rate"
-        )
 
 
 @dataclass
-class PerceptualConfig:
+class PerceptualConfig(_Section):
     """3D LPIPS (``model/lpips3D.py``). ``random`` is an untrained network: reported as NOT pretrained."""
 
     backbone: Literal["deepbet", "medicalnet_resnet10", "medicalnet_resnet50", "random"] = "deepbet"
     weights_path: str | None = None
 
-    def validate(self) -> None:
-        pass
-
 
 @dataclass
-class PreprocessingConfig:
+class PreprocessingConfig(_Section):
     """The one preprocessing pipeline (``dataset.preprocess_volume``); saved into every checkpoint."""
 
     orientation: str = "RAS"
@@ -165,19 +147,19 @@ class PreprocessingConfig:
     apply_mask: bool = False
 
     def validate(self) -> None:
+        super().validate()
         _check(
             len(self.orientation) == 3 and set(self.orientation.upper()) <= set("RLAPSI"),
             f"preprocessing.orientation must be a 3-letter axis code like 'RAS'; got {self.orientation!r}",
             "preprocessing.orientation",
         )
-        if self.target_spacing is not None:
-            _check(
-                len(self.target_spacing) == 3 and all(s > 0 for s in self.target_spacing),
-                "preprocessing.target_spacing must be null or three positive numbers (mm)",
-                "preprocessing.target_spacing",
-            )
         _check(
-            len(self.target_shape) == 3 and all(s >= 1 for s in self.target_shape),
+            self.target_spacing is None or all(s > 0 for s in self.target_spacing),
+            "preprocessing.target_spacing must be null or three positive numbers (mm)",
+            "preprocessing.target_spacing",
+        )
+        _check(
+            all(s >= 1 for s in self.target_shape),
             "preprocessing.target_shape must be three positive integers",
             "preprocessing.target_shape",
         )
@@ -190,44 +172,32 @@ class PreprocessingConfig:
 
 
 @dataclass
-class AugmentationConfig:
+class AugmentationConfig(_Section):
     """Training-only augmentations (never applied in validation, inference or latent saving)."""
 
     enabled: bool = True
-    affine_prob: float = 0.3
-    rotate_degrees: float = 5.0
-    scale_fraction: float = 0.05
-    translate_voxels: float = 3.0
-    bias_field_prob: float = 0.3
-    gamma_prob: float = 0.3
+    affine_prob: float = bounded(0.3, PROBABILITY)
+    rotate_degrees: float = bounded(5.0, ">= 0")
+    scale_fraction: float = bounded(0.05, ">= 0", "< 1")
+    translate_voxels: float = bounded(3.0, ">= 0")
+    bias_field_prob: float = bounded(0.3, PROBABILITY)
+    gamma_prob: float = bounded(0.3, PROBABILITY)
     gamma_range: tuple[float, float] = (0.8, 1.25)
-    noise_prob: float = 0.2
-    noise_std: float = 0.01
-    flip_left_right_prob: float = 0.0
+    noise_prob: float = bounded(0.2, PROBABILITY)
+    noise_std: float = bounded(0.01, ">= 0")
+    flip_left_right_prob: float = bounded(0.0, PROBABILITY)
 
     def validate(self) -> None:
-        for name in ("affine_prob", "bias_field_prob", "gamma_prob", "noise_prob", "flip_left_right_prob"):
-            value = getattr(self, name)
-            _check(
-                0.0 <= value <= 1.0,
-                f"augmentation.{name} must be a probability in [0, 1]; got {value}",
-                f"augmentation.{name}",
-            )
+        super().validate()
         _check(
             0 < self.gamma_range[0] <= self.gamma_range[1],
             "augmentation.gamma_range must be [low, high] with 0 < low <= high",
             "augmentation.gamma_range",
         )
-        _check_minimum(
-            "augmentation", self, 0, ("noise_std", "rotate_degrees", "scale_fraction", "translate_voxels")
-        )
-        _check(
-            self.scale_fraction < 1, "augmentation.scale_fraction must be < 1", "augmentation.scale_fraction"
-        )
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Split CSVs (or folders / single files). Relative paths are relative to the working directory.
 
     ``train_csv`` / ``val_csv`` default to the built-in demo cohort, which ``demo_cohort.py`` synthesises on
@@ -241,17 +211,14 @@ class DataConfig:
     demo_dir: str | None = "data/demo"
     cache: Literal["memory", "disk", "none"] = "memory"
     cache_dir: str = "data/cache"
-    num_workers: int = 2
+    num_workers: int = bounded(2, ">= 0")
     skip_bad_files: bool = False
     strict_input_checks: bool = False  # inputs of mixed grids or not skull-stripped: errors, not warnings
     device_cache: Literal["auto", "on", "off"] = "auto"
 
-    def validate(self) -> None:
-        _check_minimum("data", self, 0, ("num_workers",))
-
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """Optimisation, stages, AMP, checkpointing and validation.
 
     * ``init_from``: start a new run from existing VAE weights — one of our checkpoints or a MAISI state dict
@@ -278,74 +245,45 @@ class TrainConfig:
     init_from: str | None = None
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = 2
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-5
-    num_epochs: int = 100
-    max_steps_per_epoch: int | None = None
+    batch_size: int = bounded(2, ">= 1")
+    learning_rate: float = bounded(1e-4, "> 0")
+    weight_decay: float = bounded(1e-5, ">= 0")
+    num_epochs: int = bounded(100, ">= 1")
+    max_steps_per_epoch: int | None = bounded(None, ">= 1")
     recon_loss: Literal["mse", "l1"] = "mse"
-    beta: float = 1e-7
-    perceptual_weight: float = 0.3
-    adversarial_weight: float = 0.1
+    beta: float = bounded(1e-7, ">= 0")
+    perceptual_weight: float = bounded(0.3, ">= 0")
+    adversarial_weight: float = bounded(0.1, ">= 0")
     adaptive_adversarial_weight: bool = True
-    gan_start_epoch: int = 50
+    gan_start_epoch: int = bounded(50, ">= 0")
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 0
-    min_lr_fraction: float = 0.1
-    ema_decay: float | None = 0.999
-    time_budget_s: float | None = None
-    grad_clip: float | None = 1.0
+    warmup_steps: int = bounded(0, ">= 0")
+    min_lr_fraction: float = bounded(0.1, "in [0, 1]")
+    ema_decay: float | None = bounded(0.999, "in (0, 1), e.g. 0.999")
+    time_budget_s: float | None = bounded(None, "> 0 (seconds)")
+    grad_clip: float | None = bounded(1.0, "> 0")
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     recompute: Literal["auto", "on", "off"] = "auto"
     gradient_checkpointing: bool = False
     channels_last: bool = False
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
-    val_every: int = 1
-    val_batch_size: int | None = None
+    val_every: int = bounded(1, ">= 1")
+    val_batch_size: int | None = bounded(None, ">= 1")
     region_metrics: bool = True
-    checkpoint_every_steps: int | None = None
+    checkpoint_every_steps: int | None = bounded(None, ">= 1")
     best_metric: str = "val/psnr_brain"
     best_metric_mode: Literal["max", "min"] = "max"
-    max_consecutive_nonfinite: int = 5
-    log_every_steps: int = 10
+    max_consecutive_nonfinite: int = bounded(5, ">= 1")
+    log_every_steps: int = bounded(10, ">= 1")
     runs_dir: str = "runs"
     best_runs_dir: str = "best_runs"
 
     def validate(self) -> None:
-        _check_minimum("train", self, 1, ("batch_size", "num_epochs", "val_every", "log_every_steps"))
-        _check_minimum("train", self, 1, ("max_consecutive_nonfinite",))
-        _check_minimum("train", self, 0, ("weight_decay", "beta", "perceptual_weight", "adversarial_weight"))
-        _check_minimum("train", self, 0, ("warmup_steps", "gan_start_epoch"))
-        nullable = ("max_steps_per_epoch", "val_batch_size", "checkpoint_every_steps")
-        _check_minimum("train", self, 1, nullable, nullable=True)
-        _check(self.learning_rate > 0, "train.learning_rate must be > 0", "train.learning_rate")
-        _check(
-            self.grad_clip is None or self.grad_clip > 0,
-            "train.grad_clip must be null or > 0",
-            "train.grad_clip",
-        )
-        _check(
-            0.0 <= self.min_lr_fraction <= 1.0,
-            "train.min_lr_fraction must be in [0, 1]",
-            "train.min_lr_fraction",
-        )
-        _check(
-            self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
-            "train.ema_decay must be null or in (0, 1), e.g. 0.999",
-            "train.ema_decay",
-        )
-        _check(
-            self.time_budget_s is None or self.time_budget_s > 0,
-            "train.time_budget_s must be null or > 0 (seconds)",
-            "train.time_budget_s",
-        )
+        super().validate()
         choices = VALIDATION_METRICS + (VALIDATION_REGION_METRICS if self.region_metrics else ())
-        hint = (
-            " (region metrics need train.region_metrics: true)"
-            if self.best_metric in VALIDATION_REGION_METRICS
-            else ""
-        )
+        region = self.best_metric in VALIDATION_REGION_METRICS
+        hint = " (region metrics need train.region_metrics: true)" if region else ""
         _check(
             self.best_metric in choices,
             f"train.best_metric must be a validation metric, one of {', '.join(choices)}; got "
@@ -364,17 +302,6 @@ class TrainConfig:
         )
 
 
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "discriminator": DiscriminatorConfig,
-    "perceptual": PerceptualConfig,
-    "data": DataConfig,
-    "preprocessing": PreprocessingConfig,
-    "augmentation": AugmentationConfig,
-    "train": TrainConfig,
-}
-
-
 @dataclass
 class Config:
     """The whole effective config: one dataclass per section."""
@@ -389,7 +316,10 @@ class Config:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """JSON-able dict of every section (tuples become lists)."""
-        return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
+        return {
+            name: {key: list(v) if isinstance(v, tuple) else v for key, v in values.items()}
+            for name, values in dataclasses.asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Config:
@@ -401,111 +331,74 @@ class Config:
             raise ConfigError(
                 f"unknown config section(s) {unknown}; allowed sections: {sorted(SECTIONS)}", tuple(unknown)
             )
-        sections = {
-            name: _section_from_dict(name, section_type, raw.get(name, {}))
-            for name, section_type in SECTIONS.items()
-        }
-        config = cls(**sections)
+        config = cls(**{name: _section_from_dict(name, raw.get(name, {})) for name in SECTIONS})
         for name in SECTIONS:
             getattr(config, name).validate()
         return config
 
 
-def _section_to_dict(section: Any) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 
 def _describe_type(tp: Any) -> str:
-    origin = typing.get_origin(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        return "one of " + ", ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe_type(a) for a in typing.get_args(tp))
+        return " or ".join(_describe_type(a) for a in args)
+    if origin is tuple and args[1:] == (Ellipsis,):
+        return f"a list of {_describe_type(args[0])}"
     if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe_type(args[0])}"
         return f"a list of {len(args)} values ({', '.join(_describe_type(a) for a in args)})"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+    return "null" if tp is type(None) else tp.__name__
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it in canonical form (lists -> tuples)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Literal:
-        if value in args:
-            return value
-    elif origin in (typing.Union, types.UnionType):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
         for option in args:
-            try:
+            with contextlib.suppress(ConfigError):
                 return _coerce(value, option, where)
-            except ConfigError:
-                continue
-    elif origin is tuple:
-        if isinstance(value, list | tuple):
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_coerce(v, args[0], where) for v in value)
-            if len(value) == len(args):
-                return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str and isinstance(value, str):
+    elif origin is tuple and isinstance(value, list | tuple):
+        if args[1:] == (Ellipsis,):
+            args = (args[0],) * len(value)
+        if len(value) == len(args):
+            return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    elif (origin is Literal and value in args) or type(value) is tp:  # bool is not an int here
         return value
+    elif tp is float and type(value) is int:
+        return float(value)
     raise ConfigError(f"{where}: {value!r} is not allowed; expected {_describe_type(tp)}", (where,))
 
 
-def _section_from_dict(name: str, section_type: type, raw: Any) -> Any:
+def _section_from_dict(name: str, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"config section '{name}' must be an object", (name,))
-    hints = typing.get_type_hints(section_type)
-    allowed = [f.name for f in dataclasses.fields(section_type)]
-    unknown = sorted(set(raw) - set(allowed))
+    hints = typing.get_type_hints(SECTIONS[name])
+    unknown = sorted(set(raw) - set(hints))
     if unknown:
         raise ConfigError(
-            f"unknown key(s) {unknown} in section '{name}'; allowed keys: {allowed}",
+            f"unknown key(s) {unknown} in section '{name}'; allowed keys: {list(hints)}",
             tuple(f"{name}.{key}" for key in unknown),
         )
-    values = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in raw.items()}
-    return section_type(**values)
-
-
-def _parse_override(item: str) -> tuple[str, str, Any]:
-    """``section.key=value`` -> (section, key, value); ``value`` parsed as JSON, else a plain string."""
-    if "=" not in item or "." not in item.split("=", 1)[0]:
-        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.num_epochs=2)")
-    dotted, text = item.split("=", 1)
-    section, key = dotted.strip().split(".", 1)
-    if section not in SECTIONS:
-        raise ConfigError(f"override {item!r}: unknown section {section!r}; allowed: {sorted(SECTIONS)}")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text
-    return section, key, value
+    return SECTIONS[name](**{key: _coerce(value, hints[key], f"{name}.{key}") for key, value in raw.items()})
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings; ``value`` is parsed as JSON, else taken as a plain string."""
     raw = json.loads(json.dumps(raw))
     for item in overrides:
-        section, key, value = _parse_override(item)
+        dotted, equals, text = item.partition("=")
+        if not equals or "." not in dotted:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.num_epochs=2)")
+        section, key = dotted.strip().split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; allowed: {sorted(SECTIONS)}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
         raw.setdefault(section, {})[key] = value
     return raw
 
@@ -532,14 +425,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     overrides = overrides or []
     raw = apply_overrides(raw, overrides)
     for item in overrides:
-        section, key, _ = _parse_override(item)
-        sources[f"{section}.{key}"] = f"--set {item}"
+        sources[item.partition("=")[0].strip()] = f"--set {item}"
     try:
         return Config.from_dict(raw)
     except ConfigError as error:
-        involved = {sources[key] for key in error.keys if key in sources}
         everywhere = ([str(path)] if path is not None else []) + [f"--set {item}" for item in overrides]
-        named = [source for source in dict.fromkeys(everywhere) if source in involved]
+        named = sorted({sources[key] for key in error.keys if key in sources}, key=everywhere.index)
         if not named and path is not None:  # e.g. the file is not a JSON object
             named = [str(path)]
         prefix = f"{', '.join(named)}: " if named else ""

@@ -1,27 +1,10 @@
-"""Data for the 3D brain VAE: split reading, pre-flight checks, THE preprocessing, datasets.
+"""Data for the 3D brain VAE: split reading, pre-flight checks, THE preprocessing and its inverse, datasets.
 
-Every script (train, infer, save_latent, notebook) preprocesses through :func:`preprocess_volume` /
-:func:`build_preprocessing` and maps results back with :func:`restore_to_input_grid`; nothing here is
-re-implemented elsewhere.
-
-Splits (:func:`read_split`): a CSV, a folder of NIfTI files or one NIfTI file. Every row gets a
-``subject_id``, by one rule: the CSV's ``subject_id`` cell when given, otherwise the file name without
-``.nii``/``.nii.gz`` and without a trailing BIDS ``_T1w`` (``sub-01_T1w.nii.gz`` -> ``sub-01``,
-``IXI014-HH-1236_T1.nii.gz`` -> ``IXI014-HH-1236_T1``). Subject ids must be unique within a split: they name
-every per-row output (reconstructions, latents, metrics rows).
-
-Preprocessing (MONAI transforms on a channel-first MetaTensor that carries the affine):
-load (nibabel) -> channel first -> reorient to ``prep.orientation`` -> resample to ``prep.target_spacing``
-(skipped when already there) -> centred pad/crop to ``prep.target_shape`` (padding with the file's
-background value) -> brain mask (the CSV's, else :func:`estimate_brain_mask`) -> intensity to [0, 1] (robust
-percentiles over the foreground, the voxels brighter than the background, which becomes 0; or min-max) ->
-optional masking.
-
-Background and foreground (one rule for the pre-flight, the preprocessing and the in-brain metrics): the
-background value is the median of the volume's outer 2-voxel shell (:func:`background_value`: 0 for a
-skull-stripped file, 10 for one stored with ``scl_inter = 10``, whatever units it is in); the foreground is
-every voxel brighter than it (:func:`foreground_problem` refuses a volume without one); the estimated brain
-mask is the foreground's largest connected component with its holes filled.
+Every script (train, infer, save_latent, notebook) preprocesses through :func:`preprocess_volume` and maps
+results back with :func:`restore_to_input_grid`; nothing here is re-implemented elsewhere. One rule for
+background and foreground serves the pre-flight, the preprocessing and the in-brain metrics: the background is
+the median of the volume's outer 2-voxel shell (:func:`background_value`; 0 for a skull-stripped file, 10 for
+one stored with ``scl_inter = 10``, whatever its units), the foreground every voxel brighter than it.
 
 CLI::
 
@@ -33,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -74,41 +59,10 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from config import AugmentationConfig, PreprocessingConfig
-from demo_cohort import (
-    make_demo_cohort,
-)
-
-__all__ = [
-    "Augmentation",
-    "AugmentationDraw",
-    "DataError",
-    "InverseInfo",
-    "MAX_BRAIN_FRACTION",
-    "PreprocessedRows",
-    "PreprocessedVolume",
-    "VolumeDataset",
-    "background_value",
-    "brain_mask_warning",
-    "build_dataset",
-    "build_preprocessing",
-    "check_files",
-    "estimate_brain_mask",
-    "foreground_problem",
-    "input_warnings",
-    "preflight",
-    "preflight_failures",
-    "preprocessed_batches",
-    "preprocess_volume",
-    "preprocessing_cache_dir",
-    "read_split",
-    "restore_to_input_grid",
-    "warn_inputs",
-]
+from demo_cohort import make_demo_cohort
 
 log = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-BIDS_T1W_SUFFIX = "_T1w"  # dropped from file names when deriving subject ids
 MAX_LISTED_IDS = 5  # duplicated subject ids named in full in the error message
 SPACING_TOLERANCE_MM = 0.01
 PIPELINE_VERSION = "2"  # bump when the preprocessing code changes, so disk caches are rebuilt
@@ -121,28 +75,18 @@ class DataError(ValueError):
     """Bad input data; the message names the file(s) and the problem."""
 
 
-# ----------------------------------------------------------------------------------------------- splits
-
-
 def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
+    return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
 def _subject_id(path: str | Path) -> str:
-    """Subject id of a file: its name without ``.nii``/``.nii.gz`` and a trailing ``_T1w``."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    if name.endswith(BIDS_T1W_SUFFIX) and len(name) > len(BIDS_T1W_SUFFIX):
-        name = name[: -len(BIDS_T1W_SUFFIX)]
-    return name
+    """Subject id of a file: its name without ``.nii``/``.nii.gz`` and a trailing (BIDS) ``_T1w``."""
+    return re.sub(r"(?<=.)_T1w$", "", re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE))
 
 
 def _resolve(value: Any, base: Path) -> str | None:
     """Absolute path string for a CSV cell (relative to ``base``); None for an empty cell."""
-    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+    if pd.isna(value) or not str(value).strip():
         return None
     path = Path(str(value).strip()).expanduser()
     return str(path if path.is_absolute() else (base / path).resolve())
@@ -152,8 +96,10 @@ def read_split(source: str | Path) -> pd.DataFrame:
     """Read a split: a CSV (``image`` column required), a folder of NIfTI files, or one NIfTI file.
 
     Returns columns ``subject_id``, ``image`` (absolute str), ``mask`` (absolute str or None), then every
-    other CSV column unchanged. ``subject_id`` follows the rule in the module docstring; a split whose
-    images or subject ids repeat is refused (:class:`DataError` naming them and their files).
+    other CSV column unchanged. ``subject_id``: the CSV's cell when given, otherwise the file name without
+    ``.nii``/``.nii.gz`` and a trailing BIDS ``_T1w`` (``sub-01_T1w.nii.gz`` -> ``sub-01``,
+    ``IXI014-HH-1236_T1.nii.gz`` -> ``IXI014-HH-1236_T1``). A split whose images or subject ids repeat is
+    refused (:class:`DataError` naming them and their files): subject ids name every per-row output.
     """
     source = Path(source).expanduser()
     if not source.exists():
@@ -169,34 +115,25 @@ def read_split(source: str | Path) -> pd.DataFrame:
         frame = pd.DataFrame({"image": [str(source.resolve())]})
     else:
         frame = _read_csv(source)
-    if "mask" not in frame:
-        frame["mask"] = None
-    if "subject_id" not in frame:
-        frame["subject_id"] = None
+    frame["mask"] = frame.get("mask")  # None for a split without masks
     frame["subject_id"] = [
         str(sid).strip() if pd.notna(sid) and str(sid).strip() else _subject_id(image)
-        for sid, image in zip(frame["subject_id"], frame["image"], strict=True)
+        for sid, image in zip(frame.get("subject_id", [None] * len(frame)), frame["image"], strict=True)
     ]
     duplicated = frame["image"][frame["image"].duplicated(keep=False)]
     if len(duplicated):
         raise DataError(f"{source}: duplicate rows for image(s) {sorted(set(duplicated))}")
-    _refuse_duplicate_ids(frame, source)
+    repeated = frame[frame["subject_id"].duplicated(keep=False)]
+    if not repeated.empty:
+        files = [(sid, list(images)) for sid, images in repeated.groupby("subject_id", sort=True)["image"]]
+        listed = "; ".join(f"{sid!r} ({', '.join(images)})" for sid, images in files[:MAX_LISTED_IDS])
+        more = f"; (+{len(files) - MAX_LISTED_IDS} more)" if len(files) > MAX_LISTED_IDS else ""
+        raise DataError(
+            f"{source}: subject_id must be unique (it names each row's outputs); duplicated: {listed}{more}. "
+            "Give each row its own subject_id (CSV column) or rename the files"
+        )
     others = [c for c in frame.columns if c not in ("subject_id", "image", "mask")]
     return frame[["subject_id", "image", "mask", *others]].reset_index(drop=True)
-
-
-def _refuse_duplicate_ids(frame: pd.DataFrame, source: Path) -> None:
-    """Raise :class:`DataError` naming every repeated subject id with its files (they name the outputs)."""
-    repeated = frame[frame["subject_id"].duplicated(keep=False)]
-    if repeated.empty:
-        return
-    files = [(sid, list(images)) for sid, images in repeated.groupby("subject_id", sort=True)["image"]]
-    listed = "; ".join(f"{sid!r} ({', '.join(images)})" for sid, images in files[:MAX_LISTED_IDS])
-    more = f"; (+{len(files) - MAX_LISTED_IDS} more)" if len(files) > MAX_LISTED_IDS else ""
-    raise DataError(
-        f"{source}: subject_id must be unique (it names each row's outputs); duplicated: {listed}{more}. "
-        "Give each row its own subject_id (CSV column) or rename the files"
-    )
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -221,9 +158,6 @@ def _read_csv(path: Path) -> pd.DataFrame:
     return frame
 
 
-# ------------------------------------------------------------------------------------------- pre-flight
-
-
 def _inspect_image(path: str) -> dict[str, Any]:
     """Header + data statistics of one image; ``problem`` is '' when it is usable."""
     info: dict[str, Any] = {"readable": False, "problem": ""}
@@ -246,9 +180,8 @@ def _inspect_image(path: str) -> dict[str, Any]:
         orientation="".join(nib.aff2axcodes(image.affine)),
         dtype=str(image.get_data_dtype()),
     )
-    finite = np.isfinite(data) if data.dtype.kind == "f" else None
-    has_nonfinite = finite is not None and not bool(finite.all())
-    values = data[finite] if has_nonfinite else data
+    has_nonfinite = data.dtype.kind == "f" and not np.isfinite(data).all()
+    values = data[np.isfinite(data)] if has_nonfinite else data
     low, high = (float(values.min()), float(values.max())) if values.size else (np.nan, np.nan)
     info.update(min=low, max=high, nan_inf=has_nonfinite, constant=bool(values.size and low == high))
     problems = []
@@ -293,25 +226,20 @@ def check_files(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for subject_id, image, mask in zip(frame["subject_id"], frame["image"], frame["mask"], strict=True):
         info = _inspect_image(image)
-        spatial_shape = info.pop("_spatial_shape", None)
-        problems = [info.pop("problem")] if info["problem"] else []
-        if mask is not None:
-            mask_problem = _inspect_mask(mask, spatial_shape)
-            if mask_problem:
-                problems.append(mask_problem)
-        rows.append(
-            {"subject_id": subject_id, "image": image, **info, "mask": mask, "problem": "; ".join(problems)}
-        )
+        shape = info.pop("_spatial_shape", None)
+        problems = [info.pop("problem"), "" if mask is None else _inspect_mask(mask, shape)]
+        problem = "; ".join(p for p in problems if p)
+        rows.append({"subject_id": subject_id, "image": image, **info, "mask": mask, "problem": problem})
     columns = ["subject_id", "image", "readable", "shape", "volumes", "voxel_size", "orientation", "dtype"]
     columns += ["min", "max", "nan_inf", "constant", "mask", "problem"]
     return pd.DataFrame(rows).reindex(columns=columns)
 
 
-def _problem_table(report: pd.DataFrame) -> str:
-    bad = report[report["problem"] != ""]
-    return "\n".join(
-        f"  {image}: {problem}" for image, problem in zip(bad["image"], bad["problem"], strict=True)
-    )
+def preflight_failures(frame: pd.DataFrame) -> dict[int, str]:
+    """Row index -> "<image>: <problem>" for every row that fails :func:`check_files` (as in training)."""
+    report = check_files(frame)
+    rows = zip(report["image"], report["problem"], strict=True)
+    return {i: f"{image}: {problem}" for i, (image, problem) in enumerate(rows) if problem}
 
 
 def preflight(frame: pd.DataFrame, skip_bad_files: bool = False) -> pd.DataFrame:
@@ -319,26 +247,22 @@ def preflight(frame: pd.DataFrame, skip_bad_files: bool = False) -> pd.DataFrame
 
     Skipped files are printed and logged explicitly; the returned frame keeps the good rows only.
     """
-    report = check_files(frame)
-    bad = (report["problem"] != "").to_numpy()
-    if not bad.any():
+    failures = preflight_failures(frame)
+    if not failures:
         return frame
-    table = _problem_table(report)
+    table = "\n".join(f"  {line}" for line in failures.values())
     if not skip_bad_files:
         raise DataError(
-            f"{int(bad.sum())} of {len(frame)} file(s) failed the pre-flight check "
+            f"{len(failures)} of {len(frame)} file(s) failed the pre-flight check "
             f"(fix them, or set data.skip_bad_files / --skip_bad_files to drop them):\n{table}"
         )
-    message = f"SKIPPING {int(bad.sum())} of {len(frame)} file(s) that failed the pre-flight check:\n{table}"
+    message = f"SKIPPING {len(failures)} of {len(frame)} file(s) that failed the pre-flight check:\n{table}"
     print(message, file=sys.stderr)
     log.warning(message)
-    good = frame[~bad].reset_index(drop=True)
+    good = frame[[i not in failures for i in range(len(frame))]].reset_index(drop=True)
     if good.empty:
         raise DataError("every file failed the pre-flight check; nothing left to use")
     return good
-
-
-# ------------------------------------------------------------------------------ background and brain
 
 
 def background_value(volume: np.ndarray) -> float:
@@ -374,41 +298,13 @@ def estimate_brain_mask(volume: np.ndarray, background: float) -> np.ndarray:
     return ndimage.binary_fill_holes(labels == sizes.argmax())
 
 
-# -------------------------------------------------------------------------------------- input warnings
-
 NON_BRAIN_VOLUME_ML = 3000.0  # more non-zero signal than this is a head, not a skull-stripped brain (~1-2 l)
 GRID_DECIMALS = 2  # affines compared to 0.01 mm
 PREPARE_HINT = "raw scans? run: python prepare.py --input <scans> --output_dir prepared/"
 
 
-def _grid(path: str, orientation: str | None) -> tuple[tuple[int, ...], tuple[float, ...], np.ndarray]:
-    """(spatial shape, voxel size) in ``orientation``'s axis order (the file's own when None), and affine."""
-    header = nib.load(path)
-    shape, zooms = (
-        tuple(int(s) for s in header.shape[:3]),
-        tuple(float(z) for z in header.header.get_zooms()[:3]),
-    )
-    if orientation is not None:
-        ornt = nib.orientations.ornt_transform(
-            nib.io_orientation(header.affine), nib.orientations.axcodes2ornt(tuple(orientation.upper()))
-        )
-        order = [int(np.flatnonzero(ornt[:, 0] == axis)[0]) for axis in range(3)]
-        shape, zooms = tuple(shape[i] for i in order), tuple(zooms[i] for i in order)
-    return shape, zooms, np.round(np.asarray(header.affine, dtype=np.float64), GRID_DECIMALS)
-
-
 def _describe(shape: tuple[int, ...], zooms: tuple[float, ...]) -> str:
     return f"{'x'.join(map(str, shape))} at {'x'.join(f'{z:g}' for z in zooms)} mm"
-
-
-def _non_brain_warning(path: str) -> str:
-    """'' when the image could be skull-stripped, else what says it is not (too much non-zero signal)."""
-    image = nib.load(path)
-    voxel_ml = float(np.prod(image.header.get_zooms()[:3])) / 1000.0
-    volume_ml = float(np.count_nonzero(np.asanyarray(image.dataobj))) * voxel_ml
-    if volume_ml <= NON_BRAIN_VOLUME_ML:
-        return ""
-    return f"does not look skull-stripped ({volume_ml:.0f} ml of non-zero signal; a brain is < {NON_BRAIN_VOLUME_ML:.0f} ml)"
 
 
 def input_warnings(frame: pd.DataFrame, prep: PreprocessingConfig | None = None) -> list[str]:
@@ -421,72 +317,71 @@ def input_warnings(frame: pd.DataFrame, prep: PreprocessingConfig | None = None)
     training split): a file whose grid (shape, affine) differs from the split's most common one. Always: a
     file with more non-zero signal than a brain. Unreadable files are left to :func:`check_files`.
     """
-    grids: dict[str, tuple] = {}
+    grids: dict[str, tuple] = {}  # image -> (shape, voxel size, affine rounded to GRID_DECIMALS as bytes)
     reasons: dict[str, list[str]] = {}
     for image in frame["image"]:
         try:
-            grids[image] = _grid(image, None if prep is None else prep.orientation)
-            skull = _non_brain_warning(image)
+            nifti = nib.load(image)
+            nonzero = np.count_nonzero(np.asanyarray(nifti.dataobj))
         except Exception:  # unreadable: check_files reports it
             continue
-        reasons[image] = [skull] if skull else []
-    if prep is not None:
-        expected_spacing = None if prep.target_spacing is None else tuple(prep.target_spacing)
-        for image, (shape, zooms, _) in grids.items():
-            if expected_spacing is None:  # no resampling: the file's grid is the model's
+        shape = tuple(int(s) for s in nifti.shape[:3])
+        zooms = tuple(float(z) for z in nifti.header.get_zooms()[:3])
+        volume_ml = float(nonzero) * float(np.prod(nifti.header.get_zooms()[:3])) / 1000.0
+        reasons[image] = []
+        if prep is not None:  # shape and voxel size in prep.orientation's axis order
+            target = nib.orientations.axcodes2ornt(tuple(prep.orientation.upper()))
+            ornt = nib.orientations.ornt_transform(nib.io_orientation(nifti.affine), target)
+            order = [int(np.flatnonzero(ornt[:, 0] == axis)[0]) for axis in range(3)]
+            shape, zooms = tuple(shape[i] for i in order), tuple(zooms[i] for i in order)
+            if prep.target_spacing is None:  # no resampling: the file's grid is the model's
                 off_grid = shape != tuple(prep.target_shape)
             else:  # resampled to target_spacing, then padded/cropped: the field of view must match
-                field, model_field = (
-                    np.multiply(shape, zooms),
-                    np.multiply(prep.target_shape, expected_spacing),
-                )
-                off_grid = bool(np.any(np.abs(field - model_field) > np.asarray(expected_spacing)))
+                field_error = np.multiply(shape, zooms) - np.multiply(prep.target_shape, prep.target_spacing)
+                off_grid = bool(np.any(np.abs(field_error) > np.asarray(prep.target_spacing)))
             if off_grid:
-                trained = _describe(tuple(prep.target_shape), expected_spacing or zooms)
+                trained = _describe(tuple(prep.target_shape), prep.target_spacing or zooms)
+                reasons[image].append(f"grid {_describe(shape, zooms)}, the model was trained on {trained}")
+        affine = np.round(np.asarray(nifti.affine, dtype=np.float64), GRID_DECIMALS)
+        grids[image] = (shape, zooms, affine.tobytes())
+        if volume_ml > NON_BRAIN_VOLUME_ML:
+            reasons[image].append(
+                f"does not look skull-stripped ({volume_ml:.0f} ml of non-zero signal; "
+                f"a brain is < {NON_BRAIN_VOLUME_ML:.0f} ml)"
+            )
+    counts = pd.Series(list(grids.values())).value_counts(sort=True)
+    if prep is None and len(counts) > 1:  # a training split: one grid for all
+        common = counts.index[0] if counts.iloc[0] > 1 else None  # None: no two files share a grid
+        for image, key in grids.items():
+            if common is None:
+                why = f"grid {_describe(*key[:2])}: the split mixes grids (no two of its {len(grids)} files"
+                reasons[image].insert(0, f"{why} share shape, voxel size and affine)")
+            elif key != common:
+                note = "" if key[:2] != common[:2] else " (same shape and voxel size, other affine)"
                 reasons[image].insert(
-                    0, f"grid {_describe(shape, zooms)}, the model was trained on {trained}"
+                    0,
+                    f"grid {_describe(*key[:2])}{note} differs from {counts.iloc[0]} of {len(grids)} "
+                    f"files of this split ({_describe(*common[:2])}): the split mixes grids",
                 )
-    elif grids:
-        keys = {image: (shape, zooms, affine.tobytes()) for image, (shape, zooms, affine) in grids.items()}
-        counts = pd.Series(list(keys.values())).value_counts(sort=True)
-        if len(counts) > 1:
-            common = counts.index[0] if counts.iloc[0] > 1 else None  # None: no two files share a grid
-            for image, key in keys.items():
-                if common is None:
-                    why = f"grid {_describe(key[0], key[1])}: the split mixes grids (no two of its {len(keys)} files"
-                    reasons[image].insert(0, f"{why} share shape, voxel size and affine)")
-                elif key != common:
-                    note = "" if key[:2] != common[:2] else " (same shape and voxel size, other affine)"
-                    reasons[image].insert(
-                        0,
-                        f"grid {_describe(key[0], key[1])}{note} differs from {counts.iloc[0]} of {len(keys)} "
-                        f"files of this split ({_describe(common[0], common[1])}): the split mixes grids",
-                    )
     return [f"{image}: {'; '.join(why)}; {PREPARE_HINT}" for image, why in reasons.items() if why]
-
-
-def print_warning(line: str) -> None:
-    """One ``WARNING: …`` line on stderr (the scripts' way; ``train.py`` logs instead)."""
-    print(f"WARNING: {line}", file=sys.stderr)
 
 
 def warn_inputs(
     frame: pd.DataFrame,
     prep: PreprocessingConfig | None = None,
     strict: bool = False,
-    emit: Callable[[str], None] = print_warning,
+    emit: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Report :func:`input_warnings` one line each through ``emit``; ``strict``: raise :class:`DataError`."""
+    """Report :func:`input_warnings` one line each through ``emit`` (default: a ``WARNING: …`` line on stderr,
+    the scripts' way; ``train.py`` logs instead); ``strict``: raise :class:`DataError` instead."""
     lines = input_warnings(frame, prep)
     if lines and strict:
         table = "\n".join(f"  {line}" for line in lines)
         raise DataError(f"{len(lines)} input(s) do not look model-ready (strict input checks):\n{table}")
+    emit = emit or (lambda line: print(f"WARNING: {line}", file=sys.stderr))
     for line in lines:
         emit(line)
     return lines
-
-
-# ---------------------------------------------------------------------------------------- preprocessing
 
 
 @dataclass
@@ -528,156 +423,88 @@ def brain_mask_warning(volume: PreprocessedVolume) -> str:
     )
 
 
-def _spacing(affine: np.ndarray | torch.Tensor) -> np.ndarray:
-    affine = np.asarray(affine, dtype=np.float64)
-    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-
-
-class _CheckLoaded(mt.MapTransform):
-    """Refuse anything but one 3D volume, and a mask on another grid than its image."""
-
-    def __call__(self, data: dict) -> dict:
-        image = data["image"]
-        source = image.meta.get("filename_or_obj", "?")
-        if image.shape[0] != 1 or image.ndim != 4 or min(image.shape[1:]) < 2:
-            raise DataError(f"{source}: expected one 3D volume, got channel-first shape {tuple(image.shape)}")
-        if "mask" in data:
-            mask = data["mask"]
-            if mask.shape != image.shape or not np.allclose(mask.affine, image.affine, atol=1e-3):
-                raise DataError(
-                    f"{mask.meta.get('filename_or_obj', '?')}: mask grid (shape {tuple(mask.shape[1:])}) "
-                    f"differs from its image {source} (shape {tuple(image.shape[1:])}) or their affines differ"
-                )
-        return data
-
-
-class _MeasureBackground(mt.Transform):
-    """``background``: :func:`background_value` of the loaded image, on the input file's own grid."""
-
-    def __call__(self, data: dict) -> dict:
-        data["background"] = background_value(data["image"][0].detach().cpu().numpy())
-        return data
-
-
-class _PadOrCrop(mt.Transform):
-    """Centred pad/crop to ``spatial_size``: the image padded with its background value, the mask with 0."""
-
-    def __init__(self, spatial_size: tuple[int, int, int]) -> None:
-        self.resize = mt.ResizeWithPadOrCrop(spatial_size)
-
-    def __call__(self, data: dict) -> dict:
-        data["image"] = self.resize(data["image"], value=data["background"])
-        if "mask" in data:
-            data["mask"] = self.resize(data["mask"], value=0)
-        return data
-
-
-class _ResampleIfNeeded(mt.MapTransform):
-    """``Spacingd`` (linear for the image, nearest for the mask), skipped when the spacing already fits."""
-
-    def __init__(self, pixdim: tuple[float, float, float]) -> None:
-        super().__init__(["image", "mask"], allow_missing_keys=True)
-        self.pixdim = np.asarray(pixdim, dtype=np.float64)
-        self.spacing = mt.Spacingd(
-            ["image", "mask"], pixdim=pixdim, mode=("bilinear", "nearest"), allow_missing_keys=True
+def _check_loaded(data: dict) -> dict:
+    """Refuse anything but one 3D volume, and a mask on another grid than its image; set ``background``
+    (:func:`background_value` of the image, on the input file's own grid)."""
+    image, mask = data["image"], data.get("mask")
+    source = image.meta.get("filename_or_obj", "?")
+    if image.shape[0] != 1 or image.ndim != 4 or min(image.shape[1:]) < 2:
+        raise DataError(f"{source}: expected one 3D volume, got channel-first shape {tuple(image.shape)}")
+    if mask is not None and (
+        mask.shape != image.shape or not np.allclose(mask.affine, image.affine, atol=1e-3)
+    ):
+        raise DataError(
+            f"{mask.meta.get('filename_or_obj', '?')}: mask grid (shape {tuple(mask.shape[1:])}) "
+            f"differs from its image {source} (shape {tuple(image.shape[1:])}) or their affines differ"
         )
-
-    def __call__(self, data: dict) -> dict:
-        if np.allclose(_spacing(data["image"].affine), self.pixdim, atol=SPACING_TOLERANCE_MM):
-            return data
-        return self.spacing(data)
+    data["background"] = background_value(image[0].detach().cpu().numpy())
+    return data
 
 
-class _ScaleIntensity(mt.Transform):
-    """Image to [0, 1]; low/high are stored in ``image.meta`` (``intensity_low`` / ``intensity_high``).
-
-    ``percentile``: low/high = percentiles over the foreground (voxels brighter than ``background``), clip to
-    [0, 1]; the background (and everything below ``low``) becomes exactly 0.
-    ``minmax``: low/high = min/max over the whole volume.
-    """
-
-    def __init__(self, prep: PreprocessingConfig) -> None:
-        self.prep = prep
-
-    def __call__(self, data: dict) -> dict:
-        image = data["image"]
-        values = image.detach().cpu().numpy()
-        source = image.meta.get("filename_or_obj", "?")
-        if not np.isfinite(values).all():
-            raise DataError(f"{source}: NaN/Inf voxels")
-        if self.prep.intensity == "percentile":
-            problem = foreground_problem(values, data["background"])
-            if problem:
-                raise DataError(f"{source}: {problem} (inside the target field of view)")
-            foreground = values[values > data["background"]]
-            low, high = np.percentile(foreground, [self.prep.lower_percentile, self.prep.upper_percentile])
-        else:
-            low, high = values.min(), values.max()
-        if not high > low:
-            raise DataError(f"{source}: no intensity range to normalise (low = high = {float(low):g})")
-        scaled = ((image - float(low)) / float(high - low)).clamp(0.0, 1.0)
-        scaled.meta["intensity_low"], scaled.meta["intensity_high"] = float(low), float(high)
-        data["image"] = scaled
-        return data
+def _to_target_grid(data: dict, prep: PreprocessingConfig) -> dict:
+    """Resample to ``prep.target_spacing`` (``Spacingd``: linear for the image, nearest for the mask; skipped
+    when the spacing already fits), centred pad/crop to ``prep.target_shape`` (the image padded with its
+    background value, the mask with 0); ``mask`` -> bool: the given mask > 0, else :func:`estimate_brain_mask`."""
+    pixdim = None if prep.target_spacing is None else tuple(prep.target_spacing)
+    if pixdim is not None and not np.allclose(data["image"].pixdim, pixdim, atol=SPACING_TOLERANCE_MM):
+        modes = ("bilinear", "nearest")
+        data = mt.Spacingd(["image", "mask"], pixdim=pixdim, mode=modes, allow_missing_keys=True)(data)
+    resize = mt.ResizeWithPadOrCrop(tuple(prep.target_shape))
+    image = data["image"] = resize(data["image"], value=data["background"])
+    if "mask" in data:
+        data["mask"] = resize(data["mask"], value=0) > 0
+    else:
+        estimate = estimate_brain_mask(image[0].detach().cpu().numpy(), data["background"])
+        data["mask"] = MetaTensor(torch.from_numpy(estimate)[None], meta=dict(image.meta))
+    return data
 
 
-class _MakeMask(mt.Transform):
-    """``mask`` -> bool: the given mask > 0, else :func:`estimate_brain_mask` of the image."""
-
-    def __call__(self, data: dict) -> dict:
-        if "mask" in data:
-            data["mask"] = data["mask"] > 0
-        else:
-            image = data["image"]
-            estimate = estimate_brain_mask(image[0].detach().cpu().numpy(), data["background"])
-            data["mask"] = MetaTensor(torch.from_numpy(estimate)[None], meta=dict(image.meta))
-        return data
-
-
-class _ApplyMask(mt.Transform):
-    """Zero the image outside the mask when ``apply_mask``."""
-
-    def __init__(self, apply_mask: bool) -> None:
-        self.apply_mask = apply_mask
-
-    def __call__(self, data: dict) -> dict:
-        if self.apply_mask:
-            data["image"] = data["image"] * data["mask"]
-        return data
+def _scale_intensity(data: dict, prep: PreprocessingConfig) -> dict:
+    """Image to [0, 1] (see :func:`build_preprocessing`; under ``percentile`` everything below ``low``, the
+    background too, becomes exactly 0); low/high are stored in ``image.meta`` (``intensity_low``/``_high``)."""
+    image = data["image"]
+    values = image.detach().cpu().numpy()
+    source = image.meta.get("filename_or_obj", "?")
+    if not np.isfinite(values).all():
+        raise DataError(f"{source}: NaN/Inf voxels")
+    if prep.intensity == "percentile":
+        problem = foreground_problem(values, data["background"])
+        if problem:
+            raise DataError(f"{source}: {problem} (inside the target field of view)")
+        foreground = values[values > data["background"]]
+        low, high = np.percentile(foreground, [prep.lower_percentile, prep.upper_percentile])
+    else:
+        low, high = values.min(), values.max()
+    if not high > low:
+        raise DataError(f"{source}: no intensity range to normalise (low = high = {float(low):g})")
+    scaled = ((image - float(low)) / float(high - low)).clamp(0.0, 1.0)
+    scaled.meta["intensity_low"], scaled.meta["intensity_high"] = float(low), float(high)
+    data["image"] = scaled
+    return data
 
 
 def build_preprocessing(prep: PreprocessingConfig) -> mt.Compose:
-    """The one deterministic MONAI chain: dict ``{"image": path, ["mask": path]}`` -> MetaTensors.
+    """The one deterministic MONAI chain: dict ``{"image": path, ["mask": path]}`` -> MetaTensors ``image``
+    (1, D, H, W) float32 in [0, 1] and ``mask`` (1, D, H, W) bool, both on the target grid.
 
-    Output ``image`` (1, D, H, W) float32 in [0, 1], ``mask`` (1, D, H, W) bool, both on the target grid.
+    load (nibabel) -> channel first -> reorient to ``prep.orientation`` -> resample to ``prep.target_spacing``
+    (skipped when already there) -> centred pad/crop to ``prep.target_shape`` (padding with the file's
+    background value) -> brain mask (the CSV's, else :func:`estimate_brain_mask`) -> intensity to [0, 1]
+    (robust percentiles over the foreground, the background becoming 0; or min-max) -> optional masking.
+    Every step is a MONAI ``Transform`` (``Lambda`` for ours), so the caching datasets cache them all.
     """
     keys = ["image", "mask"]
-    steps: list = [
-        mt.LoadImaged(
-            keys,
-            reader="NibabelReader",
-            image_only=True,
-            ensure_channel_first=True,
-            dtype=np.float32,
-            allow_missing_keys=True,
-        ),
-        _CheckLoaded(keys, allow_missing_keys=True),
-        _MeasureBackground(),
-        mt.Orientationd(
-            keys,
-            axcodes=prep.orientation.upper(),
-            labels=(("L", "R"), ("P", "A"), ("I", "S")),
-            allow_missing_keys=True,
-        ),
+    load = {"reader": "NibabelReader", "image_only": True, "ensure_channel_first": True, "dtype": np.float32}
+    labels = (("L", "R"), ("P", "A"), ("I", "S"))
+    steps = [
+        mt.LoadImaged(keys, **load, allow_missing_keys=True),
+        mt.Lambda(_check_loaded),
+        mt.Orientationd(keys, axcodes=prep.orientation.upper(), labels=labels, allow_missing_keys=True),
+        mt.Lambda(functools.partial(_to_target_grid, prep=prep)),
+        mt.Lambda(functools.partial(_scale_intensity, prep=prep)),
     ]
-    if prep.target_spacing is not None:
-        steps.append(_ResampleIfNeeded(tuple(prep.target_spacing)))
-    steps += [
-        _PadOrCrop(tuple(prep.target_shape)),
-        _MakeMask(),
-        _ScaleIntensity(prep),
-        _ApplyMask(prep.apply_mask),
-    ]
+    if prep.apply_mask:
+        steps.append(mt.MaskIntensityd("image", mask_key="mask"))
     return mt.Compose(steps)
 
 
@@ -685,36 +512,26 @@ def preprocess_volume(
     image_path: str | Path, prep: PreprocessingConfig, mask_path: str | Path | None = None
 ) -> PreprocessedVolume:
     """Preprocess one file (and its optional brain mask) with :func:`build_preprocessing`."""
-    item = {"image": str(image_path)}
-    if mask_path is not None:
-        item["mask"] = str(mask_path)
+    item = {"image": str(image_path)} | ({} if mask_path is None else {"mask": str(mask_path)})
     try:
         out = build_preprocessing(prep)(item)
-    except RuntimeError as error:  # MONAI wraps errors raised inside a transform
-        cause = error.__cause__
-        while cause is not None and not isinstance(cause, DataError):
-            cause = cause.__cause__
-        if isinstance(cause, DataError):
-            raise cause from None
+    except RuntimeError as error:  # MONAI wraps errors raised inside a transform (ours: in its Lambda)
+        if isinstance(error.__cause__, DataError):
+            raise error.__cause__ from None
         raise DataError(f"{image_path}: preprocessing failed ({error})") from error
     image = out["image"]
-    header_image = nib.load(str(image_path))
     inverse = InverseInfo(
         source=str(image_path),
-        input_affine=np.asarray(header_image.affine, dtype=np.float64),
-        input_shape=tuple(int(s) for s in header_image.shape[:3]),
+        input_affine=np.asarray(image.meta["original_affine"], dtype=np.float64),
+        input_shape=tuple(int(s) for s in image.meta["spatial_shape"]),
         output_affine=np.asarray(image.affine, dtype=np.float64),
         intensity=prep.intensity,
         low=image.meta["intensity_low"],
         high=image.meta["intensity_high"],
         background=out["background"],
     )
-    return PreprocessedVolume(
-        image=image.as_tensor().float(),
-        mask=out["mask"].as_tensor().bool(),
-        inverse=inverse,
-        mask_source="estimated" if mask_path is None else "csv",
-    )
+    mask_source = "estimated" if mask_path is None else "csv"
+    return PreprocessedVolume(image.as_tensor().float(), out["mask"].as_tensor().bool(), inverse, mask_source)
 
 
 def restore_to_input_grid(
@@ -741,14 +558,9 @@ def restore_to_input_grid(
     is_grid_shift = np.allclose(mapping, np.round(mapping), atol=1e-4)
     if is_grid_shift:
         mapping = np.round(mapping)
+    order = 0 if is_grid_shift else 1  # outside the preprocessed field of view: 0 (mode "constant")
     restored = ndimage.affine_transform(
-        array,
-        mapping[:3, :3],
-        offset=mapping[:3, 3],
-        output_shape=inverse.input_shape,
-        order=0 if is_grid_shift else 1,
-        mode="constant",
-        cval=0.0,
+        array, mapping[:3, :3], offset=mapping[:3, 3], output_shape=inverse.input_shape, order=order
     )
     if intensity == "original":
         scaled = restored * np.float32(inverse.high - inverse.low) + np.float32(inverse.low)
@@ -759,8 +571,6 @@ def restore_to_input_grid(
         raise ValueError(f"intensity must be 'original' or 'unit', got {intensity!r}")
     return nib.Nifti1Image(restored.astype(np.float32), inverse.input_affine)
 
-
-# ------------------------------------------------------------------------------------------ augmentation
 
 # the log bias field: a Legendre polynomial of total degree <= 3 with coefficients uniform in [0, 0.1] (MONAI
 # RandBiasField's defaults)
@@ -894,25 +704,6 @@ class Augmentation:
         return self.apply(images, masks, self.draw(indices, epoch, images.shape[2:]))
 
 
-# ---------------------------------------------------------------------------------------------- datasets
-
-
-class _ToCacheable(mt.Transform):
-    """Plain tensors (not MetaTensors) for caching: ``image`` float32, ``mask`` uint8; keeps ``index``."""
-
-    def __call__(self, data: dict) -> dict:
-        return {
-            "image": _plain_tensor(data["image"]).float().contiguous(),
-            "mask": _plain_tensor(data["mask"]).to(torch.uint8).contiguous(),
-            "index": data["index"],
-        }
-
-
-def _plain_tensor(value: Any) -> torch.Tensor:
-    """A bare ``torch.Tensor``: MONAI's MetaTensor subclass would leak into the model and autograd."""
-    return value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
-
-
 def preprocessing_cache_dir(cache_dir: str | Path, prep: PreprocessingConfig) -> Path:
     """``cache_dir/<sha256 of the preprocessing settings + pipeline version>/``."""
     settings = json.dumps(
@@ -933,7 +724,8 @@ def _file_stamp(path: str) -> str:
 
 
 class VolumeDataset(torch.utils.data.Dataset):
-    """Preprocessed volumes (cached per ``cache``) with optional training augmentation after the cache.
+    """Preprocessed volumes (cached per ``cache``) with optional training augmentation after the cache
+    (``augmentation=None`` for validation / inference).
 
     Item: ``{"image": (1, D, H, W) float32 in [0, 1], "mask": (1, D, H, W) float32 0/1, "index": int}``,
     ``index`` = row position in ``frame``. The augmentation of an item is seeded from (``seed``, epoch,
@@ -953,29 +745,29 @@ class VolumeDataset(torch.utils.data.Dataset):
         items = []
         for index, (image, mask) in enumerate(zip(frame["image"], frame["mask"], strict=True)):
             item = {"image": image, "index": index, "stamp": _file_stamp(image)}
-            if mask is not None:
-                item["mask"], item["stamp_of_mask"] = (
-                    mask,
-                    _file_stamp(mask),
-                )  # not "mask_*": MONAI treats those as meta dicts
+            if mask is not None:  # "stamp_of_mask", not "mask_*": MONAI treats those keys as meta dicts
+                item.update(mask=mask, stamp_of_mask=_file_stamp(mask))
             items.append(item)
         # flat list: CacheDataset / PersistentDataset cache up to the first Randomizable (a nested Compose is one)
-        transform = mt.Compose([*build_preprocessing(prep).transforms, _ToCacheable()])
+        # cached: plain tensors (a MetaTensor would leak into the model and autograd), image float32, mask uint8
+        transform = mt.Compose(
+            [
+                *build_preprocessing(prep).transforms,
+                mt.EnsureTyped("image", dtype=torch.float32, track_meta=False),
+                mt.EnsureTyped("mask", dtype=torch.uint8, track_meta=False),
+                mt.SelectItemsd(["image", "mask", "index"]),
+            ]
+        )
         if cache == "memory":
             workers = min(4, os.cpu_count() or 1)
             self.base = CacheDataset(items, transform, progress=False, num_workers=workers, copy_cache=False)
-        elif cache == "disk":
-            if cache_dir is None:
-                raise ValueError("cache='disk' needs a cache_dir")
+        elif cache == "disk":  # cache and cache_dir: checked by config.py
             folder = preprocessing_cache_dir(cache_dir, prep)
             folder.mkdir(parents=True, exist_ok=True)
             self.base = PersistentDataset(items, transform, cache_dir=folder)
-        elif cache == "none":
-            self.base = MonaiDataset(items, transform)
         else:
-            raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
-        use_augmentation = augmentation is not None and augmentation.enabled
-        self.augment = Augmentation(augmentation, seed) if use_augmentation else None
+            self.base = MonaiDataset(items, transform)
+        self.augment = Augmentation(augmentation, seed) if augmentation and augmentation.enabled else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -994,26 +786,7 @@ class VolumeDataset(torch.utils.data.Dataset):
         return {"image": image, "mask": mask, "index": cached["index"]}
 
 
-def build_dataset(
-    frame: pd.DataFrame,
-    prep: PreprocessingConfig,
-    augmentation: AugmentationConfig | None,
-    cache: Literal["memory", "disk", "none"] = "memory",
-    cache_dir: str | Path | None = None,
-    seed: int = 0,
-) -> VolumeDataset:
-    """A :class:`VolumeDataset`; pass ``augmentation=None`` for validation / inference."""
-    return VolumeDataset(frame, prep, augmentation, cache, cache_dir, seed)
-
-
-def preflight_failures(frame: pd.DataFrame) -> dict[int, str]:
-    """Row index -> "<image>: <problem>" for every row that fails :func:`check_files` (as in training)."""
-    report = check_files(frame)
-    return {
-        i: f"{image}: {problem}"
-        for i, (image, problem) in enumerate(zip(report["image"], report["problem"], strict=True))
-        if problem
-    }
+build_dataset = VolumeDataset  # the name device_data.py and bench/ build datasets by
 
 
 class PreprocessedRows(torch.utils.data.Dataset):
@@ -1045,18 +818,8 @@ def preprocessed_batches(
     frame: pd.DataFrame, prep: PreprocessingConfig, indices: list[int], batch_size: int, num_workers: int
 ) -> Iterator[list[dict[str, Any]]]:
     """Batches (lists) of :class:`PreprocessedRows` items in row order, preprocessed in worker processes."""
-    loader = torch.utils.data.DataLoader(
-        PreprocessedRows(frame, prep, indices),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=list,
-        prefetch_factor=2 if num_workers > 0 else None,
-        persistent_workers=False,
-    )
-    yield from loader
-
-
-# ------------------------------------------------------------------------------------------------- CLI
+    rows = PreprocessedRows(frame, prep, indices)
+    yield from torch.utils.data.DataLoader(rows, batch_size, num_workers=num_workers, collate_fn=list)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1075,16 +838,19 @@ def main(argv: list[str] | None = None) -> int:
     shown = report.assign(image=[Path(p).name for p in report["image"]]).drop(columns=["mask"])
     with pd.option_context("display.width", 250, "display.max_rows", None, "display.max_colwidth", 80):
         print(shown.to_string(index=False))
-    n_bad = int((report["problem"] != "").sum())
+    bad = report[report["problem"] != ""]
     try:
         warn_inputs(frame[(report["problem"] == "").to_numpy()], strict=args.strict)
     except DataError as error:
         print(f"ERROR: {error}", file=sys.stderr)
         return 1
-    if n_bad == 0:
+    if bad.empty:
         print(f"OK: all {len(report)} file(s) passed the pre-flight check")
         return 0
-    table = _problem_table(report)
+    n_bad = len(bad)
+    table = "\n".join(
+        f"  {image}: {problem}" for image, problem in zip(bad["image"], bad["problem"], strict=True)
+    )
     if args.skip_bad_files:
         print(f"SKIPPING {n_bad} of {len(report)} file(s):\n{table}", file=sys.stderr)
         return 0 if n_bad < len(report) else 1

@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from config import DataConfig
-
-__all__ = ["DEMO_SOURCE", "ensure_demo_data", "make_demo_cohort"]
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +31,7 @@ def _load_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MNI ICBM152 2009a T1 (1 mm) from the nilearn wheel, its brain mask and affine (no download)."""
     from nilearn import datasets
 
-    template_path = (
-        Path(datasets.__file__).parent / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-    )
-    template = nib.load(template_path)
+    template = nib.load(datasets.MNI152_FILE_PATH)  # mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz
     mask = datasets.load_mni152_brain_mask(resolution=1)
     if mask.shape != template.shape or not np.allclose(mask.affine, template.affine):
         raise RuntimeError("nilearn MNI152 brain mask is not on the template grid")
@@ -49,14 +45,7 @@ def _demo_subject(
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in MNI_2MM_SHAPE], indexing="ij")).reshape(3, -1)
     world = MNI_2MM_AFFINE[:3, :3] @ grid + MNI_2MM_AFFINE[:3, 3:]
     # small affine: rotation (+-4 deg), per-axis scale (+-6 %), translation (+-4 mm) about the brain centre
-    angles = np.deg2rad(rng.uniform(-4, 4, 3))
-    cx, cy, cz = np.cos(angles)
-    sx, sy, sz = np.sin(angles)
-    rotation = (
-        np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-        @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-        @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    )
+    rotation = Rotation.from_euler("XYZ", rng.uniform(-4, 4, 3), degrees=True).as_matrix()
     linear = rotation @ np.diag(rng.uniform(0.94, 1.06, 3))
     centre = np.array([[0.0], [-18.0], [18.0]])
     world = linear @ (world - centre) + centre + rng.uniform(-4, 4, (3, 1))
@@ -88,9 +77,7 @@ def make_demo_cohort(
 ) -> dict[str, Path]:
     """Write a deterministic template-derived cohort (images/, masks/, train/val/test CSVs) to ``out_dir``.
 
-    Each subject is the nilearn MNI152 2009a template under a random smooth deformation, small affine,
-    gamma, bias field, global intensity scale and noise, brain-extracted, on the FSL MNI152 2 mm grid,
-    int16. Same seed -> byte-identical files. Returns ``{"train": csv, "val": csv, "test": csv}``.
+    Same seed -> byte-identical files. Returns ``{"train": csv, "val": csv, "test": csv}``.
     """
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -102,20 +89,17 @@ def make_demo_cohort(
         rows = []
         for _ in range(count):
             subject_id = f"demo{number:03d}"
-            image, mask = _demo_subject(template, template_mask, template_affine, rng)
-            for folder, array, name in (("images", image, "T1w"), ("masks", mask, "brainmask")):
+            paths = {
+                "image": f"images/{subject_id}_T1w.nii.gz",
+                "mask": f"masks/{subject_id}_brainmask.nii.gz",
+            }
+            arrays = _demo_subject(template, template_mask, template_affine, rng)
+            for path, array in zip(paths.values(), arrays, strict=True):
                 nifti = nib.Nifti1Image(array, MNI_2MM_AFFINE)
                 nifti.set_qform(MNI_2MM_AFFINE, code=4)
                 nifti.set_sform(MNI_2MM_AFFINE, code=4)
-                nib.save(nifti, out_dir / folder / f"{subject_id}_{name}.nii.gz")
-            rows.append(
-                {
-                    "subject_id": subject_id,
-                    "image": f"images/{subject_id}_T1w.nii.gz",
-                    "mask": f"masks/{subject_id}_brainmask.nii.gz",
-                    "source": DEMO_SOURCE,
-                }
-            )
+                nib.save(nifti, out_dir / path)
+            rows.append({"subject_id": subject_id, **paths, "source": DEMO_SOURCE})
             number += 1
         csvs[split] = out_dir / f"{split}.csv"
         pd.DataFrame(rows, columns=["subject_id", "image", "mask", "source"]).to_csv(csvs[split], index=False)

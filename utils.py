@@ -18,21 +18,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = [
-    "DistributedContext",
-    "autocast",
-    "cleanup_distributed",
-    "gather_rng_states",
-    "get_rng_state",
-    "new_file_mode",
-    "resolve_amp_dtype",
-    "resolve_device",
-    "seed_everything",
-    "set_rng_state",
-    "setup_distributed",
-    "verify_identical_weights",
-]
-
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error, not a silent fallback."""
@@ -49,19 +34,13 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     ``auto``: bf16 on a GPU that supports it, else fp16 on GPU; fp32 on CPU (CPU bf16 is opt-in: it is
     supported but not faster for 3D convolutions on every CPU).
     """
-    if amp == "none":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' or 'none' on CPU")
-        return torch.float16
-    if amp == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    raise ValueError(f"amp must be one of auto, bf16, fp16, none; got {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' or 'none' on CPU")
+    if amp == "auto" and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"auto": None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        amp
+    ]  # checked by config.py
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -80,14 +59,14 @@ def seed_everything(seed: int) -> None:
 
 def get_rng_state() -> dict[str, Any]:
     """Every RNG state as tensors / plain Python values, so that ``weights_only=True`` can load it."""
-    np_state = np.random.get_state()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
         },
         "torch": torch.get_rng_state(),
     }
@@ -98,17 +77,13 @@ def get_rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`get_rng_state` returned."""
-    random.setstate(_as_tuples(state["python"]))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
+    version, internal, gauss_next = state[
+        "python"
+    ]  # random.setstate needs tuples: a round trip may give lists
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy = state["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -121,13 +96,6 @@ def gather_rng_states(context: DistributedContext) -> list[dict[str, Any]]:
     states: list[Any] = [None] * context.world_size
     dist.all_gather_object(states, get_rng_state())
     return states
-
-
-def _as_tuples(value: Any) -> Any:
-    """``random.setstate`` needs tuples all the way down; a checkpoint round trip may give lists."""
-    if isinstance(value, list | tuple):
-        return tuple(_as_tuples(v) for v in value)
-    return value
 
 
 @dataclass
@@ -151,17 +119,14 @@ class DistributedContext:
 def setup_distributed(device_name: str = "auto") -> DistributedContext:
     """Initialise DDP when launched by ``torchrun`` (NCCL on GPU, gloo on CPU); a no-op otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return DistributedContext(rank=0, world_size=1, local_rank=0, device=resolve_device(device_name))
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
+    if world_size == 1:
+        return DistributedContext(rank=0, world_size=1, local_rank=0, device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl")
-    else:
-        dist.init_process_group(backend="gloo")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
