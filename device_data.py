@@ -46,22 +46,6 @@ from utils import DistributedContext, autocast, main_process_first
 if TYPE_CHECKING:
     from losses import VAEGANLoss
 
-__all__ = [
-    "FLOAT16_MAX_ABS_ERROR",
-    "FLOAT16_MAX_REL_ERROR",
-    "DeviceBatches",
-    "DeviceVolumeCache",
-    "cache_bytes",
-    "cache_fits",
-    "choose_recompute",
-    "cpu_cost_message",
-    "epoch_batches",
-    "estimate_cpu_step_seconds",
-    "estimate_training_bytes",
-    "free_memory_bytes",
-    "make_loaders",
-    "steps_per_epoch",
-]
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,6 @@ from torch.utils.checkpoint import checkpoint
 from model.recompute import norm_act_conv
 from model.resnet_blocks import Downsample, ResBlock, SpatialAttention, Upsample
 
-__all__ = ["Encoder", "Decoder"]
-
 
 def _run(block: nn.Module, x: torch.Tensor, use_checkpointing: bool) -> torch.Tensor:
     """Apply ``block``, under non-reentrant activation checkpointing when requested and grads are on."""

@@ -69,8 +69,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LPIPS3D", "DEEPBET_TAPS", "MEDICALNET_TAPS", "medicalnet_cache_path"]
-
 DEEPBET_TAPS: tuple[str, ...] = ("stem", "init", "down0", "down1", "down2", "down3")
 MEDICALNET_TAPS: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4")
 _DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {

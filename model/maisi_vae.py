@@ -13,8 +13,6 @@ import torch.nn.functional as F
 
 from model.enc_dec import Decoder, Encoder
 
-__all__ = ["MaisiVAE", "convert_maisi_state_dict"]
-
 
 class MaisiVAE(nn.Module):
     """KL-regularised autoencoder with the architecture of MONAI's ``AutoencoderKlMaisi``.

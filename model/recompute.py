@@ -24,8 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["norm_act_conv", "recompute", "recompute_enabled", "recomputed_input_conv"]
-
 _recompute_enabled = True
 
 

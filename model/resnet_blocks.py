@@ -13,8 +13,6 @@ import torch.nn.functional as F
 
 from model.recompute import norm_act_conv, recomputed_input_conv
 
-__all__ = ["ResBlock", "Downsample", "Upsample", "SpatialAttention"]
-
 
 class ResBlock(nn.Module):
     """MAISI/MONAI ResNet block: ``x + conv2(silu(gn2(conv1(silu(gn1(x))))))``.
