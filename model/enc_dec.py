@@ -52,15 +52,13 @@ class _Level(nn.Module):
         return x
 
 
-class _NonLocalBlock(nn.Sequential):
+def _nonlocal_block(channels: int, norm_num_groups: int, norm_eps: float) -> nn.Sequential:
     """ResBlock -> spatial self-attention -> ResBlock at the lowest resolution (MAISI ``with_nonlocal_attn``)."""
-
-    def __init__(self, channels: int, norm_num_groups: int, norm_eps: float) -> None:
-        super().__init__(
-            ResBlock(channels, channels, norm_num_groups, norm_eps),
-            SpatialAttention(channels, norm_num_groups, norm_eps),
-            ResBlock(channels, channels, norm_num_groups, norm_eps),
-        )
+    return nn.Sequential(
+        ResBlock(channels, channels, norm_num_groups, norm_eps),
+        SpatialAttention(channels, norm_num_groups, norm_eps),
+        ResBlock(channels, channels, norm_num_groups, norm_eps),
+    )
 
 
 class Encoder(nn.Module):
@@ -77,14 +75,14 @@ class Encoder(nn.Module):
     def __init__(
         self,
         in_channels: int,
-        channels: Sequence[int],
         out_channels: int,
+        channels: Sequence[int],
         num_res_blocks: Sequence[int],
         attention_levels: Sequence[bool],
         norm_num_groups: int,
         norm_eps: float,
-        with_nonlocal_attn: bool,
         use_checkpointing: bool,
+        with_nonlocal_attn: bool,
     ) -> None:
         super().__init__()
         self.use_checkpointing = use_checkpointing
@@ -101,7 +99,7 @@ class Encoder(nn.Module):
             )
             ch_in = ch_out
         self.nonlocal_block = (
-            _NonLocalBlock(channels[-1], norm_num_groups, norm_eps) if with_nonlocal_attn else None
+            _nonlocal_block(channels[-1], norm_num_groups, norm_eps) if with_nonlocal_attn else None
         )
         self.norm_out = nn.GroupNorm(norm_num_groups, channels[-1], eps=norm_eps, affine=True)
         self.conv_out = nn.Conv3d(channels[-1], out_channels, kernel_size=3, padding=1)
@@ -129,21 +127,21 @@ class Decoder(nn.Module):
     def __init__(
         self,
         in_channels: int,
-        channels: Sequence[int],
         out_channels: int,
+        channels: Sequence[int],
         num_res_blocks: Sequence[int],
         attention_levels: Sequence[bool],
         norm_num_groups: int,
         norm_eps: float,
-        with_nonlocal_attn: bool,
         use_checkpointing: bool,
+        with_nonlocal_attn: bool,
         upsample_mode: str,
     ) -> None:
         super().__init__()
         self.use_checkpointing = use_checkpointing
         self.conv_in = nn.Conv3d(in_channels, channels[-1], kernel_size=3, padding=1)
         self.nonlocal_block = (
-            _NonLocalBlock(channels[-1], norm_num_groups, norm_eps) if with_nonlocal_attn else None
+            _nonlocal_block(channels[-1], norm_num_groups, norm_eps) if with_nonlocal_attn else None
         )
         self.levels = nn.ModuleList()
         ch_in = channels[-1]

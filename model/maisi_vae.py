@@ -69,31 +69,13 @@ class MaisiVAE(nn.Module):
         super().__init__()
         self.latent_channels = latent_channels
         self.downsample_factor = 2 ** (len(channels) - 1)
-        self.encoder = Encoder(
-            in_channels,
-            channels,
-            latent_channels,
-            num_res_blocks,
-            attention_levels,
-            norm_num_groups,
-            norm_eps,
-            with_encoder_nonlocal_attn,
-            use_checkpointing,
-        )
+        levels = (channels, num_res_blocks, attention_levels, norm_num_groups, norm_eps, use_checkpointing)
+        self.encoder = Encoder(in_channels, latent_channels, *levels, with_encoder_nonlocal_attn)
         self.mu_head = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
         self.logvar_head = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
         self.post_quant_conv = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
         self.decoder = Decoder(
-            latent_channels,
-            channels,
-            out_channels,
-            num_res_blocks,
-            attention_levels,
-            norm_num_groups,
-            norm_eps,
-            with_decoder_nonlocal_attn,
-            use_checkpointing,
-            upsample_mode,
+            latent_channels, out_channels, *levels, with_decoder_nonlocal_attn, upsample_mode
         )
         self.to(memory_format=torch.channels_last_3d)
 
