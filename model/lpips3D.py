@@ -38,13 +38,7 @@ from torch import nn
 
 DEEPBET_TAPS: tuple[str, ...] = ("stem", "init", "down0", "down1", "down2", "down3")
 MEDICALNET_TAPS: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4")
-_DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
-    "deepbet": ("down0", "down1", "down2"),
-    "medicalnet_resnet10": ("layer1", "layer2", "layer3"),
-    "medicalnet_resnet50": ("layer1", "layer2", "layer3"),
-    "random": ("layer1", "layer2", "layer3"),
-}
-_MEDICALNET_DEPTHS: dict[str, int] = {"medicalnet_resnet10": 10, "medicalnet_resnet50": 50}
+_BACKBONES = ("deepbet", "medicalnet_resnet10", "medicalnet_resnet50", "random")
 
 
 def medicalnet_cache_path(depth: int) -> Path:
@@ -158,12 +152,12 @@ class LPIPS3D(nn.Module):
         eps: float = 1e-10,
     ) -> None:
         super().__init__()
-        if backbone not in _DEFAULT_LAYERS:
-            raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(_DEFAULT_LAYERS)}.")
+        if backbone not in _BACKBONES:
+            raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(_BACKBONES)}.")
         if not isinstance(upsample, int) or upsample < 1:
             raise ValueError(f"upsample must be an integer >= 1, got {upsample!r}.")
         taps = DEEPBET_TAPS if backbone == "deepbet" else MEDICALNET_TAPS
-        layers = tuple(layers) if layers is not None else _DEFAULT_LAYERS[backbone]
+        layers = tuple(layers) if layers is not None else taps[-4:-1]  # the 3 before the deepest by default
         bad = [name for name in layers if name not in taps]
         if not layers or bad:
             raise ValueError(f"layers must be a non-empty subset of {taps} for {backbone!r}, got {layers}.")
@@ -187,7 +181,7 @@ class LPIPS3D(nn.Module):
                 torch.manual_seed(0)
                 net = _build_resnet(10)
         else:
-            net = _load_medicalnet(_MEDICALNET_DEPTHS[backbone], weights_path)
+            net = _load_medicalnet(int(backbone.removeprefix("medicalnet_resnet")), weights_path)
         self.encoder = _Encoder(net).requires_grad_(False).eval()
 
         scale = f", x{upsample} upsampled" if upsample > 1 else ""
