@@ -96,16 +96,14 @@ def cache_fits(
         raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
     device = torch.device(device)
     needed = cache_bytes(n_volumes, spatial_shape, storage)
-    per_volume = cache_bytes(1, spatial_shape, storage)
     what = (
-        f"{n_volumes} volumes x {per_volume / 2**20:.2f} MiB = {_gib(needed)} "
+        f"{n_volumes} volumes x {cache_bytes(1, spatial_shape, storage) / 2**20:.2f} MiB = {_gib(needed)} "
         f"({storage} image + uint8 mask, {'x'.join(map(str, spatial_shape))})"
     )
     free = free_memory_bytes(device)
     if free is None:
         return False, f"device cache off: {what}; free memory on {device} cannot be measured"
-    budget = max_fraction * free
-    if needed <= budget:
+    if needed <= max_fraction * free:
         return True, f"device cache on {device}: {what} <= {max_fraction:.0%} of {_gib(free)} free"
     return (
         False,

@@ -89,14 +89,11 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv3d(in_channels, channels[0], kernel_size=3, padding=1)
         self.levels = nn.ModuleList()
         ch_in = channels[0]
-        for i, (ch_out, n_blocks, attention) in enumerate(
+        for i, (ch_out, n_res, attention) in enumerate(
             zip(channels, num_res_blocks, attention_levels, strict=True)
         ):
-            is_last = i == len(channels) - 1
-            downsample = None if is_last else Downsample(ch_out)
-            self.levels.append(
-                _Level(ch_in, ch_out, n_blocks, attention, norm_num_groups, norm_eps, downsample)
-            )
+            resample = None if i == len(channels) - 1 else Downsample(ch_out)
+            self.levels.append(_Level(ch_in, ch_out, n_res, attention, norm_num_groups, norm_eps, resample))
             ch_in = ch_out
         self.nonlocal_block = (
             _nonlocal_block(channels[-1], norm_num_groups, norm_eps) if with_nonlocal_attn else None
@@ -145,14 +142,11 @@ class Decoder(nn.Module):
         )
         self.levels = nn.ModuleList()
         ch_in = channels[-1]
-        for i, (ch_out, n_blocks, attention) in enumerate(
+        for i, (ch_out, n_res, attention) in enumerate(
             zip(channels[::-1], num_res_blocks[::-1], attention_levels[::-1], strict=True)
         ):
-            is_last = i == len(channels) - 1
-            upsample = None if is_last else Upsample(ch_out, upsample_mode)
-            self.levels.append(
-                _Level(ch_in, ch_out, n_blocks, attention, norm_num_groups, norm_eps, upsample)
-            )
+            resample = None if i == len(channels) - 1 else Upsample(ch_out, upsample_mode)
+            self.levels.append(_Level(ch_in, ch_out, n_res, attention, norm_num_groups, norm_eps, resample))
             ch_in = ch_out
         self.norm_out = nn.GroupNorm(norm_num_groups, channels[0], eps=norm_eps, affine=True)
         self.conv_out = nn.Conv3d(channels[0], out_channels, kernel_size=3, padding=1)
