@@ -1,20 +1,12 @@
 """The GPU data path: preprocessed volumes cached on the training device and augmented there, in batches.
 
-The DataLoader path runs every training volume through a worker: CPU cache -> ``VolumeDataset`` (which
-augments the item with :class:`dataset.Augmentation`) -> collate -> copy to the device. This module keeps the
-preprocessed volumes on the device (:class:`DeviceVolumeCache`: float16 image + uint8 mask) and
-:class:`DeviceBatches` augments whole batches there with the same :class:`dataset.Augmentation`, behind the
-interface of the training DataLoader. :func:`cache_fits` says whether the cache fits (and why, in one line for
-the log); when it does not, :func:`make_loaders` (training's choice of data path) keeps the DataLoader path.
-The training memory and CPU step-time estimates live beside :func:`cache_fits`.
-
-Why one augmentation of our own (small torch transforms) rather than MONAI's random transforms on the device:
-MONAI's are per item and keep their random state and decisions inside the transform objects (no public way
-to read back what was drawn), and RandBiasField has no torch backend (numpy on the CPU, float64). Our torch
-version runs on any device, on a batch or on one item, draws everything from one numpy generator per
-(seed, epoch, index) on the CPU (so both paths, any device and a resumed run get the same draws), and reads
-no private attribute of any library. Its parametrisation is MONAI's (checked step by step in
-``tests/test_dataset.py``).
+The DataLoader path runs every training volume through a worker (CPU cache -> ``VolumeDataset``, which augments
+the item with :class:`dataset.Augmentation` -> collate -> copy to the device). Here :class:`DeviceVolumeCache`
+keeps the preprocessed volumes on the device (float16 image + uint8 mask) and :class:`DeviceBatches` augments
+whole batches there with the same :class:`dataset.Augmentation`, behind the training DataLoader's interface.
+:func:`make_loaders` (training's choice of data path) takes it when :func:`cache_fits`; the training memory and
+CPU step-time estimates live beside that. (MONAI's random transforms would not do on the device: they work per
+item, keep what they drew inside the transform objects, and RandBiasField has no torch backend.)
 
 What differs between the paths: only the float16 rounding of the cached image (:data:`FLOAT16_MAX_ABS_ERROR`);
 with a float32 cache a batch is bitwise the DataLoader's (``tests/test_device_data.py``).
@@ -46,40 +38,20 @@ from utils import DistributedContext, autocast, main_process_first
 if TYPE_CHECKING:
     from losses import VAEGANLoss
 
-__all__ = [
-    "FLOAT16_MAX_ABS_ERROR",
-    "FLOAT16_MAX_REL_ERROR",
-    "DeviceBatches",
-    "DeviceVolumeCache",
-    "cache_bytes",
-    "cache_fits",
-    "choose_recompute",
-    "cpu_cost_message",
-    "epoch_batches",
-    "estimate_cpu_step_seconds",
-    "estimate_training_bytes",
-    "free_memory_bytes",
-    "make_loaders",
-    "steps_per_epoch",
-]
 
 log = logging.getLogger(__name__)
 
 Storage = Literal["float16", "float32"]
 STORAGE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
-MASK_BYTES = 1  # the mask is stored as uint8 0/1 (exact)
 # round-to-nearest float16 of a value x in [0, 1]: |error| <= 2**-12 (half an ulp of [0.5, 1); 0 and 1 are
 # exact), and <= 2**-11 * x for x >= 2**-14 (normal range; below it the error is <= 2**-25)
 FLOAT16_MAX_ABS_ERROR = 2.0**-12
 FLOAT16_MAX_REL_ERROR = 2.0**-11
 
 
-# ------------------------------------------------------------------------------------------------ sizing
-
-
 def cache_bytes(n_volumes: int, spatial_shape: Sequence[int], storage: Storage = "float16") -> int:
-    """Bytes of a :class:`DeviceVolumeCache` of ``n_volumes`` volumes of ``spatial_shape`` (image + mask)."""
-    return n_volumes * math.prod(spatial_shape) * (STORAGE_DTYPES[storage].itemsize + MASK_BYTES)
+    """Bytes of a :class:`DeviceVolumeCache` of ``n_volumes`` volumes of ``spatial_shape`` (image + uint8 mask)."""
+    return n_volumes * math.prod(spatial_shape) * (STORAGE_DTYPES[storage].itemsize + 1)
 
 
 def free_memory_bytes(device: torch.device | str) -> int | None:
@@ -124,26 +96,19 @@ def cache_fits(
         raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
     device = torch.device(device)
     needed = cache_bytes(n_volumes, spatial_shape, storage)
-    per_volume = cache_bytes(1, spatial_shape, storage)
     what = (
-        f"{n_volumes} volumes x {per_volume / 2**20:.2f} MiB = {_gib(needed)} "
+        f"{n_volumes} volumes x {cache_bytes(1, spatial_shape, storage) / 2**20:.2f} MiB = {_gib(needed)} "
         f"({storage} image + uint8 mask, {'x'.join(map(str, spatial_shape))})"
     )
     free = free_memory_bytes(device)
     if free is None:
         return False, f"device cache off: {what}; free memory on {device} cannot be measured"
-    budget = max_fraction * free
-    if needed <= budget:
+    if needed <= max_fraction * free:
         return True, f"device cache on {device}: {what} <= {max_fraction:.0%} of {_gib(free)} free"
     return (
         False,
         f"device cache off (DataLoader path): {what} > {max_fraction:.0%} of {_gib(free)} free on {device}",
     )
-
-
-def half_size(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """(D, H, W) halved per axis (at least 8): where :func:`estimate_training_bytes` measures, to scale up."""
-    return tuple(max(8, math.ceil(s / 2)) for s in shape)
 
 
 def estimate_training_bytes(
@@ -152,7 +117,7 @@ def estimate_training_bytes(
     """Bytes autograd saves for a VAE forward without the recompute, measured at 1/8 of the voxels and scaled,
     times 3 for gradients, the perceptual and discriminator passes and allocator slack (a deliberate
     over-estimate; ``shape`` is (D, H, W))."""
-    small = half_size(shape)
+    small = tuple(max(8, math.ceil(s / 2)) for s in shape)  # halved per axis, at least 8
     saved = 0
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -226,9 +191,6 @@ def cpu_cost_message(seconds_per_step: float, steps_left: int, time_budget_s: fl
     return message
 
 
-# ------------------------------------------------------------------------------------------------- cache
-
-
 class DeviceVolumeCache:
     """Preprocessed volumes stacked on one device; row ``i`` is item ``i`` of the source dataset.
 
@@ -287,10 +249,6 @@ class DeviceVolumeCache:
         return self.images.shape[0]
 
     @property
-    def device(self) -> torch.device:
-        return self.images.device
-
-    @property
     def spatial_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[2:])  # type: ignore[return-value]
 
@@ -303,15 +261,12 @@ class DeviceVolumeCache:
         """``{"image": (B, 1, D, H, W) float32, "mask": (B, 1, D, H, W) float32 0/1}`` on the cache's device,
         ``"index": (B,) long`` on the CPU (as the DataLoader collates it)."""
         index = torch.as_tensor(indices, dtype=torch.long).cpu()
-        rows = index.to(self.device)
+        rows = index.to(self.images.device)
         return {
             "image": self.images.index_select(0, rows).float(),
             "mask": self.masks.index_select(0, rows).float(),
             "index": index,
         }
-
-
-# ---------------------------------------------------------------------------------------------- batches
 
 
 class DeviceBatches:
@@ -357,9 +312,6 @@ class DeviceBatches:
             yield batch
 
 
-# ------------------------------------------------------------------------------------- training data path
-
-
 def make_loaders(
     config: Config, context: DistributedContext
 ) -> tuple[DataLoader | DeviceBatches, VolumeDataset | DeviceVolumeCache, torch.Generator]:
@@ -380,14 +332,13 @@ def make_loaders(
     )
     log.info("train: %d volumes, val: %d volumes", len(train_frame), len(val_frame))
     augmentation = config.augmentation if config.augmentation.enabled else None
-    cache_dir = Path(data.cache_dir)
     use_device_cache = data.device_cache == "on"
     if data.device_cache == "auto" and context.device.type == "cuda":
         shape = tuple(config.preprocessing.target_shape)
         use_device_cache, reason = cache_fits(len(train_frame) + len(val_frame), shape, context.device)
         log.info(reason)
     generator = torch.Generator()
-    build = {"prep": config.preprocessing, "cache": data.cache, "cache_dir": cache_dir}
+    build = {"prep": config.preprocessing, "cache": data.cache, "cache_dir": Path(data.cache_dir)}
     val_set = dataset.build_dataset(val_frame, augmentation=None, **build)
     train_set = dataset.build_dataset(
         train_frame, augmentation=None if use_device_cache else augmentation, seed=train.seed, **build
@@ -414,7 +365,6 @@ def make_loaders(
         sampler=sampler,
         num_workers=data.num_workers,
         pin_memory=context.device.type == "cuda",
-        persistent_workers=False,
         generator=generator,
     )
     return loader, val_set, generator

@@ -12,8 +12,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["PatchDiscriminator3D"]
-
 
 class PatchDiscriminator3D(nn.Module):
     """3D PatchGAN discriminator.

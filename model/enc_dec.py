@@ -11,8 +11,6 @@ from torch.utils.checkpoint import checkpoint
 from model.recompute import norm_act_conv
 from model.resnet_blocks import Downsample, ResBlock, SpatialAttention, Upsample
 
-__all__ = ["Encoder", "Decoder"]
-
 
 def _run(block: nn.Module, x: torch.Tensor, use_checkpointing: bool) -> torch.Tensor:
     """Apply ``block``, under non-reentrant activation checkpointing when requested and grads are on."""
@@ -54,15 +52,13 @@ class _Level(nn.Module):
         return x
 
 
-class _NonLocalBlock(nn.Sequential):
+def _nonlocal_block(channels: int, norm_num_groups: int, norm_eps: float) -> nn.Sequential:
     """ResBlock -> spatial self-attention -> ResBlock at the lowest resolution (MAISI ``with_nonlocal_attn``)."""
-
-    def __init__(self, channels: int, norm_num_groups: int, norm_eps: float) -> None:
-        super().__init__(
-            ResBlock(channels, channels, norm_num_groups, norm_eps),
-            SpatialAttention(channels, norm_num_groups, norm_eps),
-            ResBlock(channels, channels, norm_num_groups, norm_eps),
-        )
+    return nn.Sequential(
+        ResBlock(channels, channels, norm_num_groups, norm_eps),
+        SpatialAttention(channels, norm_num_groups, norm_eps),
+        ResBlock(channels, channels, norm_num_groups, norm_eps),
+    )
 
 
 class Encoder(nn.Module):
@@ -79,31 +75,28 @@ class Encoder(nn.Module):
     def __init__(
         self,
         in_channels: int,
-        channels: Sequence[int],
         out_channels: int,
+        channels: Sequence[int],
         num_res_blocks: Sequence[int],
         attention_levels: Sequence[bool],
         norm_num_groups: int,
         norm_eps: float,
-        with_nonlocal_attn: bool,
         use_checkpointing: bool,
+        with_nonlocal_attn: bool,
     ) -> None:
         super().__init__()
         self.use_checkpointing = use_checkpointing
         self.conv_in = nn.Conv3d(in_channels, channels[0], kernel_size=3, padding=1)
         self.levels = nn.ModuleList()
         ch_in = channels[0]
-        for i, (ch_out, n_blocks, attention) in enumerate(
+        for i, (ch_out, n_res, attention) in enumerate(
             zip(channels, num_res_blocks, attention_levels, strict=True)
         ):
-            is_last = i == len(channels) - 1
-            downsample = None if is_last else Downsample(ch_out)
-            self.levels.append(
-                _Level(ch_in, ch_out, n_blocks, attention, norm_num_groups, norm_eps, downsample)
-            )
+            resample = None if i == len(channels) - 1 else Downsample(ch_out)
+            self.levels.append(_Level(ch_in, ch_out, n_res, attention, norm_num_groups, norm_eps, resample))
             ch_in = ch_out
         self.nonlocal_block = (
-            _NonLocalBlock(channels[-1], norm_num_groups, norm_eps) if with_nonlocal_attn else None
+            _nonlocal_block(channels[-1], norm_num_groups, norm_eps) if with_nonlocal_attn else None
         )
         self.norm_out = nn.GroupNorm(norm_num_groups, channels[-1], eps=norm_eps, affine=True)
         self.conv_out = nn.Conv3d(channels[-1], out_channels, kernel_size=3, padding=1)
@@ -131,32 +124,29 @@ class Decoder(nn.Module):
     def __init__(
         self,
         in_channels: int,
-        channels: Sequence[int],
         out_channels: int,
+        channels: Sequence[int],
         num_res_blocks: Sequence[int],
         attention_levels: Sequence[bool],
         norm_num_groups: int,
         norm_eps: float,
-        with_nonlocal_attn: bool,
         use_checkpointing: bool,
+        with_nonlocal_attn: bool,
         upsample_mode: str,
     ) -> None:
         super().__init__()
         self.use_checkpointing = use_checkpointing
         self.conv_in = nn.Conv3d(in_channels, channels[-1], kernel_size=3, padding=1)
         self.nonlocal_block = (
-            _NonLocalBlock(channels[-1], norm_num_groups, norm_eps) if with_nonlocal_attn else None
+            _nonlocal_block(channels[-1], norm_num_groups, norm_eps) if with_nonlocal_attn else None
         )
         self.levels = nn.ModuleList()
         ch_in = channels[-1]
-        for i, (ch_out, n_blocks, attention) in enumerate(
+        for i, (ch_out, n_res, attention) in enumerate(
             zip(channels[::-1], num_res_blocks[::-1], attention_levels[::-1], strict=True)
         ):
-            is_last = i == len(channels) - 1
-            upsample = None if is_last else Upsample(ch_out, upsample_mode)
-            self.levels.append(
-                _Level(ch_in, ch_out, n_blocks, attention, norm_num_groups, norm_eps, upsample)
-            )
+            resample = None if i == len(channels) - 1 else Upsample(ch_out, upsample_mode)
+            self.levels.append(_Level(ch_in, ch_out, n_res, attention, norm_num_groups, norm_eps, resample))
             ch_in = ch_out
         self.norm_out = nn.GroupNorm(norm_num_groups, channels[0], eps=norm_eps, affine=True)
         self.conv_out = nn.Conv3d(channels[0], out_channels, kernel_size=3, padding=1)

@@ -1,61 +1,28 @@
 """A true 3D LPIPS-style perceptual distance for T1 brain MRI volumes.
 
-Structure follows richzhang/PerceptualSimilarity (``lpips/lpips.py``, ``lpips=False`` variant): features are
-taken from a frozen network at several depths, unit-normalised over channels, and the squared difference is
-summed over channels, averaged over space and summed over layers. No learned linear ("lin") layers exist for
-3D MRI, so every channel has weight 1 (the identity "lin").
+As richzhang/PerceptualSimilarity (``lpips/lpips.py``, ``lpips=False``): features of a frozen network at several
+depths are unit-normalised over channels, and the squared difference is summed over channels, averaged over space
+and summed over layers. No learned "lin" layers exist for 3D MRI, so every channel has weight 1.
 
-Backbones
----------
+Backbones (taps in depth order: ``DEEPBET_TAPS`` / ``MEDICALNET_TAPS``):
+
 ``deepbet`` (default)
-    Encoder of the pretrained deepbet brain-extraction network (TorchScript, shipped by the ``deepbet``
-    package at ``deepbet.utils.DATA_PATH/models/model.pt``). It is a residual UNet trained on ~1 mm T1 heads
-    resized to 256^3; encoder stages (channels, stride): ``stem`` 7^3 conv+IN+ReLU (16, /2), ``init`` =
-    stem+maxpool (16, /4), ``down0`` (16, /4), ``down1`` (32, /8), ``down2`` (64, /16), ``down3`` (128, /32).
-    Default taps ``down0``, ``down1``, ``down2`` at the native input scale (see below).
-    Input normalisation as ``deepbet.utils.normalize``: clip to [0, 1] (inputs are already robust-scaled),
-    per-volume z-score, then ``0.226 * z + 0.449``.
+    Encoder of the pretrained deepbet brain-extraction network (TorchScript shipped by the ``deepbet`` package
+    at ``deepbet.utils.DATA_PATH/models/model.pt``), a residual UNet trained on ~1 mm T1 heads resized to 256^3.
+    Taps (channels, stride): ``stem`` 7^3 conv+IN+ReLU (16, /2), ``init`` = stem+maxpool (16, /4), ``down0``
+    (16, /4), ``down1`` (32, /8), ``down2`` (64, /16), ``down3`` (128, /32); default ``down0``-``down2`` at the
+    native input scale (the measured choice: BENCHMARKS.md section 5). Input normalisation as
+    ``deepbet.utils.normalize``: clip to [0, 1], per-volume z-score, then ``0.226 * z + 0.449``.
 ``medicalnet_resnet10`` / ``medicalnet_resnet50``
     MedicalNet 3D ResNets (MONAI ``resnet10``/``resnet50`` with ``conv1_t_stride=2``, shortcut "B", no
-    downsample bias), weights from ``weights_path`` or ``torch.hub.get_dir()/monai_checkpoints/
-    medicalnet_resnet_{10,50}_23dataset.pth``. Taps ``stem`` (conv1+BN+ReLU), ``layer1`` .. ``layer4``;
-    default ``layer1-layer3``. Input normalisation: per-volume z-score, as in MedicalNet.
+    downsample bias). Taps ``stem`` (conv1+BN+ReLU), ``layer1`` .. ``layer4``; default ``layer1-layer3``.
+    Input normalisation: per-volume z-score, as in MedicalNet.
 ``random``
-    Randomly initialised (seed 0) MONAI resnet10 with the MedicalNet taps. Only for ablations / tests;
-    ``pretrained`` is False and ``description`` says so.
+    Randomly initialised (seed 0) resnet10 with the MedicalNet taps; only for ablations / tests
+    (``pretrained`` is False and ``description`` says so).
 
-All encoders use "same"-padded convolutions whose strided branches round up identically (ceil(n / 2)), so any
+All backbones use "same"-padded convolutions whose strided branches round up identically (ceil(n / 2)), so any
 spatial size works without internal padding (e.g. 91x109x91).
-
-Choice of the default deepbet taps (``bench/lpips_backbone_probe.py``, 4 IXI subjects at MNI 2 mm,
-91x109x91, scaled to [0, 1] by the 99.5th percentile; per-layer distances):
-
-======  ====  =====  =========  =========  ========  ========  ==========  ==========  ==========
-tap     C     dead   noise .01  noise .1   blur 0.5  blur 2.0  subj/noise  blur1/subj  x2: s/n
-======  ====  =====  =========  =========  ========  ========  ==========  ==========  ==========
-stem    16    0      0.0003     0.0300     0.0005    0.0345    223         0.12        66
-init    16    0      0.0004     0.0428     0.0006    0.0349    85          0.23        23
-down0   16    0      0.0002     0.0183     0.0011    0.0607    298         0.22        50
-down1   32    0      0.0001     0.0099     0.0010    0.0505    326         0.26        66
-down2   64    0      0.0001     0.0046     0.0006    0.0283    349         0.32        67
-down3   128   0      0.0000     0.0019     0.0002    0.0134    380         0.32        80
-======  ====  =====  =========  =========  ========  ========  ==========  ==========  ==========
-
-(subj/noise: distance between different subjects / distance to a copy with N(0, 0.01) noise; blur1/subj:
-distance to a sigma = 1 voxel blurred copy / between-subject distance; "x2: s/n": subj/noise when the input
-is first upsampled x2 to ~1 mm.)
-
-* No tap has dead or near-constant channels at 2 mm, and every tap grows monotonically with noise
-  (0.01/0.03/0.1) and blur (sigma 0.5/1/2), at 2 mm and upsampled.
-* ``down0``-``down2`` separate anatomy from imperceptible noise best among the spatially resolved taps
-  (subj/noise 298-349) and register blur most strongly (blur1/subj 0.22-0.32, 2-3x ``stem``).
-  ``init`` (= max-pooled ``stem``) is the most noise-sensitive (subj/noise 85) and is left out; ``down3``
-  is a 3x4x3 map at 2 mm (1 voxel for a 32^3 input), nearly a global descriptor, with the same blur1/subj
-  as ``down2``, so it is left out too.
-* Upsampling x2 to deepbet's ~1 mm scale makes every tap 3-6x more noise-sensitive relative to anatomy
-  (subj/noise 23-80), improves blur1/subj of the chosen taps only 1.1-1.3x, and costs 4-11x time
-  (fwd+bwd on a 91x109x91 pair, 2 shared CPU threads: 0.3-0.9 s native vs 3.1-4.3 s upsampled, depending on
-  load), so the default is the native scale (``upsample=1``).
 """
 
 from __future__ import annotations
@@ -69,28 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LPIPS3D", "DEEPBET_TAPS", "MEDICALNET_TAPS", "medicalnet_cache_path"]
-
 DEEPBET_TAPS: tuple[str, ...] = ("stem", "init", "down0", "down1", "down2", "down3")
 MEDICALNET_TAPS: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4")
-_DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
-    "deepbet": ("down0", "down1", "down2"),
-    "medicalnet_resnet10": ("layer1", "layer2", "layer3"),
-    "medicalnet_resnet50": ("layer1", "layer2", "layer3"),
-    "random": ("layer1", "layer2", "layer3"),
-}
-_MEDICALNET_DEPTHS: dict[str, int] = {"medicalnet_resnet10": 10, "medicalnet_resnet50": 50}
+_BACKBONES = ("deepbet", "medicalnet_resnet10", "medicalnet_resnet50", "random")
 
 
 def medicalnet_cache_path(depth: int) -> Path:
-    """Return the torch-hub cache location MONAI uses for a MedicalNet checkpoint.
-
-    Args:
-        depth: ResNet depth, 10 or 50.
-
-    Returns:
-        ``torch.hub.get_dir()/monai_checkpoints/medicalnet_resnet_{depth}_23dataset.pth`` (honours ``TORCH_HOME``).
-    """
+    """MONAI's torch-hub cache path of the MedicalNet ResNet of ``depth`` 10 or 50 (honours ``TORCH_HOME``)."""
     return Path(torch.hub.get_dir()) / "monai_checkpoints" / f"medicalnet_resnet_{depth}_23dataset.pth"
 
 
@@ -109,67 +61,26 @@ def _deepbet_default_path() -> Path:
     return Path(spec.origin).resolve().parents[1] / "data" / "models" / "model.pt"
 
 
-def _per_volume_zscore(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Z-score each sample over all of its voxels. ``x``: (B, C, D, H, W) -> same shape."""
-    dims = tuple(range(1, x.ndim))
-    mean = x.mean(dim=dims, keepdim=True)
-    std = x.std(dim=dims, keepdim=True)
-    return (x - mean) / (std + eps)
-
-
-def normalize_channels(feat: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """Unit-normalise a feature map over channels, as ``lpips.normalize_tensor``.
-
-    Args:
-        feat: (B, C, d, h, w) features.
-        eps: added to the norm; all-zero feature vectors (e.g. ReLU background) map to 0 with zero gradient.
-
-    Returns:
-        (B, C, d, h, w) features with unit L2 norm over C (or 0).
-    """
-    return feat / (torch.linalg.vector_norm(feat, dim=1, keepdim=True) + eps)
-
-
-class _DeepbetEncoder(nn.Module):
-    """Multi-depth feature extractor calling the encoder submodules of the scripted deepbet UNet.
-
-    The traced stages take deepbet's shared ReLU module as first argument (``stage(relu, x)``).
-    """
-
-    def __init__(self, net: torch.jit.ScriptModule) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, taps: Sequence[str]) -> list[torch.Tensor]:
-        """Args: x (B, 1, D, H, W) deepbet-normalised. Returns the requested taps in order of ``taps``."""
-        relu = getattr(self.net.conv, "2")
-        init = self.net.init
-        last = max(DEEPBET_TAPS.index(t) for t in taps)
-        out: dict[str, torch.Tensor] = {}
-        h = torch.relu(getattr(init, "1")(getattr(init, "0")(x)))
-        out["stem"] = h
-        h = out["init"] = getattr(init, "3")(h)
-        for name in DEEPBET_TAPS[2 : last + 1]:
-            h = out[name] = getattr(self.net, name)(relu, h)
-        return [out[t] for t in taps]
-
-
-class _ResNetEncoder(nn.Module):
-    """Multi-depth feature extractor for a MONAI ``ResNet`` (MedicalNet layout)."""
+class _Encoder(nn.Module):
+    """The frozen backbone ``net`` (deepbet's scripted UNet or a MONAI ResNet) run up to its deepest wanted tap."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
 
     def forward(self, x: torch.Tensor, taps: Sequence[str]) -> list[torch.Tensor]:
-        """Args: x (B, 1, D, H, W) z-scored. Returns the requested taps in order of ``taps``."""
-        net = self.net
-        last = max(MEDICALNET_TAPS.index(t) for t in taps)
-        out: dict[str, torch.Tensor] = {}
-        h = out["stem"] = net.act(net.bn1(net.conv1(x)))
-        h = net.maxpool(h)
-        for name in MEDICALNET_TAPS[1 : last + 1]:
-            h = out[name] = getattr(net, name)(h)
+        """(B, 1, D, H, W) normalised input -> the feature maps of ``taps``, in that order."""
+        net, out = self.net, {}
+        if isinstance(net, torch.jit.ScriptModule):  # deepbet: its traced stages take the shared ReLU first
+            names, stage_args, init = DEEPBET_TAPS, [getattr(net.conv, "2")], net.init
+            h = out["stem"] = torch.relu(getattr(init, "1")(getattr(init, "0")(x)))
+            h = out["init"] = getattr(init, "3")(h)
+        else:
+            names, stage_args = MEDICALNET_TAPS, []
+            h = out["stem"] = net.act(net.bn1(net.conv1(x)))
+            h = net.maxpool(h)
+        for name in names[len(out) : max(names.index(t) for t in taps) + 1]:  # the stages after those above
+            h = out[name] = getattr(net, name)(*stage_args, h)
         return [out[t] for t in taps]
 
 
@@ -177,8 +88,7 @@ def _build_resnet(depth: int) -> nn.Module:
     """MONAI ResNet with MedicalNet's configuration (no classification head)."""
     from monai.networks.nets import resnet10, resnet50
 
-    builder = {10: resnet10, 50: resnet50}[depth]
-    return builder(
+    return {10: resnet10, 50: resnet50}[depth](
         spatial_dims=3,
         n_input_channels=1,
         conv1_t_stride=2,
@@ -242,12 +152,12 @@ class LPIPS3D(nn.Module):
         eps: float = 1e-10,
     ) -> None:
         super().__init__()
-        if backbone not in _DEFAULT_LAYERS:
-            raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(_DEFAULT_LAYERS)}.")
+        if backbone not in _BACKBONES:
+            raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(_BACKBONES)}.")
         if not isinstance(upsample, int) or upsample < 1:
             raise ValueError(f"upsample must be an integer >= 1, got {upsample!r}.")
         taps = DEEPBET_TAPS if backbone == "deepbet" else MEDICALNET_TAPS
-        layers = tuple(layers) if layers is not None else _DEFAULT_LAYERS[backbone]
+        layers = tuple(layers) if layers is not None else taps[-4:-1]  # the 3 before the deepest by default
         bad = [name for name in layers if name not in taps]
         if not layers or bad:
             raise ValueError(f"layers must be a non-empty subset of {taps} for {backbone!r}, got {layers}.")
@@ -265,17 +175,14 @@ class LPIPS3D(nn.Module):
                     f"deepbet model not found at {path}. Install the `deepbet` package (its model lives at "
                     f"deepbet.utils.DATA_PATH/models/model.pt) or pass weights_path=<path to model.pt>."
                 )
-            self.encoder: nn.Module = _DeepbetEncoder(torch.jit.load(str(path), map_location="cpu"))
+            net = torch.jit.load(str(path), map_location="cpu")
         elif backbone == "random":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                self.encoder = _ResNetEncoder(_build_resnet(10))
+                net = _build_resnet(10)
         else:
-            self.encoder = _ResNetEncoder(_load_medicalnet(_MEDICALNET_DEPTHS[backbone], weights_path))
-
-        for p in self.encoder.parameters():
-            p.requires_grad_(False)
-        self.encoder.eval()
+            net = _load_medicalnet(int(backbone.removeprefix("medicalnet_resnet")), weights_path)
+        self.encoder = _Encoder(net).requires_grad_(False).eval()
 
         scale = f", x{upsample} upsampled" if upsample > 1 else ""
         status = "" if self.pretrained else " — NOT pretrained"
@@ -286,29 +193,6 @@ class LPIPS3D(nn.Module):
         super().train(mode)
         self.encoder.eval()
         return self
-
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Map [0, 1] intensities to the backbone's input distribution. (B, 1, D, H, W) -> same (or upsampled)."""
-        x = x.float().clamp(0.0, 1.0)
-        if self.upsample > 1:
-            x = F.interpolate(x, scale_factor=self.upsample, mode="trilinear", align_corners=False)
-        x = _per_volume_zscore(x)
-        if self.backbone_name == "deepbet":
-            x = 0.226 * x + 0.449
-        return x
-
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Raw backbone features at ``self.layers``.
-
-        Args:
-            x: (B, 1, D, H, W) intensities in [0, 1].
-
-        Returns:
-            One (B, C_l, d_l, h_l, w_l) tensor per layer.
-        """
-        if x.ndim != 5 or x.shape[1] != 1:
-            raise ValueError(f"Expected a (B, 1, D, H, W) volume, got shape {tuple(x.shape)}.")
-        return self.encoder(self._prepare(x), self.layers)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
         """Perceptual distance between ``x`` and ``y``.
@@ -323,13 +207,22 @@ class LPIPS3D(nn.Module):
         """
         if x.shape != y.shape:
             raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}.")
-        feats = self.features(torch.cat([x, y], dim=0))
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise ValueError(f"Expected a (B, 1, D, H, W) volume, got shape {tuple(x.shape)}.")
+        # the backbone's input distribution: clipped, upsampled if asked, z-scored per volume (+ deepbet's affine)
+        h = torch.cat([x, y], dim=0).float().clamp(0.0, 1.0)
+        if self.upsample > 1:
+            h = F.interpolate(h, scale_factor=self.upsample, mode="trilinear", align_corners=False)
+        h = (h - h.mean(dim=(1, 2, 3, 4), keepdim=True)) / (h.std(dim=(1, 2, 3, 4), keepdim=True) + 1e-6)
+        if self.backbone_name == "deepbet":
+            h = 0.226 * h + 0.449
         batch = x.shape[0]
         terms = []
         with torch.autocast(device_type=x.device.type, enabled=False):
-            for feat in feats:
-                feat = normalize_channels(feat.float(), self.eps)
-                diff = (feat[:batch] - feat[batch:]).pow(2).sum(dim=1)
-                terms.append(diff.mean(dim=(1, 2, 3)))
+            for feat in self.encoder(h, self.layers):
+                # unit norm over channels (lpips.normalize_tensor); all-zero vectors, e.g. ReLU background, stay 0
+                feat = feat.float()
+                feat = feat / (torch.linalg.vector_norm(feat, dim=1, keepdim=True) + self.eps)
+                terms.append((feat[:batch] - feat[batch:]).pow(2).sum(dim=1).mean(dim=(1, 2, 3)))
         dist = torch.stack(terms, dim=1)
         return dist if per_layer else dist.sum(dim=1)

@@ -13,8 +13,6 @@ import torch.nn.functional as F
 
 from model.enc_dec import Decoder, Encoder
 
-__all__ = ["MaisiVAE", "convert_maisi_state_dict"]
-
 
 class MaisiVAE(nn.Module):
     """KL-regularised autoencoder with the architecture of MONAI's ``AutoencoderKlMaisi``.
@@ -70,39 +68,16 @@ class MaisiVAE(nn.Module):
     ) -> None:
         super().__init__()
         self.latent_channels = latent_channels
-        self.num_levels = len(channels)
-        self.encoder = Encoder(
-            in_channels,
-            channels,
-            latent_channels,
-            num_res_blocks,
-            attention_levels,
-            norm_num_groups,
-            norm_eps,
-            with_encoder_nonlocal_attn,
-            use_checkpointing,
-        )
+        self.downsample_factor = 2 ** (len(channels) - 1)
+        levels = (channels, num_res_blocks, attention_levels, norm_num_groups, norm_eps, use_checkpointing)
+        self.encoder = Encoder(in_channels, latent_channels, *levels, with_encoder_nonlocal_attn)
         self.mu_head = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
         self.logvar_head = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
         self.post_quant_conv = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
         self.decoder = Decoder(
-            latent_channels,
-            channels,
-            out_channels,
-            num_res_blocks,
-            attention_levels,
-            norm_num_groups,
-            norm_eps,
-            with_decoder_nonlocal_attn,
-            use_checkpointing,
-            upsample_mode,
+            latent_channels, out_channels, *levels, with_decoder_nonlocal_attn, upsample_mode
         )
         self.to(memory_format=torch.channels_last_3d)
-
-    @property
-    def downsample_factor(self) -> int:
-        """Total spatial downsampling factor ``2 ** (len(channels) - 1)``."""
-        return 2 ** (self.num_levels - 1)
 
     @property
     def last_decoder_layer_weight(self) -> torch.Tensor:
@@ -117,7 +92,7 @@ class MaisiVAE(nn.Module):
         """Encode (B, C_in, D, H, W) into ``mu`` and ``sigma``, each (B, latent_channels, *latent_shape((D, H, W)))."""
         if x.dim() != 5:
             raise ValueError(f"expected a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}.")
-        pad = [p - s for s, p in zip(x.shape[2:], self._padded_shape(x.shape[2:]), strict=True)]
+        pad = [-s % self.downsample_factor for s in x.shape[2:]]  # up to a multiple of the factor
         if any(pad):
             x = F.pad(x, [amount for p in reversed(pad) for amount in (0, p)])
         h = self.encoder(x)
@@ -154,9 +129,6 @@ class MaisiVAE(nn.Module):
         mu, _ = self.encode(x)
         return self.decode(mu, x.shape[2:])
 
-    def _padded_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
-        return tuple(s * self.downsample_factor for s in self.latent_shape(spatial_shape))
-
     @classmethod
     def from_maisi_state_dict(cls, state_dict: Mapping[str, Any], **config: Any) -> MaisiVAE:
         """Build a model with ``config`` and load a MONAI ``AutoencoderKlMaisi`` state dict (strictly)."""
@@ -170,18 +142,7 @@ _RES_BLOCK_KEY = re.compile(r"^(norm1|norm2|conv1|conv2|nin_shortcut)\.(?:conv\.
 _RESAMPLE_KEY = re.compile(r"^conv\.conv\.conv\.(weight|bias)$")
 _CONV_KEY = re.compile(r"^conv\.conv\.(weight|bias)$")
 _NORM_KEY = re.compile(r"^(weight|bias)$")
-
-
-def _split_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> list[dict[str, torch.Tensor]]:
-    """Group ``<prefix>.blocks.<i>.<rest>`` keys into a list (index i) of ``{rest: tensor}``."""
-    blocks: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        match = re.match(rf"^{prefix}\.blocks\.(\d+)\.(.+)$", key)
-        if match:
-            blocks.setdefault(int(match.group(1)), {})[match.group(2)] = value
-    if sorted(blocks) != list(range(len(blocks))):
-        raise ValueError(f"{prefix}.blocks indices are not contiguous: {sorted(blocks)}.")
-    return [blocks[i] for i in range(len(blocks))]
+_WRAPPERS = re.compile(r"(conv\.)+(?=(weight|bias)$)")  # conv1.conv.conv.weight -> conv1.weight
 
 
 def _block_kind(block: Mapping[str, torch.Tensor], where: str) -> str:
@@ -210,35 +171,32 @@ def _block_kind(block: Mapping[str, torch.Tensor], where: str) -> str:
 
 def _convert_tower(state_dict: Mapping[str, torch.Tensor], tower: str) -> dict[str, torch.Tensor]:
     """Map ``encoder.blocks.*`` / ``decoder.blocks.*`` (MAISI's flat block list) to our nested names."""
-    blocks = _split_blocks(state_dict, tower)
+    numbered: dict[int, dict[str, torch.Tensor]] = {}  # i -> {rest: tensor} of <tower>.blocks.<i>.<rest>
+    for key, value in state_dict.items():
+        if match := re.match(rf"^{tower}\.blocks\.(\d+)\.(.+)$", key):
+            numbered.setdefault(int(match.group(1)), {})[match.group(2)] = value
+    if sorted(numbered) != list(range(len(numbered))):
+        raise ValueError(f"{tower}.blocks indices are not contiguous: {sorted(numbered)}.")
+    blocks = [numbered[i] for i in range(len(numbered))]
     kinds = [_block_kind(b, f"{tower}.blocks.{i}") for i, b in enumerate(blocks)]
     if len(kinds) < 4 or kinds[0] != "conv" or kinds[-2:] != ["norm", "conv"]:
         raise ValueError(f"{tower}: unexpected MAISI block layout {kinds}.")
-    out: dict[str, torch.Tensor] = {}
-
-    def put(our_prefix: str, kind: str, block: Mapping[str, torch.Tensor]) -> None:
-        for key, value in block.items():
-            if kind == "res":
-                layer, param = _RES_BLOCK_KEY.match(key).groups()
-                key = f"{'shortcut' if layer == 'nin_shortcut' else layer}.{param}"
-            elif kind in ("resample", "conv"):
-                key = key.rsplit(".", 1)[1]
-            out[f"{our_prefix}.{key}"] = value
-
-    put(f"{tower}.conv_in", "conv", blocks[0])
-    level, res_index = 0, 0
-    for i, (kind, block) in enumerate(zip(kinds[1:-2], blocks[1:-2], strict=True), start=1):
+    names, level, res_index = [f"{tower}.conv_in"], 0, 0
+    for i, kind in enumerate(kinds[1:-2], start=1):
         if kind == "res":
-            put(f"{tower}.levels.{level}.res_blocks.{res_index}", kind, block)
+            names.append(f"{tower}.levels.{level}.res_blocks.{res_index}")
             res_index += 1
         elif kind == "resample":
-            put(f"{tower}.levels.{level}.resample.conv", kind, block)
+            names.append(f"{tower}.levels.{level}.resample.conv")
             level, res_index = level + 1, 0
         else:
             raise ValueError(f"{tower}.blocks.{i}: unexpected {kind} block inside the levels ({kinds}).")
-    put(f"{tower}.norm_out", "norm", blocks[-2])
-    put(f"{tower}.conv_out", "conv", blocks[-1])
-    return out
+    names += [f"{tower}.norm_out", f"{tower}.conv_out"]
+    return {
+        f"{name}.{_WRAPPERS.sub('', key).replace('nin_shortcut', 'shortcut')}": value
+        for name, block in zip(names, blocks, strict=True)
+        for key, value in block.items()
+    }
 
 
 def convert_maisi_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -1,18 +1,13 @@
 """Recompute the cheap prologue of a convolution in backward instead of storing its output.
 
-The expensive part of a convolutional VAE's training memory is not the weights but the activations autograd
-keeps for the backward pass. A MAISI/MONAI ResNet block ``GroupNorm -> SiLU -> Conv`` stores, per unit, the
-GroupNorm input, the GroupNorm output (for SiLU) and the SiLU output (for the convolution): three full-size
-tensors. Here every such "cheap prologue followed by a convolution" unit runs through
-:class:`_RecomputedInputConv`, which stores only the prologue's *input* and recomputes the prologue
-(normalisation, activation, zero padding or trilinear upsampling, all cheap next to a 3x3x3 convolution) in the
-backward pass. The convolution itself is never recomputed, and its backward is the native
-``aten.convolution_backward``, so results equal the plain PyTorch composition within fp32 rounding.
-
-The trick is switchable: the :func:`recompute` context manager turns it off in eager mode,
-so the plain composition runs and autograd stores the intermediates as usual (e.g. to compare against it or to
-measure what the trick saves). Under ``torch.compile`` the plain composition is always traced (see
-:func:`recomputed_input_conv`).
+A MAISI/MONAI ``GroupNorm -> SiLU -> Conv`` unit makes autograd keep three full-size tensors (the GroupNorm
+input, its output and the SiLU output). Every such "cheap prologue followed by a convolution" unit (also the
+zero pad before a stride-2 convolution and the trilinear upsampling before one) runs here through
+:class:`_RecomputedInputConv`, which stores only the prologue's *input* and recomputes the prologue in backward.
+The convolution is never recomputed and its backward is the native ``aten.convolution_backward``, so results
+equal the plain PyTorch composition within fp32 rounding. :func:`recompute` switches the trick off in eager
+mode (the plain composition then runs, e.g. to compare or to measure what it saves); ``torch.compile`` always
+traces the plain composition (see :func:`recomputed_input_conv`).
 """
 
 from __future__ import annotations
@@ -23,8 +18,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-__all__ = ["norm_act_conv", "recompute", "recompute_enabled", "recomputed_input_conv"]
 
 _recompute_enabled = True
 
@@ -144,15 +137,9 @@ def recomputed_input_conv(
     storing them. The plain composition runs the prologue as written by the caller and ``conv`` under whatever
     autocast is active.
 
-    Args:
-        prologue: cheap function of ``x`` (normalisation, padding, upsampling); computed in fp32 by the caller.
-        act: apply SiLU after the prologue.
-        conv: the convolution (its weight and bias are used).
-        x: (B, C_in, D, H, W) input.
-        prologue_params: tensors passed to ``prologue`` after ``x`` (e.g. GroupNorm weight and bias).
-
-    Returns:
-        (B, C_out, D', H', W') tensor.
+    ``prologue`` is a cheap function of ``x`` (normalisation, padding, upsampling), computed in fp32 by the
+    caller; ``prologue_params`` are tensors it takes after ``x`` (e.g. GroupNorm weight and bias).
+    (B, C_in, D, H, W) -> (B, C_out, D', H', W').
     """
     if torch.compiler.is_compiling() or not recompute_enabled():
         conv_input = prologue(x, *prologue_params)
@@ -169,15 +156,7 @@ def norm_act_conv(x: torch.Tensor, norm: nn.GroupNorm, conv: nn.Conv3d, act: boo
     """``conv(silu(norm(x)))`` (``conv(norm(x))`` when ``act`` is False) keeping only ``x`` for backward.
 
     The GroupNorm runs in at least fp32 (half-precision ``x`` and parameters are upcast).
-
-    Args:
-        x: (B, C_in, D, H, W) input.
-        norm: GroupNorm over C_in channels (its ``num_groups``, ``eps``, ``weight`` and ``bias`` are used).
-        conv: convolution C_in -> C_out.
-        act: apply SiLU between normalisation and convolution.
-
-    Returns:
-        (B, C_out, D', H', W') tensor.
+    (B, C_in, D, H, W) -> (B, C_out, D', H', W').
     """
 
     def prologue(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,7 @@
 """Building blocks of the MAISI-style KL-VAE: ResNet block, down/upsampling and spatial attention.
 
-Every "cheap prologue followed by a convolution" unit (GroupNorm/SiLU before a convolution, the zero pad before
-the stride-2 downsampling convolution, the trilinear upsampling before its convolution) runs through
-:mod:`model.recompute`, which stores only the prologue's input and recomputes the prologue in backward.
+The cheap prologue of each convolution (GroupNorm/SiLU, zero pad, trilinear upsampling) runs through
+:mod:`model.recompute`.
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.recompute import norm_act_conv, recomputed_input_conv
-
-__all__ = ["ResBlock", "Downsample", "Upsample", "SpatialAttention"]
 
 
 class ResBlock(nn.Module):
