@@ -216,10 +216,10 @@ class LPIPS3D(nn.Module):
         h = (h - h.mean(dim=(1, 2, 3, 4), keepdim=True)) / (h.std(dim=(1, 2, 3, 4), keepdim=True) + 1e-6)
         if self.backbone_name == "deepbet":
             h = 0.226 * h + 0.449
-        batch = x.shape[0]
+        batch, features = x.shape[0], self.encoder(h, self.layers)  # under the caller's autocast
         terms = []
         with torch.autocast(device_type=x.device.type, enabled=False):
-            for feat in self.encoder(h, self.layers):
+            for feat in features:
                 # unit norm over channels (lpips.normalize_tensor); all-zero vectors, e.g. ReLU background, stay 0
                 feat = feat.float()
                 feat = feat / (torch.linalg.vector_norm(feat, dim=1, keepdim=True) + self.eps)

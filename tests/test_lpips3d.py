@@ -127,6 +127,13 @@ def test_bf16_autocast(lpips: LPIPS3D) -> None:
     assert torch.allclose(d, ref, rtol=0.2)
     d.sum().backward()
     assert torch.isfinite(x.grad).all()
+    # the backbone runs under the caller's autocast (bf16 features); only the distance is taken in float32
+    dtypes = []
+    hook = lpips.encoder.register_forward_hook(lambda m, i, out: dtypes.extend(f.dtype for f in out))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lpips(x, y)
+    hook.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
 
 
 def test_train_keeps_backbone_eval(lpips: LPIPS3D) -> None:
