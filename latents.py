@@ -1,23 +1,6 @@
-"""Using a trained VAE: load it, encode batches, and read/write latent files with their affines.
-
-Shared by ``infer.py``, ``save_latent.py`` and the notebook (scripts never import each other):
-
-* :func:`load_model`: the checkpoint (ours, or a bare MAISI state dict with ``--maisi_*`` flags), on the
-  device and with the AMP of both scripts' flags (defined in ``script_args.py``, which needs no torch);
-* :class:`SplitEncoder`: both scripts' encode loop (model, output folder, split checked first; batches →
-  :func:`encode_batch`, seeded per row by :func:`row_seed` → a callback per subject; failures listed), :func:`fatal`;
-* :func:`build_metric_lpips`: the checkpoint's LPIPS3D for reporting, with the backbone's default weights
-  when the training machine's ``perceptual.weights_path`` is not here (or none, with a warning);
-* :func:`decode_batch` / :func:`decode_latent_file`: latents (a ``.nii.gz`` file) back to images on the
-  preprocessed grid;
-* latent normalisation for the diffusion stage (:func:`latent_normalisation`, :func:`normalise_latent`,
-  :func:`denormalise_latent`, statistics from ``latent_stats.json`` via :func:`read_latent_stats`):
-  ``global`` multiplies by ``scale_factor`` = 1/global std (MAISI's convention), ``channel`` standardises each
-  channel with its own mean/std, ``none`` leaves latents as saved;
-* :func:`check_output_dir`: an output folder is checked before any work and created only to write into it;
-* latent files (``.npy``, ``.pt``, ``.nii.gz``) written atomically by :func:`write_latent`, read by
-  :func:`read_latent`; a NIfTI latent (d, h, w, C) carries :func:`latent_affine`: latent voxel i is the centre
-  of preprocessed voxels [f·i, f·i + f).
+"""Using a trained VAE, for ``infer.py``, ``save_latent.py`` and the notebook (scripts never import each other):
+load it, encode a split (:class:`SplitEncoder`), decode latents, normalise them for the diffusion stage, and
+read/write latent files (C, d, h, w): ``.npy``, ``.pt``, or ``.nii.gz`` (d, h, w, C) with :func:`latent_affine`.
 """
 
 from __future__ import annotations
@@ -53,35 +36,6 @@ from dataset import (
 from model import LPIPS3D, MaisiVAE, build_perceptual_loss
 from script_args import LATENT_FORMATS, NORMALISATIONS
 from utils import autocast, explain_out_of_memory, new_file_mode, resolve_amp_dtype, resolve_device
-
-__all__ = [
-    "FATAL_ERRORS",
-    "LATENT_FORMATS",
-    "NORMALISATIONS",
-    "EncodedSubject",
-    "LoadedModel",
-    "SplitEncoder",
-    "build_metric_lpips",
-    "check_output_dir",
-    "decode_batch",
-    "decode_latent_file",
-    "denormalise_latent",
-    "encode_batch",
-    "fatal",
-    "latent_affine",
-    "latent_normalisation",
-    "latent_suffix",
-    "load_model",
-    "normalise_latent",
-    "preprocessed_affine_from_latent",
-    "read_latent",
-    "read_latent_stats",
-    "row_seed",
-    "sha256_file",
-    "write_latent",
-]
-
-# ------------------------------------------------------------------------------------------- the model
 
 
 @dataclass
@@ -210,8 +164,6 @@ def decode_latent_file(
     return path
 
 
-# ------------------------------------------------------------------------------------------- encoding a split
-
 FATAL_ERRORS = (CheckpointError, ConfigError, DataError, ValueError, RuntimeError)
 T = TypeVar("T")
 
@@ -291,9 +243,6 @@ class SplitEncoder:
         return 1
 
 
-# ------------------------------------------------------------------------------------------- normalisation
-
-
 def read_latent_stats(path: str | Path) -> dict[str, Any]:
     """``latent_stats.json`` of ``save_latent.py``; DataError (one line naming the file) when it is missing or
     lacks the per-channel statistics."""
@@ -357,9 +306,6 @@ def denormalise_latent(z: torch.Tensor, stats: dict[str, Any], mode: str) -> tor
     VAE decodes, ``z / scale + shift``."""
     shift, scale = latent_normalisation(stats, mode)
     return z / _per_channel(z, scale) + _per_channel(z, shift)
-
-
-# ------------------------------------------------------------------------------------------- files
 
 
 def check_output_dir(path: Path) -> None:
