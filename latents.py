@@ -6,13 +6,12 @@ read/write latent files (C, d, h, w): ``.npy``, ``.pt``, or ``.nii.gz`` (d, h, w
 from __future__ import annotations
 
 import argparse
-import contextlib
+import gzip
 import hashlib
 import json
 import os
 import pickle
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, load_vae
+from checkpoints import CheckpointError, atomic_write, load_vae
 from config import Config, ConfigError, ModelConfig, PerceptualConfig
 from dataset import (
     DataError,
@@ -35,7 +34,7 @@ from dataset import (
 )
 from model import LPIPS3D, MaisiVAE, build_perceptual_loss
 from script_args import LATENT_FORMATS, NORMALISATIONS
-from utils import autocast, explain_out_of_memory, new_file_mode, resolve_amp_dtype, resolve_device
+from utils import autocast, explain_out_of_memory, resolve_amp_dtype, resolve_device
 
 
 @dataclass
@@ -356,29 +355,18 @@ def latent_suffix(path: str | Path) -> str:
 
 
 def write_latent(latent: torch.Tensor, path: str | Path, affine: np.ndarray) -> None:
-    """Write a latent (C, d, h, w) atomically (temporary file + rename) as .npy, .pt or .nii.gz (d, h, w, C).
-
-    The file gets the mode of any new file under the process umask (e.g. 0644), as reconstructions do.
-    """
-    path = Path(path)
+    """Write a latent (C, d, h, w) with ``checkpoints.atomic_write`` (temporary file + rename; the mode of any
+    new file) as .npy, .pt or .nii.gz (d, h, w, C) with ``affine``."""
     suffix = latent_suffix(path)
     # a copy: torch.save of a view (one latent of a batch) stores the whole batch it was cut from
     array = latent.detach().float().cpu().clone(memory_format=torch.contiguous_format)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix="." + suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        os.chmod(temp, new_file_mode())  # mkstemp makes it 0600; give it the mode of any new file
-        if suffix == "npy":
-            np.save(temp, array.numpy())
-        elif suffix == "pt":
-            torch.save(array, temp)
-        else:
-            nib.save(nib.Nifti1Image(np.moveaxis(array.numpy(), 0, -1), affine), temp)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    if suffix == "npy":
+        atomic_write(path, lambda file: np.save(file, array.numpy()), kind="latent")
+    elif suffix == "pt":
+        atomic_write(path, lambda file: torch.save(array, file), kind="latent")
+    else:
+        image = nib.Nifti1Image(np.moveaxis(array.numpy(), 0, -1), affine)
+        atomic_write(path, lambda file: file.write(gzip.compress(image.to_bytes(), 1)), kind="latent")
 
 
 def read_latent(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None]:

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         check_settings(output_dir, settings, args.overwrite)
     except FATAL_ERRORS as error:
         return fatal(error)
-    for stale in output_dir.glob(".*.partial-*"):  # temporary files of a killed run
+    for stale in output_dir.glob(".*.tmp"):  # temporary files of a killed run
         stale.unlink()
     paths = [split.output_path(i, f".{args.format}") for i in range(len(split.frame))]
     # batches are fixed chunks of the good rows; a chunk with a missing latent is re-encoded whole, so every

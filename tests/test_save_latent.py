@@ -69,7 +69,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, one_thre
         assert np.load(path).shape == (2, 24, 24, 24)
 
     assert run(checkpoint, split, killed, "--batch_size", "2") == 0
-    assert len(latent_files(killed)) == n and not list(killed.glob(".*.partial-*"))
+    assert len(latent_files(killed)) == n and not list(killed.glob(".*.tmp"))
     fresh = tmp_path / "fresh"
     assert run(checkpoint, split, fresh, "--batch_size", "2") == 0
 
