@@ -167,12 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return fatal(error)
     lpips = None  # built only when there is something to do
     if split.good_rows and not args.no_lpips:
-        lpips, warning = build_metric_lpips(split.model.config.perceptual)
-        if warning:
-            print(f"WARNING: {warning}", file=sys.stderr)
-        if lpips is not None:
-            lpips = lpips.to(split.model.device)
-            print(f"LPIPS3D: {lpips.description}")
+        lpips = build_metric_lpips(split.model.config.perceptual, split.model.device)
     reconstruct_one = partial(reconstruct, split=split, lpips=lpips, regions=not args.no_region_metrics)
     rows = split.encode(split.good_rows, reconstruct_one, args.sample)
     if rows:

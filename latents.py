@@ -67,27 +67,34 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     return LoadedModel(vae, config, device, resolve_amp_dtype(args.amp, device))
 
 
-def build_metric_lpips(perceptual: PerceptualConfig) -> tuple[LPIPS3D | None, str | None]:
-    """The checkpoint's LPIPS3D for reporting metrics, on a machine that may lack the training machine's files.
+def build_metric_lpips(perceptual: PerceptualConfig, device: torch.device) -> LPIPS3D | None:
+    """The checkpoint's LPIPS3D on ``device`` for reporting metrics, on a machine that may lack the training
+    machine's files; prints which network it is (``LPIPS3D: ...``).
 
     When ``perceptual.weights_path`` does not exist here, the backbone's default weights are used (deepbet: the
-    model of the installed ``deepbet`` package; MedicalNet: the torch-hub cache). Returns (the network, or None
-    when no weights load; a one-line warning when the weights differ from the checkpoint's or LPIPS is off).
+    model of the installed ``deepbet`` package; MedicalNet: the torch-hub cache), with a ``WARNING:`` line on
+    stderr; None (with a warning) when no weights load.
     """
+    errors = (OSError, RuntimeError, ValueError, pickle.UnpicklingError)
     try:
-        return build_perceptual_loss(perceptual), None
-    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
-        problem = _first_sentence(error)
-    configured = perceptual.weights_path
-    if configured is not None and not Path(configured).is_file():
-        missing = f"the checkpoint's perceptual.weights_path {configured} is not on this machine"
-        try:
-            lpips = build_perceptual_loss(replace(perceptual, weights_path=None))
-        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
-            problem = f"{missing}, and {_first_sentence(error)}"
-        else:
-            return lpips, f"{missing}; LPIPS3D uses the default {perceptual.backbone} weights instead"
-    return None, f"LPIPS3D metrics not computed (no lpips/lpips_brain columns): {problem}"
+        lpips = build_perceptual_loss(perceptual)
+    except errors as error:
+        lpips, problem, configured = None, _first_sentence(error), perceptual.weights_path
+        if configured is not None and not Path(configured).is_file():
+            missing = f"the checkpoint's perceptual.weights_path {configured} is not on this machine"
+            try:
+                lpips = build_perceptual_loss(replace(perceptual, weights_path=None))
+            except errors as fallback_error:
+                problem = f"{missing}, and {_first_sentence(fallback_error)}"
+            else:
+                warning = f"{missing}; LPIPS3D uses the default {perceptual.backbone} weights instead"
+                print(f"WARNING: {warning}", file=sys.stderr)
+        if lpips is None:
+            problem = f"LPIPS3D metrics not computed (no lpips/lpips_brain columns): {problem}"
+            print(f"WARNING: {problem}", file=sys.stderr)
+            return None
+    print(f"LPIPS3D: {lpips.description}")
+    return lpips.to(device)
 
 
 def _first_sentence(error: BaseException) -> str:
@@ -155,9 +162,8 @@ def decode_latent_file(
     if normalisation != "none":
         latent = denormalise_latent(latent, stats, normalisation)
     image = decode_batch(model, latent[None])[0, 0].cpu().numpy()
-    affine = preprocessed_affine_from_latent(affine, model.vae.downsample_factor)
-    name = Path(latent_path).name[: -len(latent_suffix(latent_path)) - 1]
-    path = output_dir / f"{name}_decoded.nii.gz"
+    affine = affine @ np.linalg.inv(latent_affine(np.eye(4), model.vae.downsample_factor))
+    path = output_dir / f"{latent_path.name[: -len('.nii.gz')]}_decoded.nii.gz"
     output_dir.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(image, affine), path)
     return path
@@ -284,13 +290,12 @@ def latent_normalisation(stats: dict[str, Any], mode: str) -> tuple[torch.Tensor
 
 def _per_channel(z: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``values`` (C,) shaped to broadcast over ``z`` (C, *S) or (B, C, *S); DataError when C differs."""
-    channel_axis = 0 if z.ndim == 4 else 1
-    if z.ndim not in (4, 5) or z.shape[channel_axis] != len(values):
+    if z.ndim not in (4, 5) or z.shape[-4] != len(values):
         raise DataError(
             f"latent of shape {tuple(z.shape)} does not fit statistics of {len(values)} channels "
             "(expected (C, d, h, w) or (B, C, d, h, w))"
         )
-    return values.to(z.device, z.dtype).reshape(len(values), *[1] * (z.ndim - 1 - channel_axis))
+    return values.to(z.device, z.dtype)[:, None, None, None]
 
 
 def normalise_latent(z: torch.Tensor, stats: dict[str, Any], mode: str) -> torch.Tensor:
@@ -324,25 +329,11 @@ def check_output_dir(path: Path) -> None:
         raise ValueError(f"{path}: no permission to write in {existing}")
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def latent_affine(preprocessed_affine: np.ndarray, factor: int) -> np.ndarray:
     """Affine of the latent grid: latent voxel i is the centre of preprocessed voxels [f·i, f·i + f)."""
     block = np.diag([factor, factor, factor, 1.0])
     block[:3, 3] = (factor - 1) / 2
     return np.asarray(preprocessed_affine, dtype=np.float64) @ block
-
-
-def preprocessed_affine_from_latent(affine: np.ndarray, factor: int) -> np.ndarray:
-    """Inverse of :func:`latent_affine`."""
-    return np.asarray(affine, dtype=np.float64) @ np.linalg.inv(latent_affine(np.eye(4), factor))
 
 
 def latent_suffix(path: str | Path) -> str:

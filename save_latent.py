@@ -32,6 +32,7 @@ Model loading, encoding and latent files: ``latents.py``; preprocessing and the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -69,7 +70,6 @@ from latents import (
     fatal,
     latent_normalisation,
     read_latent,
-    sha256_file,
     write_latent,
 )
 from metrics import LatentStatistics
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     try:  # everything that can fail as a whole is checked before any set-up or writing
         split = SplitEncoder(args, args.dataset)
-        checkpoint_sha256 = sha256_file(args.model_checkpoint)
+        with open(args.model_checkpoint, "rb") as file:
+            checkpoint_sha256 = hashlib.file_digest(file, "sha256").hexdigest()
         settings = {"checkpoint_sha256": checkpoint_sha256, "mode": args.mode, "seed": args.seed}
         check_settings(output_dir, settings, args.overwrite)
     except FATAL_ERRORS as error:
