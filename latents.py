@@ -29,6 +29,7 @@ from dataset import (
     PreprocessedVolume,
     preflight_failures,
     preprocessed_batches,
+    print_warning,
     read_split,
     warn_inputs,
 )
@@ -87,11 +88,9 @@ def build_metric_lpips(perceptual: PerceptualConfig, device: torch.device) -> LP
             except errors as fallback_error:
                 problem = f"{missing}, and {_first_sentence(fallback_error)}"
             else:
-                warning = f"{missing}; LPIPS3D uses the default {perceptual.backbone} weights instead"
-                print(f"WARNING: {warning}", file=sys.stderr)
+                print_warning(f"{missing}; LPIPS3D uses the default {perceptual.backbone} weights instead")
         if lpips is None:
-            problem = f"LPIPS3D metrics not computed (no lpips/lpips_brain columns): {problem}"
-            print(f"WARNING: {problem}", file=sys.stderr)
+            print_warning(f"LPIPS3D metrics not computed (no lpips/lpips_brain columns): {problem}")
             return None
     print(f"LPIPS3D: {lpips.description}")
     return lpips.to(device)
