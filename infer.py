@@ -79,8 +79,6 @@ from latents import (
     decode_batch,
     decode_latent_file,
     fatal,
-    load_model,
-    read_latent_stats,
     write_latent,
 )
 from metrics import image_metrics
@@ -135,13 +133,9 @@ def write_metrics(rows: list[dict[str, Any]], split: SplitEncoder) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Returns 0 when every file was processed, 1 when some failed, 2 on a fatal error (checkpoint, input)."""
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
     try:  # everything that can fail as a whole is checked before any set-up or writing
         if args.decode:
-            model = load_model(args)
-            stats = None if args.latent_stats is None else read_latent_stats(args.latent_stats)
-            path = decode_latent_file(model, Path(args.decode), output_dir, stats, args.denormalise)
-            print(f"decoded image: {path}")
+            print(f"decoded image: {decode_latent_file(args)}")
             return 0
         split = SplitEncoder(args, args.input_data)
     except FATAL_ERRORS as error:

@@ -133,20 +133,16 @@ def decode_batch(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
     return images.float().clamp(0.0, 1.0)
 
 
-@torch.no_grad()
-def decode_latent_file(
-    model: LoadedModel,
-    latent_path: Path,
-    output_dir: Path,
-    stats: dict[str, Any] | None = None,
-    normalisation: str = "none",
-) -> Path:
-    """Decode one latent file into ``<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1].
+def decode_latent_file(args: argparse.Namespace) -> Path:
+    """Decode ``--decode`` (a latent .nii.gz) with the model of the scripts' flags into
+    ``<output_dir>/<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1].
 
     A latent in normalised units (a diffusion sample) is first mapped back with :func:`denormalise_latent`
-    (``normalisation`` global/channel, ``stats`` from ``latent_stats.json``). ``output_dir`` is checked first
-    (:func:`check_output_dir`) and created (when missing) only once the image is ready to be written.
+    (``--denormalise`` global/channel, ``--latent_stats``). The model, ``--output_dir`` (:func:`check_output_dir`)
+    and the files are checked first; the folder is created (when missing) only once the image is ready.
     """
+    model, output_dir, latent_path = load_model(args), Path(args.output_dir), Path(args.decode)
+    stats = None if args.latent_stats is None else read_latent_stats(args.latent_stats)
     check_output_dir(output_dir)
     latent, affine = read_latent(latent_path)
     if affine is None:
@@ -158,8 +154,8 @@ def decode_latent_file(
             f"{latent_path}: latent shape (C, d, h, w) {tuple(latent.shape)} does not fit this model and "
             f"preprocessing.target_shape {target_shape} (expected {expected})"
         )
-    if normalisation != "none":
-        latent = denormalise_latent(latent, stats, normalisation)
+    if args.denormalise != "none":
+        latent = denormalise_latent(latent, stats, args.denormalise)
     image = decode_batch(model, latent[None])[0, 0].cpu().numpy()
     affine = affine @ np.linalg.inv(latent_affine(np.eye(4), model.vae.downsample_factor))
     path = output_dir / f"{latent_path.name[: -len('.nii.gz')]}_decoded.nii.gz"
