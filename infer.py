@@ -76,7 +76,6 @@ from latents import (
     EncodedSubject,
     SplitEncoder,
     build_metric_lpips,
-    decode_batch,
     decode_latent_file,
     fatal,
     write_latent,
@@ -91,13 +90,11 @@ def reconstruct(
     subject: EncodedSubject, split: SplitEncoder, lpips: LPIPS3D | None, regions: bool
 ) -> dict[str, Any]:
     """Write one subject's reconstruction (on its input grid, ``--intensity`` units) and latent; returns its
-    metrics.csv row: every input column (extras included), mask_source, the metrics (on the preprocessed
-    grid; with ``regions``, per region of this subject's input too), then the two paths. A head-sized brain
-    mask gets a ``WARNING:`` line naming the file."""
+    metrics.csv row (metrics on the preprocessed grid; with ``regions``, per region of its input too)."""
     volume, device, args, row = subject.volume, split.model.device, split.args, split.frame.iloc[subject.row]
     if warning := brain_mask_warning(volume):
         tqdm.write(f"WARNING: {warning}", file=sys.stderr)
-    recon = decode_batch(split.model, subject.latent[None])  # (1, 1, D, H, W), as --decode gives it
+    recon = split.model.decode(subject.latent[None])  # (1, 1, D, H, W), as --decode gives it
     target, mask = volume.image[None].to(device), volume.mask[None].to(device)  # (1, 1, D, H, W)
     masks = None  # tissue classes of the input (+ hemispheres, cortical/deep GM on the MNI grid)
     if regions:

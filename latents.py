@@ -13,7 +13,7 @@ import os
 import pickle
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import CheckpointError, atomic_write, load_vae
-from config import Config, ConfigError, ModelConfig, PerceptualConfig
+from config import ConfigError, ModelConfig, PerceptualConfig
 from dataset import (
     DataError,
     PreprocessedVolume,
@@ -33,39 +33,56 @@ from dataset import (
     read_split,
     warn_inputs,
 )
-from model import LPIPS3D, MaisiVAE, build_perceptual_loss
+from model import LPIPS3D, build_perceptual_loss
 from script_args import LATENT_FORMATS, NORMALISATIONS
 from utils import autocast, explain_out_of_memory, resolve_amp_dtype, resolve_device
 
 
-@dataclass
 class LoadedModel:
-    """A VAE ready for inference, with the config it was trained with and where/how it runs."""
+    """A VAE ready for inference: ``vae``, the ``config`` it was trained with, and where/how it runs (``device``,
+    ``amp_dtype``)."""
 
-    vae: MaisiVAE
-    config: Config
-    device: torch.device
-    amp_dtype: torch.dtype | None
+    def __init__(self, args: argparse.Namespace) -> None:
+        """``checkpoints.load_vae`` (weights_only) of the scripts' flags: ``--model_checkpoint`` (a bare MAISI
+        state dict with the model given by ``--maisi_*`` when ``--maisi_channels`` is there), ``--device``,
+        ``--amp``; raises CheckpointError / ConfigError naming the file."""
+        maisi = None
+        if args.maisi_channels is not None:
+            levels = len(args.maisi_channels)
+            maisi = ModelConfig(
+                channels=tuple(args.maisi_channels),
+                num_res_blocks=tuple(args.maisi_num_res_blocks or [1] * levels),
+                attention_levels=tuple(bool(a) for a in (args.maisi_attention_levels or [0] * levels)),
+                latent_channels=args.maisi_latent_channels,
+                norm_num_groups=args.maisi_norm_num_groups,
+            )
+            maisi.validate()
+        self.device = resolve_device(args.device)
+        self.vae, self.config, _ = load_vae(args.model_checkpoint, self.device, maisi)
+        self.amp_dtype = resolve_amp_dtype(args.amp, self.device)
 
+    @torch.no_grad()
+    def encode(self, volumes: list[PreprocessedVolume], sample: bool, seeds: list[int]) -> torch.Tensor:
+        """Latents (B, C, d, h, w) float32 on the CPU: ``mu``, or ``mu + sigma * eps`` with eps drawn per row on
+        the CPU from ``seeds`` (so a draw is the same on every device and in every batch)."""
+        images = torch.stack([v.image for v in volumes]).to(self.device)
+        with autocast(self.device, self.amp_dtype):
+            mu, sigma = self.vae.encode(images)
+        latents = mu.float().cpu()
+        if sample:
+            noise = torch.stack(
+                [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
+            )
+            latents = latents + sigma.float().cpu() * noise
+        return latents
 
-def load_model(args: argparse.Namespace) -> LoadedModel:
-    """``checkpoints.load_vae`` (weights_only) of the scripts' flags: ``--model_checkpoint`` (a bare MAISI state
-    dict with the model given by ``--maisi_*`` when ``--maisi_channels`` is there), ``--device``, ``--amp``;
-    raises CheckpointError / ConfigError naming the file."""
-    maisi = None
-    if args.maisi_channels is not None:
-        levels = len(args.maisi_channels)
-        maisi = ModelConfig(
-            channels=tuple(args.maisi_channels),
-            num_res_blocks=tuple(args.maisi_num_res_blocks or [1] * levels),
-            attention_levels=tuple(bool(a) for a in (args.maisi_attention_levels or [0] * levels)),
-            latent_channels=args.maisi_latent_channels,
-            norm_num_groups=args.maisi_norm_num_groups,
-        )
-        maisi.validate()
-    device = resolve_device(args.device)
-    vae, config, _ = load_vae(args.model_checkpoint, device, maisi)
-    return LoadedModel(vae, config, device, resolve_amp_dtype(args.amp, device))
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 1, D, H, W) in [0, 1] on the model's device, on the preprocessed grid (the config's
+        ``preprocessing.target_shape``), from latents (B, C, d, h, w)."""
+        with autocast(self.device, self.amp_dtype):
+            images = self.vae.decode(latents.to(self.device), tuple(self.config.preprocessing.target_shape))
+        return images.float().clamp(0.0, 1.0)
 
 
 def build_metric_lpips(perceptual: PerceptualConfig, device: torch.device) -> LPIPS3D | None:
@@ -106,42 +123,11 @@ def row_seed(seed: int, subject_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{subject_id}".encode()).digest()[:8], "little") >> 1
 
 
-@torch.no_grad()
-def encode_batch(
-    model: LoadedModel, volumes: list[PreprocessedVolume], sample: bool, seeds: list[int]
-) -> torch.Tensor:
-    """Latents (B, C, d, h, w) float32 on the CPU: ``mu``, or ``mu + sigma * eps`` with eps drawn per row on the
-    CPU from ``seeds`` (so a draw is the same on every device and in every batch)."""
-    images = torch.stack([v.image for v in volumes]).to(model.device)
-    with autocast(model.device, model.amp_dtype):
-        mu, sigma = model.vae.encode(images)
-    latents = mu.float().cpu()
-    if sample:
-        noise = torch.stack(
-            [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
-        )
-        latents = latents + sigma.float().cpu() * noise
-    return latents
-
-
-@torch.no_grad()
-def decode_batch(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
-    """Images (B, 1, D, H, W) in [0, 1] on the model's device, on the preprocessed grid (the config's
-    ``preprocessing.target_shape``), from latents (B, C, d, h, w)."""
-    with autocast(model.device, model.amp_dtype):
-        images = model.vae.decode(latents.to(model.device), tuple(model.config.preprocessing.target_shape))
-    return images.float().clamp(0.0, 1.0)
-
-
 def decode_latent_file(args: argparse.Namespace) -> Path:
-    """Decode ``--decode`` (a latent .nii.gz) with the model of the scripts' flags into
-    ``<output_dir>/<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1].
-
-    A latent in normalised units (a diffusion sample) is first mapped back with :func:`denormalise_latent`
-    (``--denormalise`` global/channel, ``--latent_stats``). The model, ``--output_dir`` (:func:`check_output_dir`)
-    and the files are checked first; the folder is created (when missing) only once the image is ready.
-    """
-    model, output_dir, latent_path = load_model(args), Path(args.output_dir), Path(args.decode)
+    """Decode ``--decode`` (a latent .nii.gz, in normalised units with ``--denormalise``) with the model of the
+    scripts' flags into ``<output_dir>/<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1].
+    Everything is checked before the folder is created (:func:`check_output_dir`) and the image written."""
+    model, output_dir, latent_path = LoadedModel(args), Path(args.output_dir), Path(args.decode)
     stats = None if args.latent_stats is None else read_latent_stats(args.latent_stats)
     check_output_dir(output_dir)
     latent, affine = read_latent(latent_path)
@@ -156,7 +142,7 @@ def decode_latent_file(args: argparse.Namespace) -> Path:
         )
     if args.denormalise != "none":
         latent = denormalise_latent(latent, stats, args.denormalise)
-    image = decode_batch(model, latent[None])[0, 0].cpu().numpy()
+    image = model.decode(latent[None])[0, 0].cpu().numpy()
     affine = affine @ np.linalg.inv(latent_affine(np.eye(4), model.vae.downsample_factor))
     path = output_dir / f"{latent_path.name[: -len('.nii.gz')]}_decoded.nii.gz"
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +178,7 @@ class SplitEncoder:
         """Load the model, check ``--output_dir`` (creating nothing), read the split ``source``, pre-flight check
         its files and warn about inputs off the checkpoint's grid or not skull-stripped (``dataset.warn_inputs``;
         with ``--strict`` an error); raises one of :data:`FATAL_ERRORS`, naming the file."""
-        self.args, self.model = args, load_model(args)
+        self.args, self.model = args, LoadedModel(args)
         check_output_dir(Path(args.output_dir))
         self.frame = read_split(source)
         self.failures = preflight_failures(self.frame)  # row -> "<image>: <problem>"; preprocessing adds more
@@ -209,7 +195,7 @@ class SplitEncoder:
         return Path(self.args.output_dir) / f"{name}{suffix}"
 
     def encode(self, rows: list[int], callback: Callable[[EncodedSubject], T], sample: bool) -> list[T]:
-        """Preprocess ``rows`` in batches (worker processes, row order), encode each batch (:func:`encode_batch`:
+        """Preprocess ``rows`` in batches (worker processes, row order), encode each batch (:meth:`LoadedModel.encode`:
         the mean, or with ``sample`` a draw seeded by :func:`row_seed`) and call ``callback`` per subject;
         returns what it returned, in row order. Files that fail preprocessing join ``failures``; running out of
         device memory (in the callback too) raises one ``utils.DeviceOutOfMemoryError`` line naming the batch
@@ -226,7 +212,7 @@ class SplitEncoder:
                 loaded = [(item["index"], item["volume"]) for item in batch if not item["error"]]
                 if loaded:
                     seeds = [row_seed(args.seed, ids[row]) for row, _ in loaded]
-                    latents = encode_batch(self.model, [volume for _, volume in loaded], sample, seeds)
+                    latents = self.model.encode([volume for _, volume in loaded], sample, seeds)
                     for (row, volume), latent in zip(loaded, latents, strict=True):
                         affine = latent_affine(volume.inverse.output_affine, self.model.vae.downsample_factor)
                         results.append(callback(EncodedSubject(row, volume, latent, affine)))
