@@ -93,29 +93,21 @@ def build_metric_lpips(perceptual: PerceptualConfig, device: torch.device) -> LP
     model of the installed ``deepbet`` package; MedicalNet: the torch-hub cache), with a ``WARNING:`` line on
     stderr; None (with a warning) when no weights load.
     """
-    errors = (OSError, RuntimeError, ValueError, pickle.UnpicklingError)
+    configured, missing = perceptual.weights_path, ""
+    if configured is not None and not Path(configured).is_file():  # it could only fail to load
+        missing = f"the checkpoint's perceptual.weights_path {configured} is not on this machine"
+        perceptual = replace(perceptual, weights_path=None)
     try:
         lpips = build_perceptual_loss(perceptual)
-    except errors as error:
-        lpips, problem, configured = None, _first_sentence(error), perceptual.weights_path
-        if configured is not None and not Path(configured).is_file():
-            missing = f"the checkpoint's perceptual.weights_path {configured} is not on this machine"
-            try:
-                lpips = build_perceptual_loss(replace(perceptual, weights_path=None))
-            except errors as fallback_error:
-                problem = f"{missing}, and {_first_sentence(fallback_error)}"
-            else:
-                print_warning(f"{missing}; LPIPS3D uses the default {perceptual.backbone} weights instead")
-        if lpips is None:
-            print_warning(f"LPIPS3D metrics not computed (no lpips/lpips_brain columns): {problem}")
-            return None
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        problem = str(error).strip().split(". ")[0].rstrip(".")  # the first sentence; then advice for the API
+        problem = f"{missing}, and {problem}" if missing else problem
+        print_warning(f"LPIPS3D metrics not computed (no lpips/lpips_brain columns): {problem}")
+        return None
+    if missing:
+        print_warning(f"{missing}; LPIPS3D uses the default {perceptual.backbone} weights instead")
     print(f"LPIPS3D: {lpips.description}")
     return lpips.to(device)
-
-
-def _first_sentence(error: BaseException) -> str:
-    """The first sentence of an error message (LPIPS3D's errors go on with advice for the Python API)."""
-    return str(error).strip().split(". ")[0].rstrip(".")
 
 
 def row_seed(seed: int, subject_id: str) -> int:
