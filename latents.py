@@ -291,9 +291,7 @@ def check_output_dir(path: Path) -> None:
     The scripts check their output folder before any work and create it only when they have something to
     write, so a failed run leaves no empty folder behind.
     """
-    existing = path
-    while not existing.exists():  # the nearest existing folder above it
-        existing = existing.parent
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())  # the nearest one above
     if existing == path and not path.is_dir():
         raise ValueError(f"{path}: output folder is a file")
     if not existing.is_dir():
@@ -344,7 +342,5 @@ def read_latent(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None]:
     if suffix == "pt":
         return torch.load(path, map_location="cpu", weights_only=True).float(), None
     image = nib.load(str(path))
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    if data.ndim == 3:
-        data = data[..., None]
+    data = np.asarray(image.dataobj, dtype=np.float32).reshape(*image.shape[:3], -1)  # a 3-D file: C = 1
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(data, -1, 0))), np.asarray(image.affine)
