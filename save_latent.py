@@ -70,13 +70,11 @@ SETTINGS_FILE = ".save_latent_settings.json"
 def check_settings(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Refuse to resume into a folder whose latents were made with another checkpoint / mode / seed."""
     path = output_dir / SETTINGS_FILE
-    if path.is_file() and not overwrite:
-        previous = json.loads(path.read_text())
-        if previous != settings:
-            raise DataError(
-                f"{output_dir} holds latents made with other settings ({previous}, now {settings}); "
-                "use --overwrite or another --output_dir"
-            )
+    if path.is_file() and not overwrite and (previous := json.loads(path.read_text())) != settings:
+        raise DataError(
+            f"{output_dir} holds latents made with other settings ({previous}, now {settings}); "
+            "use --overwrite or another --output_dir"
+        )
 
 
 def open_output_dir(output_dir: Path, settings: dict[str, Any]) -> None:
