@@ -1,37 +1,19 @@
-"""Using a trained VAE: load it, encode batches, and read/write latent files with their affines.
-
-Shared by ``infer.py``, ``save_latent.py`` and the notebook (scripts never import each other):
-
-* :func:`load_model`: the checkpoint (ours, or a bare MAISI state dict with ``--maisi_*`` flags), on the
-  device and with the AMP of both scripts' flags (defined in ``script_args.py``, which needs no torch);
-* :class:`SplitEncoder`: both scripts' encode loop (model, output folder, split checked first; batches →
-  :func:`encode_batch`, seeded per row by :func:`row_seed` → a callback per subject; failures listed), :func:`fatal`;
-* :func:`build_metric_lpips`: the checkpoint's LPIPS3D for reporting, with the backbone's default weights
-  when the training machine's ``perceptual.weights_path`` is not here (or none, with a warning);
-* :func:`decode_batch` / :func:`decode_latent_file`: latents (a ``.nii.gz`` file) back to images on the
-  preprocessed grid;
-* latent normalisation for the diffusion stage (:func:`latent_normalisation`, :func:`normalise_latent`,
-  :func:`denormalise_latent`, statistics from ``latent_stats.json`` via :func:`read_latent_stats`):
-  ``global`` multiplies by ``scale_factor`` = 1/global std (MAISI's convention), ``channel`` standardises each
-  channel with its own mean/std, ``none`` leaves latents as saved;
-* :func:`check_output_dir`: an output folder is checked before any work and created only to write into it;
-* latent files (``.npy``, ``.pt``, ``.nii.gz``) written atomically by :func:`write_latent`, read by
-  :func:`read_latent`; a NIfTI latent (d, h, w, C) carries :func:`latent_affine`: latent voxel i is the centre
-  of preprocessed voxels [f·i, f·i + f).
+"""Using a trained VAE, for ``infer.py``, ``save_latent.py`` and the notebook (scripts never import each other):
+load it, encode a split (:class:`SplitEncoder`), decode latents, normalise them for the diffusion stage, and
+read/write latent files (C, d, h, w): ``.npy``, ``.pt``, or ``.nii.gz`` (d, h, w, C) with :func:`latent_affine`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import gzip
 import hashlib
 import json
 import os
 import pickle
 import sys
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -40,106 +22,92 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, load_vae
-from config import Config, ConfigError, ModelConfig, PerceptualConfig
+from checkpoints import CheckpointError, atomic_write, load_vae
+from config import ConfigError, ModelConfig, PerceptualConfig
 from dataset import (
     DataError,
     PreprocessedVolume,
     preflight_failures,
     preprocessed_batches,
+    print_warning,
     read_split,
     warn_inputs,
 )
-from model import LPIPS3D, MaisiVAE, build_perceptual_loss
+from model import LPIPS3D, build_perceptual_loss
 from script_args import LATENT_FORMATS, NORMALISATIONS
-from utils import autocast, explain_out_of_memory, new_file_mode, resolve_amp_dtype, resolve_device
-
-__all__ = [
-    "FATAL_ERRORS",
-    "LATENT_FORMATS",
-    "NORMALISATIONS",
-    "EncodedSubject",
-    "LoadedModel",
-    "SplitEncoder",
-    "build_metric_lpips",
-    "check_output_dir",
-    "decode_batch",
-    "decode_latent_file",
-    "denormalise_latent",
-    "encode_batch",
-    "fatal",
-    "latent_affine",
-    "latent_normalisation",
-    "latent_suffix",
-    "load_model",
-    "normalise_latent",
-    "preprocessed_affine_from_latent",
-    "read_latent",
-    "read_latent_stats",
-    "row_seed",
-    "sha256_file",
-    "write_latent",
-]
-
-# ------------------------------------------------------------------------------------------- the model
+from utils import autocast, explain_out_of_memory, resolve_amp_dtype, resolve_device
 
 
-@dataclass
 class LoadedModel:
-    """A VAE ready for inference, with the config it was trained with and where/how it runs."""
+    """A VAE ready for inference: ``vae``, the ``config`` it was trained with, and where/how it runs (``device``,
+    ``amp_dtype``)."""
 
-    vae: MaisiVAE
-    config: Config
-    device: torch.device
-    amp_dtype: torch.dtype | None
+    def __init__(self, args: argparse.Namespace) -> None:
+        """``checkpoints.load_vae`` (weights_only) of the scripts' flags: ``--model_checkpoint`` (a bare MAISI
+        state dict with the model given by ``--maisi_*`` when ``--maisi_channels`` is there), ``--device``,
+        ``--amp``; raises CheckpointError / ConfigError naming the file."""
+        maisi = None
+        if args.maisi_channels is not None:
+            levels = len(args.maisi_channels)
+            maisi = ModelConfig(
+                channels=tuple(args.maisi_channels),
+                num_res_blocks=tuple(args.maisi_num_res_blocks or [1] * levels),
+                attention_levels=tuple(bool(a) for a in (args.maisi_attention_levels or [0] * levels)),
+                latent_channels=args.maisi_latent_channels,
+                norm_num_groups=args.maisi_norm_num_groups,
+            )
+            maisi.validate()
+        self.device = resolve_device(args.device)
+        self.vae, self.config, _ = load_vae(args.model_checkpoint, self.device, maisi)
+        self.amp_dtype = resolve_amp_dtype(args.amp, self.device)
+
+    @torch.no_grad()
+    def encode(self, volumes: list[PreprocessedVolume], sample: bool, seeds: list[int]) -> torch.Tensor:
+        """Latents (B, C, d, h, w) float32 on the CPU: ``mu``, or ``mu + sigma * eps`` with eps drawn per row on
+        the CPU from ``seeds`` (so a draw is the same on every device and in every batch)."""
+        images = torch.stack([v.image for v in volumes]).to(self.device)
+        with autocast(self.device, self.amp_dtype):
+            mu, sigma = self.vae.encode(images)
+        latents = mu.float().cpu()
+        if sample:
+            noise = torch.stack(
+                [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
+            )
+            latents = latents + sigma.float().cpu() * noise
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 1, D, H, W) in [0, 1] on the model's device, on the preprocessed grid (the config's
+        ``preprocessing.target_shape``), from latents (B, C, d, h, w)."""
+        with autocast(self.device, self.amp_dtype):
+            images = self.vae.decode(latents.to(self.device), tuple(self.config.preprocessing.target_shape))
+        return images.float().clamp(0.0, 1.0)
 
 
-def load_model(args: argparse.Namespace) -> LoadedModel:
-    """``checkpoints.load_vae`` (weights_only) of the scripts' flags: ``--model_checkpoint`` (a bare MAISI state
-    dict with the model given by ``--maisi_*`` when ``--maisi_channels`` is there), ``--device``, ``--amp``;
-    raises CheckpointError / ConfigError naming the file."""
-    maisi = None
-    if args.maisi_channels is not None:
-        levels = len(args.maisi_channels)
-        maisi = ModelConfig(
-            channels=tuple(args.maisi_channels),
-            num_res_blocks=tuple(args.maisi_num_res_blocks or [1] * levels),
-            attention_levels=tuple(bool(a) for a in (args.maisi_attention_levels or [0] * levels)),
-            latent_channels=args.maisi_latent_channels,
-            norm_num_groups=args.maisi_norm_num_groups,
-        )
-        maisi.validate()
-    device = resolve_device(args.device)
-    vae, config, _ = load_vae(args.model_checkpoint, device, maisi)
-    return LoadedModel(vae, config, device, resolve_amp_dtype(args.amp, device))
-
-
-def build_metric_lpips(perceptual: PerceptualConfig) -> tuple[LPIPS3D | None, str | None]:
-    """The checkpoint's LPIPS3D for reporting metrics, on a machine that may lack the training machine's files.
+def build_metric_lpips(perceptual: PerceptualConfig, device: torch.device) -> LPIPS3D | None:
+    """The checkpoint's LPIPS3D on ``device`` for reporting metrics, on a machine that may lack the training
+    machine's files; prints which network it is (``LPIPS3D: ...``).
 
     When ``perceptual.weights_path`` does not exist here, the backbone's default weights are used (deepbet: the
-    model of the installed ``deepbet`` package; MedicalNet: the torch-hub cache). Returns (the network, or None
-    when no weights load; a one-line warning when the weights differ from the checkpoint's or LPIPS is off).
+    model of the installed ``deepbet`` package; MedicalNet: the torch-hub cache), with a ``WARNING:`` line on
+    stderr; None (with a warning) when no weights load.
     """
-    try:
-        return build_perceptual_loss(perceptual), None
-    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
-        problem = _first_sentence(error)
-    configured = perceptual.weights_path
-    if configured is not None and not Path(configured).is_file():
+    configured, missing = perceptual.weights_path, ""
+    if configured is not None and not Path(configured).is_file():  # it could only fail to load
         missing = f"the checkpoint's perceptual.weights_path {configured} is not on this machine"
-        try:
-            lpips = build_perceptual_loss(replace(perceptual, weights_path=None))
-        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
-            problem = f"{missing}, and {_first_sentence(error)}"
-        else:
-            return lpips, f"{missing}; LPIPS3D uses the default {perceptual.backbone} weights instead"
-    return None, f"LPIPS3D metrics not computed (no lpips/lpips_brain columns): {problem}"
-
-
-def _first_sentence(error: BaseException) -> str:
-    """The first sentence of an error message (LPIPS3D's errors go on with advice for the Python API)."""
-    return str(error).strip().split(". ")[0].rstrip(".")
+        perceptual = replace(perceptual, weights_path=None)
+    try:
+        lpips = build_perceptual_loss(perceptual)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        problem = str(error).strip().split(". ")[0].rstrip(".")  # the first sentence; then advice for the API
+        problem = f"{missing}, and {problem}" if missing else problem
+        print_warning(f"LPIPS3D metrics not computed (no lpips/lpips_brain columns): {problem}")
+        return None
+    if missing:
+        print_warning(f"{missing}; LPIPS3D uses the default {perceptual.backbone} weights instead")
+    print(f"LPIPS3D: {lpips.description}")
+    return lpips.to(device)
 
 
 def row_seed(seed: int, subject_id: str) -> int:
@@ -147,47 +115,12 @@ def row_seed(seed: int, subject_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{subject_id}".encode()).digest()[:8], "little") >> 1
 
 
-@torch.no_grad()
-def encode_batch(
-    model: LoadedModel, volumes: list[PreprocessedVolume], sample: bool, seeds: list[int]
-) -> torch.Tensor:
-    """Latents (B, C, d, h, w) float32 on the CPU: ``mu``, or ``mu + sigma * eps`` with eps drawn per row on the
-    CPU from ``seeds`` (so a draw is the same on every device and in every batch)."""
-    images = torch.stack([v.image for v in volumes]).to(model.device)
-    with autocast(model.device, model.amp_dtype):
-        mu, sigma = model.vae.encode(images)
-    latents = mu.float().cpu()
-    if sample:
-        noise = torch.stack(
-            [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
-        )
-        latents = latents + sigma.float().cpu() * noise
-    return latents
-
-
-@torch.no_grad()
-def decode_batch(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
-    """Images (B, 1, D, H, W) in [0, 1] on the model's device, on the preprocessed grid (the config's
-    ``preprocessing.target_shape``), from latents (B, C, d, h, w)."""
-    with autocast(model.device, model.amp_dtype):
-        images = model.vae.decode(latents.to(model.device), tuple(model.config.preprocessing.target_shape))
-    return images.float().clamp(0.0, 1.0)
-
-
-@torch.no_grad()
-def decode_latent_file(
-    model: LoadedModel,
-    latent_path: Path,
-    output_dir: Path,
-    stats: dict[str, Any] | None = None,
-    normalisation: str = "none",
-) -> Path:
-    """Decode one latent file into ``<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1].
-
-    A latent in normalised units (a diffusion sample) is first mapped back with :func:`denormalise_latent`
-    (``normalisation`` global/channel, ``stats`` from ``latent_stats.json``). ``output_dir`` is checked first
-    (:func:`check_output_dir`) and created (when missing) only once the image is ready to be written.
-    """
+def decode_latent_file(args: argparse.Namespace) -> Path:
+    """Decode ``--decode`` (a latent .nii.gz, in normalised units with ``--denormalise``) with the model of the
+    scripts' flags into ``<output_dir>/<name>_decoded.nii.gz`` on the preprocessed grid, values in [0, 1].
+    Everything is checked before the folder is created (:func:`check_output_dir`) and the image written."""
+    model, output_dir, latent_path = LoadedModel(args), Path(args.output_dir), Path(args.decode)
+    stats = None if args.latent_stats is None else read_latent_stats(args.latent_stats)
     check_output_dir(output_dir)
     latent, affine = read_latent(latent_path)
     if affine is None:
@@ -199,18 +132,15 @@ def decode_latent_file(
             f"{latent_path}: latent shape (C, d, h, w) {tuple(latent.shape)} does not fit this model and "
             f"preprocessing.target_shape {target_shape} (expected {expected})"
         )
-    if normalisation != "none":
-        latent = denormalise_latent(latent, stats, normalisation)
-    image = decode_batch(model, latent[None])[0, 0].cpu().numpy()
-    affine = preprocessed_affine_from_latent(affine, model.vae.downsample_factor)
-    name = Path(latent_path).name[: -len(latent_suffix(latent_path)) - 1]
-    path = output_dir / f"{name}_decoded.nii.gz"
+    if args.denormalise != "none":
+        latent = denormalise_latent(latent, stats, args.denormalise)
+    image = model.decode(latent[None])[0, 0].cpu().numpy()
+    affine = affine @ np.linalg.inv(latent_affine(np.eye(4), model.vae.downsample_factor))
+    path = output_dir / f"{latent_path.name[: -len('.nii.gz')]}_decoded.nii.gz"
     output_dir.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(image, affine), path)
     return path
 
-
-# ------------------------------------------------------------------------------------------- encoding a split
 
 FATAL_ERRORS = (CheckpointError, ConfigError, DataError, ValueError, RuntimeError)
 T = TypeVar("T")
@@ -240,7 +170,7 @@ class SplitEncoder:
         """Load the model, check ``--output_dir`` (creating nothing), read the split ``source``, pre-flight check
         its files and warn about inputs off the checkpoint's grid or not skull-stripped (``dataset.warn_inputs``;
         with ``--strict`` an error); raises one of :data:`FATAL_ERRORS`, naming the file."""
-        self.args, self.model = args, load_model(args)
+        self.args, self.model = args, LoadedModel(args)
         check_output_dir(Path(args.output_dir))
         self.frame = read_split(source)
         self.failures = preflight_failures(self.frame)  # row -> "<image>: <problem>"; preprocessing adds more
@@ -257,7 +187,7 @@ class SplitEncoder:
         return Path(self.args.output_dir) / f"{name}{suffix}"
 
     def encode(self, rows: list[int], callback: Callable[[EncodedSubject], T], sample: bool) -> list[T]:
-        """Preprocess ``rows`` in batches (worker processes, row order), encode each batch (:func:`encode_batch`:
+        """Preprocess ``rows`` in batches (worker processes, row order), encode each batch (:meth:`LoadedModel.encode`:
         the mean, or with ``sample`` a draw seeded by :func:`row_seed`) and call ``callback`` per subject;
         returns what it returned, in row order. Files that fail preprocessing join ``failures``; running out of
         device memory (in the callback too) raises one ``utils.DeviceOutOfMemoryError`` line naming the batch
@@ -274,7 +204,7 @@ class SplitEncoder:
                 loaded = [(item["index"], item["volume"]) for item in batch if not item["error"]]
                 if loaded:
                     seeds = [row_seed(args.seed, ids[row]) for row, _ in loaded]
-                    latents = encode_batch(self.model, [volume for _, volume in loaded], sample, seeds)
+                    latents = self.model.encode([volume for _, volume in loaded], sample, seeds)
                     for (row, volume), latent in zip(loaded, latents, strict=True):
                         affine = latent_affine(volume.inverse.output_affine, self.model.vae.downsample_factor)
                         results.append(callback(EncodedSubject(row, volume, latent, affine)))
@@ -289,9 +219,6 @@ class SplitEncoder:
         count = f"{len(self.failures)} of {len(self.frame)} file(s)"
         print(f"ERROR: {count} failed{note}:{lines}", file=sys.stderr)
         return 1
-
-
-# ------------------------------------------------------------------------------------------- normalisation
 
 
 def read_latent_stats(path: str | Path) -> dict[str, Any]:
@@ -336,13 +263,12 @@ def latent_normalisation(stats: dict[str, Any], mode: str) -> tuple[torch.Tensor
 
 def _per_channel(z: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``values`` (C,) shaped to broadcast over ``z`` (C, *S) or (B, C, *S); DataError when C differs."""
-    channel_axis = 0 if z.ndim == 4 else 1
-    if z.ndim not in (4, 5) or z.shape[channel_axis] != len(values):
+    if z.ndim not in (4, 5) or z.shape[-4] != len(values):
         raise DataError(
             f"latent of shape {tuple(z.shape)} does not fit statistics of {len(values)} channels "
             "(expected (C, d, h, w) or (B, C, d, h, w))"
         )
-    return values.to(z.device, z.dtype).reshape(len(values), *[1] * (z.ndim - 1 - channel_axis))
+    return values.to(z.device, z.dtype)[:, None, None, None]
 
 
 def normalise_latent(z: torch.Tensor, stats: dict[str, Any], mode: str) -> torch.Tensor:
@@ -359,18 +285,13 @@ def denormalise_latent(z: torch.Tensor, stats: dict[str, Any], mode: str) -> tor
     return z / _per_channel(z, scale) + _per_channel(z, shift)
 
 
-# ------------------------------------------------------------------------------------------- files
-
-
 def check_output_dir(path: Path) -> None:
     """Raise ValueError when ``path`` cannot be (or become) a folder to write into; creates nothing.
 
     The scripts check their output folder before any work and create it only when they have something to
     write, so a failed run leaves no empty folder behind.
     """
-    existing = path
-    while not existing.exists():  # the nearest existing folder above it
-        existing = existing.parent
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())  # the nearest one above
     if existing == path and not path.is_dir():
         raise ValueError(f"{path}: output folder is a file")
     if not existing.is_dir():
@@ -379,25 +300,11 @@ def check_output_dir(path: Path) -> None:
         raise ValueError(f"{path}: no permission to write in {existing}")
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def latent_affine(preprocessed_affine: np.ndarray, factor: int) -> np.ndarray:
     """Affine of the latent grid: latent voxel i is the centre of preprocessed voxels [f·i, f·i + f)."""
     block = np.diag([factor, factor, factor, 1.0])
     block[:3, 3] = (factor - 1) / 2
     return np.asarray(preprocessed_affine, dtype=np.float64) @ block
-
-
-def preprocessed_affine_from_latent(affine: np.ndarray, factor: int) -> np.ndarray:
-    """Inverse of :func:`latent_affine`."""
-    return np.asarray(affine, dtype=np.float64) @ np.linalg.inv(latent_affine(np.eye(4), factor))
 
 
 def latent_suffix(path: str | Path) -> str:
@@ -410,29 +317,18 @@ def latent_suffix(path: str | Path) -> str:
 
 
 def write_latent(latent: torch.Tensor, path: str | Path, affine: np.ndarray) -> None:
-    """Write a latent (C, d, h, w) atomically (temporary file + rename) as .npy, .pt or .nii.gz (d, h, w, C).
-
-    The file gets the mode of any new file under the process umask (e.g. 0644), as reconstructions do.
-    """
-    path = Path(path)
+    """Write a latent (C, d, h, w) with ``checkpoints.atomic_write`` (temporary file + rename; the mode of any
+    new file) as .npy, .pt or .nii.gz (d, h, w, C) with ``affine``."""
     suffix = latent_suffix(path)
     # a copy: torch.save of a view (one latent of a batch) stores the whole batch it was cut from
     array = latent.detach().float().cpu().clone(memory_format=torch.contiguous_format)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix="." + suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        os.chmod(temp, new_file_mode())  # mkstemp makes it 0600; give it the mode of any new file
-        if suffix == "npy":
-            np.save(temp, array.numpy())
-        elif suffix == "pt":
-            torch.save(array, temp)
-        else:
-            nib.save(nib.Nifti1Image(np.moveaxis(array.numpy(), 0, -1), affine), temp)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    if suffix == "npy":
+        atomic_write(path, lambda file: np.save(file, array.numpy()), kind="latent")
+    elif suffix == "pt":
+        atomic_write(path, lambda file: torch.save(array, file), kind="latent")
+    else:
+        image = nib.Nifti1Image(np.moveaxis(array.numpy(), 0, -1), affine)
+        atomic_write(path, lambda file: file.write(gzip.compress(image.to_bytes(), 1)), kind="latent")
 
 
 def read_latent(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None]:
@@ -446,7 +342,5 @@ def read_latent(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None]:
     if suffix == "pt":
         return torch.load(path, map_location="cpu", weights_only=True).float(), None
     image = nib.load(str(path))
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    if data.ndim == 3:
-        data = data[..., None]
+    data = np.asarray(image.dataobj, dtype=np.float32).reshape(*image.shape[:3], -1)  # a 3-D file: C = 1
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(data, -1, 0))), np.asarray(image.affine)

@@ -4,34 +4,23 @@
         [--output_dir latents/train] [--mode mean|sample] [--format npy|nii.gz|pt] [--batch_size 4]
         [--normalise none|global|channel]
 
-Writes to ``--output_dir``:
+Writes to ``--output_dir``: ``<subject_id>.<format>``, the latent (C, d, h, w) float32 (``nii.gz``: (d, h, w, C)
+with the latent affine), the posterior mean or a draw seeded by ``--seed`` and the subject id, always
+unnormalised; ``manifest.csv``, every input row that has a latent with all its columns + ``latent_path``;
+``latent_stats.json``: latent shape, per-channel and global mean/std, ``scale_factor`` = 1/std, mode, the
+checkpoint's sha256, number of volumes, and the ``--normalise`` choice as per-channel ``shift``/``scale`` of
+``z_normalised = (z - shift) * scale`` (``infer.py --decode --denormalise`` inverts it).
 
-* ``<subject_id>.<format>``: the latent (C, d, h, w) float32 (``nii.gz``: (d, h, w, C) with the latent affine),
-  the posterior mean, or (``--mode sample``) a draw seeded per row (``--seed`` + subject id), so reruns match;
-* ``manifest.csv``: every input row with ALL its columns + ``latent_path`` (rows that failed are left out);
-* ``latent_stats.json``: latent shape, per-channel mean/std, global std, ``scale_factor`` = 1/std, the mode,
-  the checkpoint's sha256, the number of volumes, and ``normalisation``: the per-channel ``shift``/``scale``
-  with which the diffusion stage maps a latent to its units, ``z_normalised = (z - shift) * scale``
-  (``--normalise``: ``none``, ``global`` = × scale_factor, ``channel`` = each channel to mean 0 / std 1;
-  ``latents.normalise_latent`` / ``denormalise_latent`` apply it and its inverse). The latent files stay
-  unnormalised whatever the choice (the statistics need every latent first, and resuming stays simple);
-  ``infer.py --decode LATENT --denormalise MODE --latent_stats latent_stats.json`` decodes a sample made in
-  normalised units.
-
-Resumable: latents that already exist are kept (``--overwrite`` re-encodes them); each one is written atomically
-(temporary file + rename); batches are fixed chunks of rows (resume with the same ``--batch_size``); the
-statistics are streamed over every latent of the manifest, read back from disk in row order. So a killed and
-resumed run ends with the same latents, manifest and statistics as an uninterrupted one. Files that fail the
-pre-flight check or preprocessing are listed at the end (exit code 1); every other latent is still written.
-The checkpoint, the split and the output folder are checked first; the folder is created only when a latent or
-the manifest is to be written into it.
-
-Model loading, encoding and latent files: ``latents.py``; preprocessing and the pre-flight check: ``dataset.py``.
+Resumable: existing latents are kept (``--overwrite`` re-encodes them), each written atomically; batches are fixed
+chunks of rows (resume with the same ``--batch_size``) and the statistics are read back from every latent of the
+manifest, so a killed and resumed run ends as an uninterrupted one. Exit code 1: some files failed (listed at the
+end; every other latent is written); 2: the checkpoint, split or output folder is unusable (checked first).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -61,6 +50,7 @@ if __name__ == "__main__":
 
 from tqdm import tqdm
 
+from checkpoints import save_json
 from dataset import DataError
 from latents import (
     FATAL_ERRORS,
@@ -69,7 +59,6 @@ from latents import (
     fatal,
     latent_normalisation,
     read_latent,
-    sha256_file,
     write_latent,
 )
 from metrics import LatentStatistics
@@ -81,22 +70,18 @@ SETTINGS_FILE = ".save_latent_settings.json"
 def check_settings(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Refuse to resume into a folder whose latents were made with another checkpoint / mode / seed."""
     path = output_dir / SETTINGS_FILE
-    if path.is_file() and not overwrite:
-        previous = json.loads(path.read_text())
-        if previous != settings:
-            raise DataError(
-                f"{output_dir} holds latents made with other settings ({previous}, now {settings}); "
-                "use --overwrite or another --output_dir"
-            )
+    if path.is_file() and not overwrite and (previous := json.loads(path.read_text())) != settings:
+        raise DataError(
+            f"{output_dir} holds latents made with other settings ({previous}, now {settings}); "
+            "use --overwrite or another --output_dir"
+        )
 
 
 def open_output_dir(output_dir: Path, settings: dict[str, Any]) -> None:
     """Create the output folder (only once there is something to write) and record the run's settings."""
-    output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / SETTINGS_FILE
-    text = json.dumps(settings, indent=2)
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
+    if not path.is_file() or path.read_text() != json.dumps(settings, indent=2):
+        save_json(settings, path)  # atomic_write: creates the folder
 
 
 def statistics_table(summary: dict[str, Any], output_dir: Path) -> str:
@@ -145,12 +130,12 @@ def write_manifest_and_statistics(split: SplitEncoder, paths: list[Path], settin
         "checkpoint": str(Path(args.model_checkpoint).resolve()),
         "checkpoint_sha256": settings["checkpoint_sha256"],
         "num_volumes": len(written),
-    }
-    summary["normalisation"] = {
-        "mode": args.normalise,
-        "shift": shift.tolist(),
-        "scale": scale.tolist(),
-        "formula": "z_normalised = (z - shift) * scale per channel; decode z_normalised / scale + shift",
+        "normalisation": {
+            "mode": args.normalise,
+            "shift": shift.tolist(),
+            "scale": scale.tolist(),
+            "formula": "z_normalised = (z - shift) * scale per channel; decode z_normalised / scale + shift",
+        },
     }
     (output_dir / "latent_stats.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(statistics_table(summary, output_dir))
@@ -162,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     try:  # everything that can fail as a whole is checked before any set-up or writing
         split = SplitEncoder(args, args.dataset)
-        checkpoint_sha256 = sha256_file(args.model_checkpoint)
+        with open(args.model_checkpoint, "rb") as file:
+            checkpoint_sha256 = hashlib.file_digest(file, "sha256").hexdigest()
         settings = {"checkpoint_sha256": checkpoint_sha256, "mode": args.mode, "seed": args.seed}
         check_settings(output_dir, settings, args.overwrite)
     except FATAL_ERRORS as error:
         return fatal(error)
-    for stale in output_dir.glob(".*.partial-*"):  # temporary files of a killed run
+    for stale in output_dir.glob(".*.tmp"):  # temporary files of a killed run
         stale.unlink()
     paths = [split.output_path(i, f".{args.format}") for i in range(len(split.frame))]
     # batches are fixed chunks of the good rows; a chunk with a missing latent is re-encoded whole, so every

@@ -1,7 +1,5 @@
-"""Command-line arguments shared by ``infer.py`` and ``save_latent.py``, and the choices they offer.
-
-Standard library only: the scripts parse their arguments before importing torch and MONAI, so ``--help``
-and argument errors answer at once. ``latents.py`` uses the same choices.
+"""Command-line flags shared by ``infer.py`` and ``save_latent.py``, and the choices ``latents.py`` uses too.
+Standard library only: the scripts parse their arguments before importing torch, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -20,9 +18,8 @@ def positive_int(text: str) -> int:
 
 
 def script_parser(description: str, output_dir: str) -> argparse.ArgumentParser:
-    """A parser showing ``description`` (the script's docstring) as written, with the flags both scripts share:
-    checkpoint, MAISI model flags, device, AMP, batch size, loader workers, sampling seed, ``--strict`` and
-    ``--output_dir`` (default ``output_dir``)."""
+    """A parser showing ``description`` (the script's docstring) as written, with the flags both scripts share
+    (``--output_dir`` defaults to ``output_dir``)."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -493,8 +493,8 @@ def save(file, array, *args, **kwargs):
     if _calls[0] == 4:  # the 4th latent: half of it on disk, then the process dies
         buffer = io.BytesIO()
         _save(buffer, array, *args, **kwargs)
-        with open(file, "wb") as handle:
-            handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # the temporary file of atomic_write
+        file.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     return _save(file, array, *args, **kwargs)
 numpy.save = save
@@ -517,11 +517,11 @@ def test_save_latent_sigkill_mid_write_then_resume_is_identical(tmp_path):
     assert done == ["sub00.npy", "sub01.npy", "sub02.npy"]  # never a half-written file under a final name
     for name in done:
         assert np.load(killed / name).shape == (2, 12, 14, 10)
-    assert len(list(killed.glob(".sub03.npy.partial-*"))) == 1 and not (killed / "manifest.csv").exists()
+    assert len(list(killed.glob(".sub03.npy.*.tmp"))) == 1 and not (killed / "manifest.csv").exists()
 
     assert save_latent.main([*common, "--output_dir", str(killed)]) == 0
     assert save_latent.main([*common, "--output_dir", str(fresh)]) == 0
-    assert not list(killed.glob(".*.partial-*"))
+    assert not list(killed.glob(".*.tmp"))
     for name in [f"sub{i:02d}.npy" for i in range(6)]:
         np.testing.assert_array_equal(np.load(killed / name), np.load(fresh / name))
     manifests = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import torch
 from helpers import INPUT_FAULTS, assert_failed_before_writing, faulty_inputs, make_split, tiny_checkpoint
 
 import save_latent
-from latents import denormalise_latent, normalise_latent, read_latent, sha256_file, write_latent
+from latents import denormalise_latent, normalise_latent, read_latent, write_latent
 from metrics import LatentStatistics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, one_thre
         assert np.load(path).shape == (2, 24, 24, 24)
 
     assert run(checkpoint, split, killed, "--batch_size", "2") == 0
-    assert len(latent_files(killed)) == n and not list(killed.glob(".*.partial-*"))
+    assert len(latent_files(killed)) == n and not list(killed.glob(".*.tmp"))
     fresh = tmp_path / "fresh"
     assert run(checkpoint, split, fresh, "--batch_size", "2") == 0
 
@@ -109,7 +110,7 @@ def test_manifest_columns_and_reproducible_sampling(tmp_path: Path) -> None:
         assert not np.allclose(a.numpy(), mean.numpy())
     stats = json.loads((tmp_path / "sample_a" / "latent_stats.json").read_text())
     assert stats["mode"] == "sample" and len(stats["channel_std"]) == 2
-    assert stats["checkpoint_sha256"] == sha256_file(checkpoint)
+    assert stats["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
 
 def test_failures_are_listed_and_written_latents_kept(
