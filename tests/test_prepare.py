@@ -250,16 +250,18 @@ def test_init_worker_refuses_a_process_where_itk_may_already_run_multithreaded(m
 
 def test_n4_corrects_a_head_alike_at_two_voxel_sizes():
     """N4 fits on the same physical grid at 2 mm and at 1 mm: the bias fields it removes agree (with ANTs'
-    fixed shrink factor 4 at both sizes they differ by 6 % at the 95th percentile; fitted alike, 4 %)."""
+    fixed shrink factor 4 at both sizes they differ by 5.9 % at the 95th percentile; fitted alike, 4.3 %)."""
     brain, mask = (np.asarray(image.dataobj) for image in pr.mni2mm_template())
     mask = mask > 0
     head = _head(np.where(mask, brain * np.float32(500.0), 0.0).astype(np.float32), mask)
     z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in head.shape), indexing="ij")
     biased = {2.0: (head * (1.0 + 0.3 * x + 0.2 * z * y)).astype(np.float32)}
-    biased[1.0] = ndimage.zoom(biased[2.0], 2.0, order=1)
+    biased[1.0] = ndimage.zoom(biased[2.0], 2.0, order=1, grid_mode=True, mode="grid-constant")
     fields = {}
     for mm, data in biased.items():
-        corrected = np.asarray(pr._bias_corrected(nib.Nifti1Image(data, np.diag([mm, mm, mm, 1.0]))).dataobj)
+        affine = np.diag([mm, mm, mm, 1.0])
+        affine[:3, 3] = (mm - 2.0) / 2  # 1 mm voxels 2i and 2i + 1 split 2 mm voxel i
+        corrected = np.asarray(pr._bias_corrected(nib.Nifti1Image(data, affine)).dataobj)
         fields[mm] = data / np.maximum(corrected, 1e-3)
     d, h, w = head.shape
     fields[1.0] = fields[1.0].reshape(d, 2, h, 2, w, 2).mean(axis=(1, 3, 5))  # back onto the 2 mm grid
