@@ -31,15 +31,6 @@ from regions import TISSUE_CLASSES
 if TYPE_CHECKING:
     from model.lpips3D import LPIPS3D
 
-__all__ = [
-    "VALIDATION_METRICS",
-    "VALIDATION_REGION_METRICS",
-    "LatentStatistics",
-    "image_metrics",
-    "ms_ssim_scales",
-    "region_metrics",
-]
-
 SSIM_KERNEL = 11
 MS_SSIM_KERNEL = 7
 KERNEL_SIGMA = 1.5
@@ -126,10 +117,11 @@ def _ssim_support(mask: torch.Tensor) -> torch.Tensor:
     return mask[..., border:-border, border:-border, border:-border]
 
 
-def _region_mean(values: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """(B,) mean of ``values`` over each sample's ``region`` voxels; NaN where the region is empty."""
+def _region_mean(values: torch.Tensor, region: torch.Tensor, min_count: float = 0.0) -> torch.Tensor:
+    """(B,) mean of ``values`` over each sample's ``region`` voxels (the voxel count clamped to at least
+    ``min_count``): NaN where the region is empty, or 0 with ``min_count=1``."""
     region = region.to(values.dtype)
-    return (values * region).flatten(1).sum(1) / region.flatten(1).sum(1)
+    return (values * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(min_count)
 
 
 @torch.no_grad()
@@ -193,16 +185,13 @@ def image_metrics(
 
     squared_error = (recon - target).pow(2)
     out["mse"] = squared_error.flatten(1).mean(1)
-    out["mse_brain"] = (squared_error * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
+    out["mse_brain"] = _region_mean(squared_error, mask, min_count=1.0)
     for name in ("mse", "mse_brain"):
         out[name.replace("mse", "psnr")] = -10.0 * torch.log10(out[name].clamp_min(1e-10))
 
     ssim_map = _ssim_map(recon, target)
     out["ssim"] = ssim_map.flatten(1).mean(1)
-    inner_mask = _ssim_support(mask)
-    out["ssim_brain"] = (ssim_map * inner_mask).flatten(1).sum(1) / inner_mask.flatten(1).sum(1).clamp_min(
-        1.0
-    )
+    out["ssim_brain"] = _region_mean(ssim_map, _ssim_support(mask), min_count=1.0)
 
     out["ms_ssim"] = _ms_ssim(recon, target)
     if lpips is not None:
