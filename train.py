@@ -86,12 +86,11 @@ from device_data import (
     make_loaders,
     steps_per_epoch,
 )
-from losses import VAEGANLoss, kl_divergence
-from metrics import LatentStatistics, image_metrics
+from losses import VAEGANLoss
+from metrics import validate
 from model import MaisiVAE, PatchDiscriminator3D, build_discriminator, build_perceptual_loss, build_vae
 from model.recompute import recompute
 from plotting import orthogonal_slices_figure
-from regions import batch_region_masks
 from utils import (
     DeviceOutOfMemoryError,
     DistributedContext,
@@ -552,70 +551,6 @@ def end_of_epoch(
     if context.is_main:
         rows = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in state.history])
         atomic_write(run.run_dir / "metrics.csv", lambda f: rows.to_csv(f, index=False), kind="metrics file")
-
-
-@torch.no_grad()
-def validate(
-    vae: torch.nn.Module,
-    val_set: dataset.VolumeDataset | DeviceVolumeCache,
-    lpips: torch.nn.Module,
-    config: Config,
-    context: DistributedContext,
-    amp_dtype: torch.dtype | None,
-) -> tuple[dict[str, float], dict[str, Any], dict[str, torch.Tensor]]:
-    """Full-volume validation in batches of ``train.val_batch_size``, under AMP, sharded across ranks and
-    reduced.
-
-    Returns:
-        (mean metrics named ``val/<metric>``, latent statistics of mu, one preview {input, reconstruction}).
-    """
-    vae.eval()
-    sums: dict[str, float] = {}  # metric → sum over this rank's volumes (float64)
-    latent_stats = LatentStatistics(config.model.latent_channels)
-    preview: dict[str, torch.Tensor] = {}
-    indices = list(range(context.rank, len(val_set), context.world_size))
-    batch_size = config.train.val_batch_size or config.train.batch_size
-    starts = range(0, len(indices), batch_size)
-    # rank 0 only, and only on a terminal (disable=None): no progress lines in non-interactive logs
-    for start in tqdm(
-        starts, desc="validation", unit="batch", leave=False, disable=None if context.is_main else True
-    ):
-        chunk = indices[start : start + batch_size]
-        if isinstance(val_set, DeviceVolumeCache):
-            batch = val_set.batch(chunk)
-        else:
-            batch = torch.utils.data.default_collate([val_set[i] for i in chunk])
-        images, masks = batch["image"].to(context.device), batch["mask"].to(context.device)
-        with autocast(context.device, amp_dtype):
-            mu, sigma = vae.encode(images)
-            recon = vae.decode(mu, spatial_shape=tuple(images.shape[2:]))
-        regions = None  # tissue classes of each input, segmented once per subject (memoised in regions.py)
-        if config.train.region_metrics:
-            regions = batch_region_masks(images, masks, names=[f"validation volume {i}" for i in chunk])
-        values = image_metrics(recon, images, masks, lpips=lpips, regions=regions)
-        values["kl"] = kl_divergence(mu, sigma).cpu()
-        for name, value in values.items():
-            sums[name] = sums.get(name, 0.0) + float(value.double().sum())
-        latent_stats.update(mu)
-        if not preview:
-            preview = {"input": images[0].float().cpu(), "reconstruction": recon[0].float().clamp(0, 1).cpu()}
-    names = sorted(sums)
-    if context.is_distributed:  # rank 0's names (a rank without volumes has none), sums over all ranks
-        shared = [names]
-        dist.broadcast_object_list(shared, src=0)
-        names = shared[0]
-        packed = torch.tensor([sums.get(name, 0.0) for name in names], dtype=torch.float64)
-        dist.all_reduce(packed)
-        sums = dict(zip(names, packed.tolist(), strict=True))
-    latent_stats.all_reduce()
-    means = {f"val/{name}": sums[name] / len(val_set) for name in names}  # every volume is on one rank
-    summary = latent_stats.summary()
-    means["val/latent_std"] = summary["std"]
-    means["val/latent_std_min"] = min(summary["channel_std"])
-    means["val/latent_std_max"] = max(summary["channel_std"])
-    means["val/scale_factor"] = summary["scale_factor"]
-    vae.train()
-    return means, summary, preview
 
 
 @dataclass
