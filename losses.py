@@ -18,21 +18,14 @@ are detached 0-dim tensors (no host synchronisation).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import Config
-
-__all__ = [
-    "VAEGANLoss",
-    "adaptive_adversarial_weight",
-    "discriminator_adversarial_loss",
-    "generator_adversarial_loss",
-    "kl_divergence",
-]
+if TYPE_CHECKING:
+    from config import Config  # config.py imports metrics.py, which imports this module
 
 AdversarialKind = Literal["least_squares", "hinge"]
 _KINDS = ("least_squares", "hinge")
@@ -117,20 +110,19 @@ def adaptive_adversarial_weight(
     """
     if max_weight <= 0:
         raise ValueError(f"max_weight must be > 0, got {max_weight}.")
+    if not last_layer_weight.requires_grad:
+        raise ValueError("last_layer_weight must require grad.")
+    norms = []
     for name, loss in (("recon_loss", recon_loss), ("adversarial_loss", adversarial_loss)):
         if loss.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(loss.shape)}.")
         if not loss.requires_grad:
             raise ValueError(f"{name} does not require grad (computed under no_grad or detached?).")
-    if not last_layer_weight.requires_grad:
-        raise ValueError("last_layer_weight must require grad.")
-    grads = []
-    for name, loss in (("recon_loss", recon_loss), ("adversarial_loss", adversarial_loss)):
         (grad,) = torch.autograd.grad(loss, last_layer_weight, retain_graph=True, allow_unused=True)
         if grad is None:
             raise ValueError(f"{name} does not depend on last_layer_weight.")
-        grads.append(grad)
-    weight = torch.linalg.vector_norm(grads[0]) / (torch.linalg.vector_norm(grads[1]) + 1e-4)
+        norms.append(torch.linalg.vector_norm(grad))
+    weight = norms[0] / (norms[1] + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
 
 
@@ -210,8 +202,7 @@ class VAEGANLoss(nn.Module):
             self.perceptual(recon, images).mean() if self.perceptual_weight > 0 else recon_loss.new_zeros(())
         )
         loss = recon_loss + self.beta * kl_loss + self.perceptual_weight * perceptual_loss
-        adversarial_loss = recon_loss.new_zeros(())
-        adversarial_scale = recon_loss.new_zeros(())
+        adversarial_loss = adversarial_scale = recon_loss.new_zeros(())
         if discriminator is not None:
             discriminator.requires_grad_(False)
             adversarial_loss = generator_adversarial_loss(discriminator(recon.float()), self.adversarial_kind)

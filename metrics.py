@@ -1,6 +1,7 @@
 """Every number the project reports about a reconstruction or a latent space, computed in one place.
 
-Used by training validation, ``infer.py``, ``save_latent.py``, the notebook and ``bench/``.
+Used by training validation (:func:`validate`: their means over the validation set, across DDP ranks),
+``infer.py``, ``save_latent.py``, the notebook and ``bench/``.
 
 * Image metrics (inputs in [0, 1], data range 1): MSE, PSNR, SSIM (Gaussian window 11, sigma 1.5),
   MS-SSIM (Gaussian window 7, sigma 1.5, up to 4 scales — 5 scales do not fit 91×109×91) and LPIPS3D,
@@ -20,25 +21,22 @@ Used by training validation, ``infer.py``, ``save_latent.py``, the notebook and 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
+from tqdm import tqdm
 
-from regions import TISSUE_CLASSES
+from losses import kl_divergence
+from regions import TISSUE_CLASSES, batch_region_masks
+from utils import DistributedContext, autocast
 
 if TYPE_CHECKING:
+    from config import Config
+    from dataset import VolumeDataset
+    from device_data import DeviceVolumeCache
     from model.lpips3D import LPIPS3D
-
-__all__ = [
-    "VALIDATION_METRICS",
-    "VALIDATION_REGION_METRICS",
-    "LatentStatistics",
-    "image_metrics",
-    "ms_ssim_scales",
-    "region_metrics",
-]
 
 SSIM_KERNEL = 11
 MS_SSIM_KERNEL = 7
@@ -52,7 +50,7 @@ IMAGE_METRICS = tuple(
 LATENT_METRICS = ("kl", "latent_std", "latent_std_min", "latent_std_max", "scale_factor")
 # what :func:`region_metrics` reports per region: ``<kind>_<region>``
 REGION_METRIC_KINDS = ("psnr", "ssim", "mae")
-# every number ``train.validate`` reports (the choices of ``train.best_metric``)
+# every number :func:`validate` reports (the choices of ``train.best_metric``)
 VALIDATION_METRICS = tuple(f"val/{name}" for name in IMAGE_METRICS + LATENT_METRICS)
 # and with ``train.region_metrics`` (validation segments tissue classes only: no affine, no MNI regions)
 VALIDATION_REGION_METRICS = tuple(
@@ -126,10 +124,11 @@ def _ssim_support(mask: torch.Tensor) -> torch.Tensor:
     return mask[..., border:-border, border:-border, border:-border]
 
 
-def _region_mean(values: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """(B,) mean of ``values`` over each sample's ``region`` voxels; NaN where the region is empty."""
+def _region_mean(values: torch.Tensor, region: torch.Tensor, min_count: float = 0.0) -> torch.Tensor:
+    """(B,) mean of ``values`` over each sample's ``region`` voxels (the voxel count clamped to at least
+    ``min_count``): NaN where the region is empty, or 0 with ``min_count=1``."""
     region = region.to(values.dtype)
-    return (values * region).flatten(1).sum(1) / region.flatten(1).sum(1)
+    return (values * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(min_count)
 
 
 @torch.no_grad()
@@ -193,16 +192,13 @@ def image_metrics(
 
     squared_error = (recon - target).pow(2)
     out["mse"] = squared_error.flatten(1).mean(1)
-    out["mse_brain"] = (squared_error * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
+    out["mse_brain"] = _region_mean(squared_error, mask, min_count=1.0)
     for name in ("mse", "mse_brain"):
         out[name.replace("mse", "psnr")] = -10.0 * torch.log10(out[name].clamp_min(1e-10))
 
     ssim_map = _ssim_map(recon, target)
     out["ssim"] = ssim_map.flatten(1).mean(1)
-    inner_mask = _ssim_support(mask)
-    out["ssim_brain"] = (ssim_map * inner_mask).flatten(1).sum(1) / inner_mask.flatten(1).sum(1).clamp_min(
-        1.0
-    )
+    out["ssim_brain"] = _region_mean(ssim_map, _ssim_support(mask), min_count=1.0)
 
     out["ms_ssim"] = _ms_ssim(recon, target)
     if lpips is not None:
@@ -267,3 +263,71 @@ class LatentStatistics:
             "scale_factor": 1.0 / global_std,
             "num_elements": int(total),
         }
+
+
+@torch.no_grad()
+def validate(
+    vae: torch.nn.Module,
+    val_set: VolumeDataset | DeviceVolumeCache,
+    lpips: LPIPS3D | None,
+    config: Config,
+    context: DistributedContext,
+    amp_dtype: torch.dtype | None,
+) -> tuple[dict[str, float], dict[str, Any], dict[str, torch.Tensor]]:
+    """Training validation of ``vae`` on every volume of ``val_set``: full volumes in batches of
+    ``train.val_batch_size``, under AMP, sharded across ranks and reduced.
+
+    Returns:
+        (mean metrics named ``val/<metric>`` — :data:`VALIDATION_METRICS`, and with ``train.region_metrics``
+        :data:`VALIDATION_REGION_METRICS` —, latent statistics of mu, one preview {input, reconstruction}).
+    """
+    # imported here: device_data imports config.py, which imports this module
+    from device_data import DeviceVolumeCache
+
+    vae.eval()
+    sums: dict[str, float] = {}  # metric → sum over this rank's volumes (float64)
+    latent_stats = LatentStatistics(config.model.latent_channels)
+    preview: dict[str, torch.Tensor] = {}
+    indices = list(range(context.rank, len(val_set), context.world_size))
+    batch_size = config.train.val_batch_size or config.train.batch_size
+    starts = range(0, len(indices), batch_size)
+    # rank 0 only, and only on a terminal (disable=None): no progress lines in non-interactive logs
+    for start in tqdm(
+        starts, desc="validation", unit="batch", leave=False, disable=None if context.is_main else True
+    ):
+        chunk = indices[start : start + batch_size]
+        if isinstance(val_set, DeviceVolumeCache):
+            batch = val_set.batch(chunk)
+        else:
+            batch = torch.utils.data.default_collate([val_set[i] for i in chunk])
+        images, masks = batch["image"].to(context.device), batch["mask"].to(context.device)
+        with autocast(context.device, amp_dtype):
+            mu, sigma = vae.encode(images)
+            recon = vae.decode(mu, spatial_shape=tuple(images.shape[2:]))
+        regions = None  # tissue classes of each input, segmented once per subject (memoised in regions.py)
+        if config.train.region_metrics:
+            regions = batch_region_masks(images, masks, names=[f"validation volume {i}" for i in chunk])
+        values = image_metrics(recon, images, masks, lpips=lpips, regions=regions)
+        values["kl"] = kl_divergence(mu, sigma).cpu()
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + float(value.double().sum())
+        latent_stats.update(mu)
+        if not preview:
+            preview = {"input": images[0].float().cpu(), "reconstruction": recon[0].float().clamp(0, 1).cpu()}
+    names = sorted(sums)
+    if context.is_distributed:  # rank 0's names (a rank without volumes has none), sums over all ranks
+        shared = [names]
+        dist.broadcast_object_list(shared, src=0)
+        names = shared[0]
+        packed = torch.tensor([sums.get(name, 0.0) for name in names], dtype=torch.float64)
+        dist.all_reduce(packed)
+        sums = dict(zip(names, packed.tolist(), strict=True))
+    latent_stats.all_reduce()
+    means = {f"val/{name}": sums[name] / len(val_set) for name in names}  # every volume is on one rank
+    summary = latent_stats.summary()
+    means["val/latent_std"] = summary["std"]
+    means["val/latent_std_min"] = min(summary["channel_std"])
+    means["val/latent_std_max"] = max(summary["channel_std"])
+    means["val/scale_factor"] = summary["scale_factor"]
+    vae.train()
+    return means, summary, preview

@@ -11,8 +11,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["orthogonal_slices_figure", "regions_figure"]
-
 
 def _as_volume(volume: torch.Tensor | np.ndarray) -> np.ndarray:
     array = volume.detach().float().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
@@ -36,13 +34,12 @@ def orthogonal_slices_figure(
         path: where to save the PNG (parent folders are created); None → only return the figure.
     """
     arrays = {name: _as_volume(v) for name, v in volumes.items()}
-    if difference_of is not None:
-        first, second = difference_of
-        arrays[f"|{first} − {second}|"] = np.abs(arrays[first] - arrays[second])
-    image_max = max(float(np.max(arrays[name])) for name in volumes) or 1.0
+    image_max = max(float(np.max(array)) for array in arrays.values()) or 1.0
     difference_max = None
     if difference_of is not None:
-        difference_max = float(np.max(arrays[f"|{difference_of[0]} − {difference_of[1]}|"])) or 1.0
+        first, second = difference_of
+        arrays[f"|{first} − {second}|"] = difference = np.abs(arrays[first] - arrays[second])
+        difference_max = float(np.max(difference)) or 1.0
     figure, axes = plt.subplots(len(arrays), 3, figsize=(9, 3 * len(arrays)), squeeze=False)
     for row, (name, array) in enumerate(arrays.items()):
         is_difference = name not in volumes

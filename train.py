@@ -3,23 +3,17 @@
     python train.py --config_file config.json [--set train.num_epochs=2 ...] [--resume [PATH]]
     torchrun --nproc_per_node 2 train.py --config_file config.json          # DDP (NCCL on GPU, gloo on CPU)
 
-``main`` parses the arguments, loads the config, calls :func:`fit` and reports where the results are.
-:func:`fit` (what tests and ``bench/`` call with a ``Config``) reads top to bottom: set-up (run folder, data,
-models, loss) → state/resume → loop over epochs (:func:`train_epoch`: :func:`train_step` per batch; then
-:func:`end_of_epoch`: validation, best model, checkpoint) → teardown, and returns a :class:`FitResult`. Only
-rank 0 writes logs and checkpoints. The loss is ``losses.VAEGANLoss``; the data path is
-``device_data.make_loaders``'s; checkpoint files are ``checkpoints.py``'s; :func:`train_step` and
-:func:`validate` are importable (``bench/`` times them).
-
-The hot loop does not wait for the device: losses, skipped-step flags and the non-finite guard live on the
-device and are read every ``train.log_every_steps`` steps (and at the end of an epoch). A step whose loss or
-gradient is not finite changes no weight (the fused AdamW skips it on the device).
+Only rank 0 writes logs and checkpoints. The hot loop does not wait for the device: losses, skipped-step
+flags and the non-finite guard live on the device and are read every ``train.log_every_steps`` steps (and at
+the end of an epoch). A step whose loss or gradient is not finite changes no weight (the fused AdamW skips it
+on the device).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import logging
 import math
 import sys
@@ -92,12 +86,11 @@ from device_data import (
     make_loaders,
     steps_per_epoch,
 )
-from losses import VAEGANLoss, kl_divergence
-from metrics import LatentStatistics, image_metrics
+from losses import VAEGANLoss
+from metrics import validate
 from model import MaisiVAE, PatchDiscriminator3D, build_discriminator, build_perceptual_loss, build_vae
 from model.recompute import recompute
 from plotting import orthogonal_slices_figure
-from regions import batch_region_masks
 from utils import (
     DeviceOutOfMemoryError,
     DistributedContext,
@@ -252,9 +245,6 @@ class Run:
         return over
 
 
-# ------------------------------------------------------------------------------------------- set-up
-
-
 def open_run(config: Config, context: DistributedContext, resume: str | Path | None) -> Run:
     """The run folder and logging; a new run never overwrites an old one (``resume`` continues it: a
     checkpoint, or ``"auto"`` for the run's own ``last.pt``)."""
@@ -270,11 +260,10 @@ def open_run(config: Config, context: DistributedContext, resume: str | Path | N
             f"run {train.run_name!r} already has {run.last_path}; pass --resume to continue it, or choose "
             "another train.run_name, e.g. --set train.run_name=my_run_2 (nothing was overwritten)"
         )
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if context.is_main:
         (run.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run.run_dir / "previews").mkdir(exist_ok=True)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if context.is_main:
         handlers.append(logging.FileHandler(run.run_dir / "train.log"))
     # under torchrun only rank 0 reports progress; the other ranks speak up only for warnings and errors
     level, rank = (logging.INFO, "") if context.is_main else (logging.WARNING, f"[rank {context.rank}] ")
@@ -290,24 +279,17 @@ def build_state(config: Config, device: torch.device) -> TrainState:
     train = config.train
     vae = build_vae(config.model, use_checkpointing=train.gradient_checkpointing)
     discriminator = build_discriminator(config.discriminator, config.model.out_channels)
-    vae, discriminator = vae.to(device), discriminator.to(device)  # the VAE keeps its channels-last weights
-    if train.channels_last:
-        vae = vae.to(memory_format=torch.channels_last_3d)
-        discriminator = discriminator.to(memory_format=torch.channels_last_3d)
+    # without train.channels_last each weight keeps its layout (the VAE's channels-last weights stay so)
+    layout = torch.channels_last_3d if train.channels_last else torch.preserve_format
+    vae, discriminator = vae.to(device, memory_format=layout), discriminator.to(device, memory_format=layout)
     use_scaler = resolve_amp_dtype(train.amp, device) == torch.float16
+    # fused: one kernel per step, and it skips a step on the device when told the gradients are not finite
+    adamw = functools.partial(torch.optim.AdamW, weight_decay=train.weight_decay, fused=True)
     return TrainState(
         vae=vae,
         discriminator=discriminator,
-        # fused: one kernel per step, and it skips a step on the device when told the gradients are not finite
-        optimizer_g=torch.optim.AdamW(
-            vae.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay, fused=True
-        ),
-        optimizer_d=torch.optim.AdamW(
-            discriminator.parameters(),
-            lr=config.discriminator.learning_rate,
-            weight_decay=train.weight_decay,
-            fused=True,
-        ),
+        optimizer_g=adamw(vae.parameters(), lr=train.learning_rate),
+        optimizer_d=adamw(discriminator.parameters(), lr=config.discriminator.learning_rate),
         scaler_g=torch.amp.GradScaler(device.type, enabled=use_scaler),
         scaler_d=torch.amp.GradScaler(device.type, enabled=use_scaler),
         vae_ema=None if train.ema_decay is None else copy.deepcopy(vae).requires_grad_(False),
@@ -332,9 +314,6 @@ def wrap_for_training(state: TrainState, train: TrainConfig, context: Distribute
         vae = DistributedDataParallel(vae, device_ids=device_ids)
         discriminator = DistributedDataParallel(discriminator, device_ids=device_ids)
     state.vae_step, state.discriminator_step = vae, discriminator
-
-
-# ------------------------------------------------------------------------------------------- one step
 
 
 def guarded_update(
@@ -431,9 +410,6 @@ def train_step(
     return logs
 
 
-# ------------------------------------------------------------------------------------------- epochs
-
-
 def train_epoch(
     state: TrainState, run: Run, loss: VAEGANLoss, batches: Iterator[torch.Tensor], total: int, stage: str
 ) -> dict[str, Any]:
@@ -458,36 +434,36 @@ def train_epoch(
         volumes += images.shape[0] * context.world_size
         every = train.checkpoint_every_steps
         at_checkpoint = bool(every) and state.global_step % every == 0 and done < total
-        if state.global_step % train.log_every_steps == 0 or at_checkpoint:
-            report_progress(state, run, logs, progress, lr, epoch, step)
+        at_log = state.global_step % train.log_every_steps == 0
+        if at_log or at_checkpoint:  # read this step's losses, then the guard: one synchronisation each
+            step_values = dict(zip(LOG_NAMES, values.tolist(), strict=True))
+            check_guard(state, run, epoch, step)
+            progress.set_postfix(loss=f"{step_values['loss']:.4f}", recon=f"{step_values['recon']:.4f}")
+            if run.writer is not None:
+                for name, value in {**step_values, "lr": lr}.items():
+                    run.writer.add_scalar(f"train_step/{name}", value, state.global_step)
         if at_checkpoint:
             write_checkpoint(state, run, stage)
         # every step alone; under DDP only at the log points (the ranks must agree, which costs a sync)
-        if not context.is_distributed or state.global_step % train.log_every_steps == 0:
-            stopped = run.out_of_time()
-            if stopped:
-                log.info(
-                    "epoch %d step %d: train.time_budget_s spent (%.0f s); stopping",
-                    epoch,
-                    step,
-                    run.elapsed(),
-                )
-                break
+        if (not context.is_distributed or at_log) and run.out_of_time():
+            stopped = True
+            break
+    if stopped:
+        log.info("epoch %d step %d: train.time_budget_s spent (%.0f s); stopping", epoch, step, run.elapsed())
     check_guard(state, run, epoch, state.step_in_epoch - 1)
     elapsed = time.perf_counter() - start
-    record = {"epoch": epoch, "stage": stage, "global_step": state.global_step}
-    record.update({f"train/{n}": v / max(1, done) for n, v in zip(LOG_NAMES, sums.tolist(), strict=True)})
-    record.update(
-        {
-            "train/lr": state.optimizer_g.param_groups[0]["lr"],
-            "train/volumes_per_s": volumes / elapsed if elapsed > 0 else 0.0,
-            "train/peak_memory_gb": peak_memory_gb(device),
-            "train/skipped_steps": state.skipped_steps,
-            "time/elapsed_s": run.elapsed(),
-            "stopped_by_time_budget": stopped,
-        }
-    )
-    return record
+    return {
+        "epoch": epoch,
+        "stage": stage,
+        "global_step": state.global_step,
+        **{f"train/{n}": v / max(1, done) for n, v in zip(LOG_NAMES, sums.tolist(), strict=True)},
+        "train/lr": state.optimizer_g.param_groups[0]["lr"],
+        "train/volumes_per_s": volumes / elapsed if elapsed > 0 else 0.0,
+        "train/peak_memory_gb": peak_memory_gb(device),
+        "train/skipped_steps": state.skipped_steps,
+        "time/elapsed_s": run.elapsed(),
+        "stopped_by_time_budget": stopped,
+    }
 
 
 def check_guard(state: TrainState, run: Run, epoch: int, step: int) -> None:
@@ -512,25 +488,6 @@ def check_guard(state: TrainState, run: Run, epoch: int, step: int) -> None:
         )
 
 
-def report_progress(
-    state: TrainState,
-    run: Run,
-    logs: dict[str, torch.Tensor],
-    progress: tqdm,
-    lr: float,
-    epoch: int,
-    step: int,
-) -> None:
-    """Every ``log_every_steps``: read this step's losses (one synchronisation), check the guard, log."""
-    values = dict(zip(LOG_NAMES, torch.stack([logs[n] for n in LOG_NAMES]).tolist(), strict=True))
-    check_guard(state, run, epoch, step)
-    progress.set_postfix(loss=f"{values['loss']:.4f}", recon=f"{values['recon']:.4f}")
-    if run.writer is not None:
-        for name, value in values.items():
-            run.writer.add_scalar(f"train_step/{name}", value, state.global_step)
-        run.writer.add_scalar("train_step/lr", lr, state.global_step)
-
-
 def write_checkpoint(state: TrainState, run: Run, stage: str) -> None:
     """``last.pt`` from ``state`` (collective under DDP; rank 0 writes)."""
     latent_stats = state.history[-1].get("latent_stats") if state.history else None
@@ -553,35 +510,23 @@ def end_of_epoch(
         val_metrics, latent_stats, preview = validate(
             state.eval_vae, val_set, lpips, run.config, context, run.amp_dtype
         )
-        record.update(val_metrics)
-        record["latent_stats"] = latent_stats
+        record.update(val_metrics, latent_stats=latent_stats)
         if context.is_main:
+            path = run.run_dir / "previews" / f"epoch_{epoch:04d}.png"
+            title = f"{train.run_name} epoch {epoch}: PSNR {val_metrics['val/psnr']:.2f} dB"
             figure = orthogonal_slices_figure(
-                preview,
-                run.run_dir / "previews" / f"epoch_{epoch:04d}.png",
-                difference_of=("input", "reconstruction"),
-                title=f"{train.run_name} epoch {epoch}: PSNR {val_metrics['val/psnr']:.2f} dB",
+                preview, path, difference_of=("input", "reconstruction"), title=title
             )
             run.writer.add_figure("val/preview", figure, state.global_step)
-        value = record[train.best_metric]
-        improved = state.best_value is None or (
-            value > state.best_value if train.best_metric_mode == "max" else value < state.best_value
-        )
+        value, best = record[train.best_metric], state.best_value
+        improved = best is None or (value > best if train.best_metric_mode == "max" else value < best)
         if improved:
             state.best_value = value
             if context.is_main:
                 metrics = {k: v for k, v in record.items() if k != "latent_stats"}
-                save_checkpoint(
-                    inference_checkpoint(
-                        state.eval_vae,
-                        run.config,
-                        latent_stats,
-                        metrics,
-                        epoch=epoch,
-                        global_step=state.global_step,
-                    ),
-                    run.best_dir / "best_model.pt",
-                )
+                steps = {"epoch": epoch, "global_step": state.global_step}
+                payload = inference_checkpoint(state.eval_vae, run.config, latent_stats, metrics, **steps)
+                save_checkpoint(payload, run.best_dir / "best_model.pt")
                 save_json(run.config.to_dict(), run.best_dir / "config.json")
                 save_json(record, run.best_dir / "metrics.json")
         channel_std = "/".join(f"{s:.2f}" for s in latent_stats["channel_std"])
@@ -601,86 +546,11 @@ def end_of_epoch(
     )  # fmt: skip
     state.epoch, state.step_in_epoch = epoch + 1, 0
     write_checkpoint(state, run, record["stage"])
-    if context.is_main:  # after the checkpoint, from its history: a resumed run never repeats a row
-        write_metrics_csv(run.run_dir / "metrics.csv", state.history)
-
-
-@torch.no_grad()
-def validate(
-    vae: torch.nn.Module,
-    val_set: dataset.VolumeDataset | DeviceVolumeCache,
-    lpips: torch.nn.Module,
-    config: Config,
-    context: DistributedContext,
-    amp_dtype: torch.dtype | None,
-) -> tuple[dict[str, float], dict[str, Any], dict[str, torch.Tensor]]:
-    """Full-volume validation in batches of ``train.val_batch_size``, under AMP, sharded across ranks and
-    reduced.
-
-    Returns:
-        (mean metrics named ``val/<metric>``, latent statistics of mu, one preview {input, reconstruction}).
-    """
-    vae.eval()
-    sums: dict[str, torch.Tensor] = {}
-    count = torch.zeros(1, dtype=torch.float64)
-    latent_stats = LatentStatistics(config.model.latent_channels)
-    preview: dict[str, torch.Tensor] = {}
-    indices = list(range(context.rank, len(val_set), context.world_size))
-    batch_size = config.train.val_batch_size or config.train.batch_size
-    starts = range(0, len(indices), batch_size)
-    # rank 0 only, and only on a terminal (disable=None): no progress lines in non-interactive logs
-    for start in tqdm(
-        starts, desc="validation", unit="batch", leave=False, disable=None if context.is_main else True
-    ):
-        chunk = indices[start : start + batch_size]
-        if isinstance(val_set, DeviceVolumeCache):
-            batch = val_set.batch(chunk)
-        else:
-            batch = torch.utils.data.default_collate([val_set[i] for i in chunk])
-        images, masks = batch["image"].to(context.device), batch["mask"].to(context.device)
-        with autocast(context.device, amp_dtype):
-            mu, sigma = vae.encode(images)
-            recon = vae.decode(mu, spatial_shape=tuple(images.shape[2:]))
-        regions = None  # tissue classes of each input, segmented once per subject (memoised in regions.py)
-        if config.train.region_metrics:
-            regions = batch_region_masks(images, masks, names=[f"validation volume {i}" for i in chunk])
-        values = image_metrics(recon, images, masks, lpips=lpips, regions=regions)
-        values["kl"] = kl_divergence(mu, sigma).cpu()
-        for name, value in values.items():
-            sums[name] = sums.get(name, torch.zeros(1, dtype=torch.float64)) + value.double().sum()
-        count += len(chunk)
-        latent_stats.update(mu)
-        if not preview:
-            preview = {"input": images[0].float().cpu(), "reconstruction": recon[0].float().clamp(0, 1).cpu()}
-    names = sorted(sums) if sums else []
-    if context.is_distributed:
-        names_list = [names]
-        dist.broadcast_object_list(names_list, src=0)
-        names = names_list[0]
-        packed = torch.stack(
-            [sums.get(n, torch.zeros(1, dtype=torch.float64)) for n in names] + [count]
-        ).flatten()
-        dist.all_reduce(packed)
-        sums = {n: packed[i : i + 1] for i, n in enumerate(names)}
-        count = packed[-1:]
-    latent_stats.all_reduce()
-    means = {f"val/{name}": float(sums[name] / count) for name in names}
-    summary = latent_stats.summary()
-    means["val/latent_std"] = summary["std"]
-    means["val/latent_std_min"] = min(summary["channel_std"])
-    means["val/latent_std_max"] = max(summary["channel_std"])
-    means["val/scale_factor"] = summary["scale_factor"]
-    vae.train()
-    return means, summary, preview
-
-
-# ------------------------------------------------------------------------------------------- reporting
-
-
-def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    """One row per finished epoch (nested values such as latent statistics left out), written atomically."""
-    rows = pd.DataFrame([{k: v for k, v in record.items() if not isinstance(v, dict)} for record in history])
-    atomic_write(path, lambda file: rows.to_csv(file, index=False), kind="metrics file")
+    # metrics.csv, one row per finished epoch (nested values such as latent statistics left out), written
+    # atomically after the checkpoint, from its history: a resumed run never repeats a row
+    if context.is_main:
+        rows = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in state.history])
+        atomic_write(run.run_dir / "metrics.csv", lambda f: rows.to_csv(f, index=False), kind="metrics file")
 
 
 @dataclass
@@ -703,10 +573,6 @@ class FitResult:
             run.run_dir, best_model, best_metric, state.best_value, state.history, run.elapsed(), is_main
         )
 
-    @property
-    def metrics_csv(self) -> Path:
-        return self.run_dir / "metrics.csv"
-
     def summary(self) -> str:
         """Where the results are: the best epoch and its metric, best_model.pt, metrics.csv, TensorBoard."""
         last = self.history[-1]  # fit trains (and validates) at least one epoch, or resumes a run that did
@@ -716,45 +582,9 @@ class FitResult:
             f"{last['train/skipped_steps']} skipped, {self.elapsed_s / 60:.1f} min; best {self.best_metric} "
             f"{self.best_value:.4f}{f' at epoch {best[-1]}' if best else ''}\n"
             f"  best model:  {self.best_model}\n"
-            f"  metrics:     {self.metrics_csv}\n"
+            f"  metrics:     {self.run_dir / 'metrics.csv'}\n"
             f"  TensorBoard: tensorboard --logdir {self.run_dir}"
         )
-
-
-# ------------------------------------------------------------------------------------------- fit, main
-
-
-def initialise_weights(state: TrainState, run: Run) -> None:
-    """``train.init_from``'s VAE weights (and the EMA's) for a new run; a resumed run keeps its checkpoint's."""
-    init_from = run.config.train.init_from
-    if init_from is not None and run.resume_path is None:
-        kind = init_vae_weights(state.vae, init_from, run.config.model)
-        if state.vae_ema is not None:
-            state.vae_ema.load_state_dict(state.vae.state_dict())
-        log.info("initialised the VAE from %s (%s)", init_from, kind)
-    elif init_from is not None:
-        log.info(
-            "train.init_from %s not applied: --resume continues with its checkpoint's weights", init_from
-        )
-
-
-def resume_state(state: TrainState, run: Run) -> bool:
-    """Restore ``state`` from ``run.resume_path``; False when that run has already trained every epoch."""
-    train = run.config.train
-    if not restore_checkpoint(state, run.resume_path, run.config, run.context):
-        log.warning("resuming with a different world size: RNG streams restart from the seed")
-    log.info(
-        "resumed %s at epoch %d, step %d (global step %d)",
-        run.resume_path, state.epoch, state.step_in_epoch, state.global_step,
-    )  # fmt: skip
-    if state.epoch < train.num_epochs:
-        return True
-    log.info(
-        "run %s is finished: all %d epochs are done, nothing to train. To train it further, resume with "
-        "more epochs, e.g. --resume --set train.num_epochs=%d",
-        train.run_name, train.num_epochs, state.epoch + max(1, train.num_epochs // 2),
-    )  # fmt: skip
-    return False
 
 
 def fit(config: Config, resume: str | Path | None = None) -> FitResult:
@@ -764,15 +594,23 @@ def fit(config: Config, resume: str | Path | None = None) -> FitResult:
     Raises ConfigError, CheckpointError, dataset.DataError, NonFiniteTrainingError or DeviceOutOfMemoryError
     (one-line messages; ``main`` prints them).
     """
-    train = config.train
-    if train.init_from is not None and resume is None:
-        check_init_from(train.init_from, config.model)  # a wrong or misfit file fails before any set-up
+    train, init_from = config.train, config.train.init_from
+    if init_from is not None and resume is None:
+        check_init_from(init_from, config.model)  # a wrong or misfit file fails before any set-up
     context = setup_distributed(train.device)
     seed_everything(train.seed + context.rank)
     run = open_run(config, context, resume)
     loader, val_set, shuffle_generator = make_loaders(config, context)
     state = build_state(config, context.device)
-    initialise_weights(state, run)
+    if init_from is not None and resume is None:  # the EMA starts from the same weights
+        kind = init_vae_weights(state.vae, init_from, config.model)
+        if state.vae_ema is not None:
+            state.vae_ema.load_state_dict(state.vae.state_dict())
+        log.info("initialised the VAE from %s (%s)", init_from, kind)
+    elif init_from is not None:
+        log.info(
+            "train.init_from %s not applied: --resume continues with its checkpoint's weights", init_from
+        )
     lpips = build_perceptual_loss(config.perceptual).to(context.device)
     log.info("perceptual loss: %s", lpips.description)
     loss = VAEGANLoss.from_config(config, lpips)
@@ -782,9 +620,21 @@ def fit(config: Config, resume: str | Path | None = None) -> FitResult:
         "memory-saving recompute: %s (train.recompute=%s)", "on" if use_recompute else "off", train.recompute
     )
 
-    if run.resume_path is not None and not resume_state(state, run):
-        cleanup_distributed()
-        return FitResult.of(state, run)
+    if run.resume_path is not None:
+        if not restore_checkpoint(state, run.resume_path, config, context):
+            log.warning("resuming with a different world size: RNG streams restart from the seed")
+        log.info(
+            "resumed %s at epoch %d, step %d (global step %d)",
+            run.resume_path, state.epoch, state.step_in_epoch, state.global_step,
+        )  # fmt: skip
+        if state.epoch >= train.num_epochs:
+            log.info(
+                "run %s is finished: all %d epochs are done, nothing to train. To train it further, resume "
+                "with more epochs, e.g. --resume --set train.num_epochs=%d",
+                train.run_name, train.num_epochs, state.epoch + max(1, train.num_epochs // 2),
+            )  # fmt: skip
+            cleanup_distributed()
+            return FitResult.of(state, run)
     wrap_for_training(state, train, context)
     if context.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -802,7 +652,7 @@ def fit(config: Config, resume: str | Path | None = None) -> FitResult:
         log.info(cpu_cost_message(seconds, steps_left, train.time_budget_s))
 
     state.vae_step.train()
-    stage = None
+    stage = None  # logged when it changes
     remedies = (
         f"lower train.batch_size (now {train.batch_size}), set train.recompute=on (now "
         f"{'on' if use_recompute else 'off'}) or train.amp=bf16 (now {train.amp}), e.g. --resume --set "
@@ -810,10 +660,9 @@ def fit(config: Config, resume: str | Path | None = None) -> FitResult:
     )
     with recompute(use_recompute), explain_out_of_memory(context.device, train.batch_size, shape, remedies):
         while state.epoch < train.num_epochs:
-            new_stage = "gan" if state.epoch >= train.gan_start_epoch else "pretrain"
-            if new_stage != stage:
-                log.info("epoch %d: stage %s", state.epoch, new_stage)
-            stage = new_stage
+            stage, previous = "gan" if state.epoch >= train.gan_start_epoch else "pretrain", stage
+            if stage != previous:
+                log.info("epoch %d: stage %s", state.epoch, stage)
             batches = epoch_batches(
                 loader, shuffle_generator, train, context.device, state.epoch, state.step_in_epoch, per_epoch
             )

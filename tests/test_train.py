@@ -30,6 +30,7 @@ from torch._functorch import config as functorch_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import device_data
+import metrics
 import regions
 import train
 from checkpoints import (
@@ -645,7 +646,7 @@ def test_validation_shows_a_progress_bar_on_rank_0_only(monkeypatch):
         bars.append(kwargs)
         return iterable
 
-    monkeypatch.setattr(train, "tqdm", recording_tqdm)
+    monkeypatch.setattr(metrics, "tqdm", recording_tqdm)
     train.validate(state.eval_vae, volumes, None, config, train.SINGLE_PROCESS, None)
     assert [(bar["desc"], bar["disable"]) for bar in bars] == [("validation", None)]
     other_rank = dataclasses.replace(train.SINGLE_PROCESS, rank=1)  # world size 1: no collective is called
