@@ -786,39 +786,24 @@ class VolumeDataset(torch.utils.data.Dataset):
         return {"image": image, "mask": mask, "index": cached["index"]}
 
 
-build_dataset = VolumeDataset  # the name device_data.py and bench/ build datasets by
-
-
-class PreprocessedRows(torch.utils.data.Dataset):
-    """Row ``i`` of a split frame -> ``{"index": i, "volume": PreprocessedVolume | None, "error": str}``.
-
-    For inference and latent saving (no cache, no augmentation). Preprocessing errors are returned, not
-    raised, so one bad file does not stop a DataLoader.
-    """
-
-    def __init__(self, frame: pd.DataFrame, prep: PreprocessingConfig, indices: list[int]) -> None:
-        self.images, self.masks = list(frame["image"]), list(frame["mask"])
-        self.prep, self.indices = prep, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        index = self.indices[position]
-        try:
-            volume = preprocess_volume(self.images[index], self.prep, self.masks[index])
-        except DataError as error:  # its message names the file already
-            return {"index": index, "volume": None, "error": str(error)}
-        except (OSError, ValueError, RuntimeError) as error:
-            return {"index": index, "volume": None, "error": f"{self.images[index]}: {error}"}
-        return {"index": index, "volume": volume, "error": ""}
+def _preprocess_row(index: int, frame: pd.DataFrame, prep: PreprocessingConfig) -> dict[str, Any]:
+    image = frame["image"].iloc[index]
+    try:
+        volume = preprocess_volume(image, prep, frame["mask"].iloc[index])
+    except DataError as error:  # its message names the file already
+        return {"index": index, "volume": None, "error": str(error)}
+    except (OSError, ValueError, RuntimeError) as error:
+        return {"index": index, "volume": None, "error": f"{image}: {error}"}
+    return {"index": index, "volume": volume, "error": ""}
 
 
 def preprocessed_batches(
     frame: pd.DataFrame, prep: PreprocessingConfig, indices: list[int], batch_size: int, num_workers: int
 ) -> Iterator[list[dict[str, Any]]]:
-    """Batches (lists) of :class:`PreprocessedRows` items in row order, preprocessed in worker processes."""
-    rows = PreprocessedRows(frame, prep, indices)
+    """Rows ``indices`` of a split frame preprocessed in worker processes (inference, latent saving: no cache,
+    no augmentation), in batches (lists) in row order of ``{"index": row, "volume": PreprocessedVolume | None,
+    "error": str}``. A preprocessing error is returned, not raised, so one bad file does not stop the others."""
+    rows = MonaiDataset(indices, functools.partial(_preprocess_row, frame=frame, prep=prep))
     yield from torch.utils.data.DataLoader(rows, batch_size, num_workers=num_workers, collate_fn=list)
 
 
@@ -838,23 +823,21 @@ def main(argv: list[str] | None = None) -> int:
     shown = report.assign(image=[Path(p).name for p in report["image"]]).drop(columns=["mask"])
     with pd.option_context("display.width", 250, "display.max_rows", None, "display.max_colwidth", 80):
         print(shown.to_string(index=False))
-    bad = report[report["problem"] != ""]
+    good = report["problem"] == ""
     try:
-        warn_inputs(frame[(report["problem"] == "").to_numpy()], strict=args.strict)
+        warn_inputs(frame[good.to_numpy()], strict=args.strict)
     except DataError as error:
         print(f"ERROR: {error}", file=sys.stderr)
         return 1
-    if bad.empty:
+    if good.all():
         print(f"OK: all {len(report)} file(s) passed the pre-flight check")
         return 0
-    n_bad = len(bad)
-    table = "\n".join(
-        f"  {image}: {problem}" for image, problem in zip(bad["image"], bad["problem"], strict=True)
-    )
+    table = "".join(f"\n  {row.image}: {row.problem}" for row in report.itertuples() if row.problem)
+    failed = f"{(~good).sum()} of {len(report)} file(s)"
     if args.skip_bad_files:
-        print(f"SKIPPING {n_bad} of {len(report)} file(s):\n{table}", file=sys.stderr)
-        return 0 if n_bad < len(report) else 1
-    print(f"ERROR: {n_bad} of {len(report)} file(s) failed the pre-flight check:\n{table}", file=sys.stderr)
+        print(f"SKIPPING {failed}:{table}", file=sys.stderr)
+        return 0 if good.any() else 1
+    print(f"ERROR: {failed} failed the pre-flight check:{table}", file=sys.stderr)
     return 1
 
 

@@ -1,26 +1,22 @@
-"""The GPU data path: preprocessed volumes cached on the training device and augmented there, in batches.
+"""The training data: :func:`make_loaders` takes the DataLoader path (``dataset.VolumeDataset`` augments one item
+at a time in workers) or, when :func:`cache_fits`, the GPU path (:class:`DeviceVolumeCache` holds the preprocessed
+volumes on the device, :class:`DeviceBatches` augments whole batches there with the same ``dataset.Augmentation``;
+MONAI's random transforms work per item, keep their draws inside the transform objects, and RandBiasField has no
+torch backend). The training memory and CPU step-time estimates live here too.
 
-The DataLoader path runs every training volume through a worker (CPU cache -> ``VolumeDataset``, which augments
-the item with :class:`dataset.Augmentation` -> collate -> copy to the device). Here :class:`DeviceVolumeCache`
-keeps the preprocessed volumes on the device (float16 image + uint8 mask) and :class:`DeviceBatches` augments
-whole batches there with the same :class:`dataset.Augmentation`, behind the training DataLoader's interface.
-:func:`make_loaders` (training's choice of data path) takes it when :func:`cache_fits`; the training memory and
-CPU step-time estimates live beside that. (MONAI's random transforms would not do on the device: they work per
-item, keep what they drew inside the transform objects, and RandBiasField has no torch backend.)
-
-What differs between the paths: only the float16 rounding of the cached image (:data:`FLOAT16_MAX_ABS_ERROR`);
-with a float32 cache a batch is bitwise the DataLoader's (``tests/test_device_data.py``).
+The paths differ only by the float16 rounding of the cached image (:data:`FLOAT16_MAX_ABS_ERROR`); with a float32
+cache a batch is bitwise the DataLoader's (``tests/test_device_data.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 from collections.abc import Iterator, Sequence
 from itertools import islice
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
@@ -65,13 +61,8 @@ def free_memory_bytes(device: torch.device | str) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as meminfo:
-                for line in meminfo:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
+        with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return None
 
@@ -94,7 +85,6 @@ def cache_fits(
     """
     if not 0 < max_fraction <= 1:
         raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
-    device = torch.device(device)
     needed = cache_bytes(n_volumes, spatial_shape, storage)
     what = (
         f"{n_volumes} volumes x {cache_bytes(1, spatial_shape, storage) / 2**20:.2f} MiB = {_gib(needed)} "
@@ -230,19 +220,14 @@ class DeviceVolumeCache:
             )
         if len(dataset) == 0:
             raise ValueError("the dataset is empty")
-        dtype, device = STORAGE_DTYPES[storage], torch.device(device)
-        loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
-        images = masks = None
-        for position, item in enumerate(loader):
-            if int(item["index"]) != position:
-                raise ValueError(f"item {position} has index {item['index']}; expected the row position")
-            if images is None or masks is None:
+        dtype = STORAGE_DTYPES[storage]
+        for position, item in enumerate(DataLoader(dataset, batch_size=None, num_workers=num_workers)):
+            if position == 0:
                 shape = (len(dataset), *item["image"].shape)
                 images = torch.empty(shape, dtype=dtype, device=device)
                 masks = torch.empty(shape, dtype=torch.uint8, device=device)
             images[position].copy_(item["image"].to(dtype))
             masks[position].copy_(item["mask"].to(torch.uint8))
-        assert images is not None and masks is not None
         return cls(images, masks)
 
     def __len__(self) -> int:
@@ -331,17 +316,16 @@ def make_loaders(
         pd.concat([train_frame, val_frame]), strict=data.strict_input_checks, emit=log.warning
     )
     log.info("train: %d volumes, val: %d volumes", len(train_frame), len(val_frame))
-    augmentation = config.augmentation if config.augmentation.enabled else None
     use_device_cache = data.device_cache == "on"
     if data.device_cache == "auto" and context.device.type == "cuda":
         shape = tuple(config.preprocessing.target_shape)
         use_device_cache, reason = cache_fits(len(train_frame) + len(val_frame), shape, context.device)
         log.info(reason)
     generator = torch.Generator()
-    build = {"prep": config.preprocessing, "cache": data.cache, "cache_dir": Path(data.cache_dir)}
-    val_set = dataset.build_dataset(val_frame, augmentation=None, **build)
-    train_set = dataset.build_dataset(
-        train_frame, augmentation=None if use_device_cache else augmentation, seed=train.seed, **build
+    build = {"prep": config.preprocessing, "cache": data.cache, "cache_dir": data.cache_dir}
+    val_set = VolumeDataset(val_frame, **build)
+    train_set = VolumeDataset(
+        train_frame, augmentation=None if use_device_cache else config.augmentation, seed=train.seed, **build
     )
     if context.is_distributed:
         sampler = DistributedSampler(train_set, shuffle=True, seed=train.seed, drop_last=False)
@@ -356,8 +340,8 @@ def make_loaders(
         log.info(
             "device cache: %.2f GiB on %s", (train_cache.nbytes + val_cache.nbytes) / 2**30, context.device
         )
-        batch_augmentation = None if augmentation is None else Augmentation(augmentation, train.seed)
-        batches = DeviceBatches(train_cache, batch_augmentation, sampler, train.batch_size, generator)
+        augmentation = Augmentation(config.augmentation, train.seed) if config.augmentation.enabled else None
+        batches = DeviceBatches(train_cache, augmentation, sampler, train.batch_size, generator)
         return batches, val_cache, generator
     loader = DataLoader(
         train_set,
