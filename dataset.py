@@ -1,10 +1,9 @@
 """Data for the 3D brain VAE: split reading, pre-flight checks, THE preprocessing and its inverse, datasets.
 
 Every script (train, infer, save_latent, notebook) preprocesses through :func:`preprocess_volume` and maps
-results back with :func:`restore_to_input_grid`; nothing here is re-implemented elsewhere. One rule for
-background and foreground serves the pre-flight, the preprocessing and the in-brain metrics: the background is
-the median of the volume's outer 2-voxel shell (:func:`background_value`; 0 for a skull-stripped file, 10 for
-one stored with ``scl_inter = 10``, whatever its units), the foreground every voxel brighter than it.
+results back with :func:`restore_to_input_grid`; nothing here is re-implemented elsewhere. The pre-flight, the
+preprocessing and the in-brain metrics share one foreground: every voxel brighter than :func:`background_value`
+(0 for a skull-stripped file, 10 for one stored with ``scl_inter = 10``, whatever its units).
 
 CLI::
 
@@ -535,7 +534,7 @@ def preprocess_volume(
 
 
 def restore_to_input_grid(
-    volume: np.ndarray | torch.Tensor,
+    volume: torch.Tensor,
     inverse: InverseInfo,
     intensity: Literal["original", "unit"] = "original",
 ) -> nib.Nifti1Image:
@@ -547,8 +546,7 @@ def restore_to_input_grid(
     scaling, values <= 0 become the input's background value); ``unit`` keeps [0, 1]. Returns float32 NIfTI
     with the input's affine and spatial shape.
     """
-    array = volume.detach().cpu().float().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
-    array = np.asarray(array, dtype=np.float32)
+    array = volume.detach().cpu().float().numpy()
     if array.ndim == 4:
         array = array[0]
     if array.ndim != 3:

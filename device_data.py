@@ -75,7 +75,6 @@ def cache_fits(
     n_volumes: int,
     spatial_shape: Sequence[int],
     device: torch.device | str,
-    storage: Storage = "float16",
     max_fraction: float = 0.5,
 ) -> tuple[bool, str]:
     """Whether a device cache of ``n_volumes`` fits in ``max_fraction`` of the memory free on ``device`` now.
@@ -85,10 +84,10 @@ def cache_fits(
     """
     if not 0 < max_fraction <= 1:
         raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
-    needed = cache_bytes(n_volumes, spatial_shape, storage)
+    needed = cache_bytes(n_volumes, spatial_shape)
     what = (
-        f"{n_volumes} volumes x {cache_bytes(1, spatial_shape, storage) / 2**20:.2f} MiB = {_gib(needed)} "
-        f"({storage} image + uint8 mask, {'x'.join(map(str, spatial_shape))})"
+        f"{n_volumes} volumes x {cache_bytes(1, spatial_shape) / 2**20:.2f} MiB = {_gib(needed)} "
+        f"(float16 image + uint8 mask, {'x'.join(map(str, spatial_shape))})"
     )
     free = free_memory_bytes(device)
     if free is None:
@@ -169,9 +168,8 @@ def cpu_cost_message(seconds_per_step: float, steps_left: int, time_budget_s: fl
         allowed = time_budget_s / seconds_per_step
         plan = f"{steps_left} steps left, of which train.time_budget_s={time_budget_s:g} allows about {allowed:.0f}"
     else:
-        plan = f"{steps_left} steps left ≈ " + (
-            f"{total / 60:.0f} min" if total < 5400 else f"{total / 3600:.1f} h"
-        )
+        duration = f"{total / 60:.0f} min" if total < 5400 else f"{total / 3600:.1f} h"
+        plan = f"{steps_left} steps left ≈ {duration}"
     message = (
         f"CPU training: about {seconds_per_step:.1f} s per pretraining step (a rough estimate from one full-size "
         f"step; GAN-stage steps are slower), {plan}"
@@ -270,10 +268,10 @@ class DeviceBatches:
         augmentation: Augmentation | None,
         sampler: Sampler[int] | Sequence[int],
         batch_size: int,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator,
     ) -> None:
-        self.cache, self.augmentation, self.sampler = cache, augmentation, sampler
-        self.batch_size, self.generator = batch_size, generator
+        self.cache, self.augmentation, self.generator = cache, augmentation, generator
+        self.sampler, self.batches = sampler, BatchSampler(sampler, batch_size, drop_last=False)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -281,14 +279,13 @@ class DeviceBatches:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)  # type: ignore[arg-type]
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self.generator is not None:
-            # a DataLoader iterator draws its workers' base seed from its generator before the sampler's first
-            # index: draw it too, so a generator shared with the sampler gives the DataLoader's shuffle
-            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        for indices in BatchSampler(self.sampler, self.batch_size, drop_last=False):
+        # a DataLoader iterator draws its workers' base seed from its generator before the sampler's first
+        # index: draw it too, so a generator shared with the sampler gives the DataLoader's shuffle
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        for indices in self.batches:
             batch = self.cache.batch(indices)
             if self.augmentation is not None:
                 batch["image"], batch["mask"] = self.augmentation(
