@@ -1,9 +1,9 @@
 """Data for the 3D brain VAE: split reading, pre-flight checks, THE preprocessing and its inverse, datasets.
 
 Every script (train, infer, save_latent, notebook) preprocesses through :func:`preprocess_volume` and maps
-results back with :func:`restore_to_input_grid`; nothing here is re-implemented elsewhere. The pre-flight, the
-preprocessing and the in-brain metrics share one foreground: every voxel brighter than :func:`background_value`
-(0 for a skull-stripped file, 10 for one stored with ``scl_inter = 10``, whatever its units).
+results back with :func:`restore_to_input_grid`; nothing here is re-implemented elsewhere. The pre-flight,
+the preprocessing and the in-brain metrics share one foreground: every voxel brighter than
+:func:`background_value` (0 for a skull-stripped file, 10 for one stored with ``scl_inter = 10``).
 
 CLI::
 
@@ -170,12 +170,11 @@ def _inspect_image(path: str) -> dict[str, Any]:
     except Exception as error:  # nibabel raises many types for corrupt / truncated / foreign files
         return {**info, "problem": f"unreadable: {type(error).__name__}: {error}"}
     shape = tuple(int(s) for s in image.shape)
-    zooms = image.header.get_zooms()[:3]
     info.update(
         readable=True,
         shape="x".join(map(str, shape)),
         volumes=int(np.prod(shape[3:])) if len(shape) > 3 else 1,
-        voxel_size="x".join(f"{z:.3g}" for z in zooms),
+        voxel_size="x".join(f"{z:.3g}" for z in image.header.get_zooms()[:3]),
         orientation="".join(nib.aff2axcodes(image.affine)),
         dtype=str(image.get_data_dtype()),
     )
@@ -217,11 +216,7 @@ def _inspect_mask(path: str, image_shape: tuple[int, ...] | None) -> str:
 
 
 def check_files(frame: pd.DataFrame) -> pd.DataFrame:
-    """Inspect every image (and mask) of a split frame; one row per file, ``problem`` '' when fine.
-
-    Columns: subject_id, image, readable, shape, volumes, voxel_size, orientation, dtype, min, max,
-    nan_inf, constant, mask, problem.
-    """
+    """Inspect every image (and mask) of a split frame: one row per file, ``problem`` '' when fine."""
     rows = []
     for subject_id, image, mask in zip(frame["subject_id"], frame["image"], frame["mask"], strict=True):
         info = _inspect_image(image)
@@ -441,9 +436,8 @@ def _check_loaded(data: dict) -> dict:
 
 
 def _to_target_grid(data: dict, prep: PreprocessingConfig) -> dict:
-    """Resample to ``prep.target_spacing`` (``Spacingd``: linear for the image, nearest for the mask; skipped
-    when the spacing already fits), centred pad/crop to ``prep.target_shape`` (the image padded with its
-    background value, the mask with 0); ``mask`` -> bool: the given mask > 0, else :func:`estimate_brain_mask`."""
+    """The resampling, pad/crop and brain-mask steps of :func:`build_preprocessing` (image linear, mask
+    nearest and padded with 0); ``mask`` -> bool: the given mask > 0, else :func:`estimate_brain_mask`."""
     pixdim = None if prep.target_spacing is None else tuple(prep.target_spacing)
     if pixdim is not None and not np.allclose(data["image"].pixdim, pixdim, atol=SPACING_TOLERANCE_MM):
         modes = ("bilinear", "nearest")
@@ -798,9 +792,9 @@ def _preprocess_row(index: int, frame: pd.DataFrame, prep: PreprocessingConfig) 
 def preprocessed_batches(
     frame: pd.DataFrame, prep: PreprocessingConfig, indices: list[int], batch_size: int, num_workers: int
 ) -> Iterator[list[dict[str, Any]]]:
-    """Rows ``indices`` of a split frame preprocessed in worker processes (inference, latent saving: no cache,
-    no augmentation), in batches (lists) in row order of ``{"index": row, "volume": PreprocessedVolume | None,
-    "error": str}``. A preprocessing error is returned, not raised, so one bad file does not stop the others."""
+    """Rows ``indices`` of a split frame, preprocessed in worker processes (no cache, no augmentation), in
+    batches (lists) in row order of ``{"index": row, "volume": PreprocessedVolume | None, "error": str}``.
+    Preprocessing errors are returned, not raised, so one bad file does not stop a DataLoader."""
     rows = MonaiDataset(indices, functools.partial(_preprocess_row, frame=frame, prep=prep))
     yield from torch.utils.data.DataLoader(rows, batch_size, num_workers=num_workers, collate_fn=list)
 

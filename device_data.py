@@ -1,11 +1,11 @@
-"""The training data: :func:`make_loaders` takes the DataLoader path (``dataset.VolumeDataset`` augments one item
-at a time in workers) or, when :func:`cache_fits`, the GPU path (:class:`DeviceVolumeCache` holds the preprocessed
-volumes on the device, :class:`DeviceBatches` augments whole batches there with the same ``dataset.Augmentation``;
-MONAI's random transforms work per item, keep their draws inside the transform objects, and RandBiasField has no
-torch backend). The training memory and CPU step-time estimates live here too.
+"""The training data: :func:`make_loaders` takes the DataLoader path (``dataset.VolumeDataset`` augments one
+item at a time in workers) or, when :func:`cache_fits`, the GPU path (:class:`DeviceVolumeCache` holds the
+preprocessed volumes on the device, :class:`DeviceBatches` augments whole batches there with the same
+``dataset.Augmentation``; MONAI's random transforms work per item, keep their draws inside the transform
+objects, and RandBiasField has no torch backend). The training memory and CPU step-time estimates live here.
 
-The paths differ only by the float16 rounding of the cached image (:data:`FLOAT16_MAX_ABS_ERROR`); with a float32
-cache a batch is bitwise the DataLoader's (``tests/test_device_data.py``).
+The paths differ only by the float16 rounding of the cached image (:data:`FLOAT16_MAX_ABS_ERROR`); with a
+float32 cache a batch is bitwise the DataLoader's (``tests/test_device_data.py``).
 """
 
 from __future__ import annotations
