@@ -597,14 +597,9 @@ def _affine_theta(matrix: torch.Tensor, spatial_shape: tuple[int, ...]) -> torch
 def _bias_field(coefficients: torch.Tensor, spatial_shape: tuple[int, ...]) -> torch.Tensor:
     """(D, H, W) float32 on the coefficients' device: sum c_ijk P_i(z) P_j(y) P_k(x), each coordinate on
     ``linspace(-1, 1, size)`` (MONAI RandBiasField's field, evaluated separably)."""
-    depth, height, width = (
-        torch.as_tensor(
-            np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, size), BIAS_FIELD_DEGREE),
-            dtype=torch.float32,
-            device=coefficients.device,
-        )
-        for size in spatial_shape
-    )
+    device, degree = coefficients.device, BIAS_FIELD_DEGREE
+    bases = [np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, s), degree) for s in spatial_shape]
+    depth, height, width = (torch.as_tensor(b, dtype=torch.float32, device=device) for b in bases)
     return torch.einsum("ijk,di,hj,wk->dhw", coefficients, depth, height, width)
 
 
@@ -670,9 +665,8 @@ class Augmentation:
         out_images, out_masks = [], []
         for image, mask, draw in zip(images[:, None], masks[:, None], draws, strict=True):  # (1, 1, D, H, W)
             if draw.affine is not None:
-                grid = F.affine_grid(
-                    _affine_theta(draw.affine, shape).to(device), image.shape, align_corners=False
-                )
+                theta = _affine_theta(draw.affine, shape).to(device)
+                grid = F.affine_grid(theta, image.shape, align_corners=False)
                 sample = {"grid": grid, "padding_mode": "zeros", "align_corners": False}
                 image = F.grid_sample(image, mode="bilinear", **sample)
                 mask = F.grid_sample(mask, mode="nearest", **sample)
