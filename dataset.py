@@ -1,10 +1,9 @@
 """Data for the 3D brain VAE: split reading, pre-flight checks, THE preprocessing and its inverse, datasets.
 
 Every script (train, infer, save_latent, notebook) preprocesses through :func:`preprocess_volume` and maps
-results back with :func:`restore_to_input_grid`; nothing here is re-implemented elsewhere. One rule for
-background and foreground serves the pre-flight, the preprocessing and the in-brain metrics: the background is
-the median of the volume's outer 2-voxel shell (:func:`background_value`; 0 for a skull-stripped file, 10 for
-one stored with ``scl_inter = 10``, whatever its units), the foreground every voxel brighter than it.
+results back with :func:`restore_to_input_grid`; nothing here is re-implemented elsewhere. The pre-flight,
+the preprocessing and the in-brain metrics share one foreground: every voxel brighter than
+:func:`background_value` (0 for a skull-stripped file, 10 for one stored with ``scl_inter = 10``).
 
 CLI::
 
@@ -171,12 +170,11 @@ def _inspect_image(path: str) -> dict[str, Any]:
     except Exception as error:  # nibabel raises many types for corrupt / truncated / foreign files
         return {**info, "problem": f"unreadable: {type(error).__name__}: {error}"}
     shape = tuple(int(s) for s in image.shape)
-    zooms = image.header.get_zooms()[:3]
     info.update(
         readable=True,
         shape="x".join(map(str, shape)),
         volumes=int(np.prod(shape[3:])) if len(shape) > 3 else 1,
-        voxel_size="x".join(f"{z:.3g}" for z in zooms),
+        voxel_size="x".join(f"{z:.3g}" for z in image.header.get_zooms()[:3]),
         orientation="".join(nib.aff2axcodes(image.affine)),
         dtype=str(image.get_data_dtype()),
     )
@@ -218,11 +216,7 @@ def _inspect_mask(path: str, image_shape: tuple[int, ...] | None) -> str:
 
 
 def check_files(frame: pd.DataFrame) -> pd.DataFrame:
-    """Inspect every image (and mask) of a split frame; one row per file, ``problem`` '' when fine.
-
-    Columns: subject_id, image, readable, shape, volumes, voxel_size, orientation, dtype, min, max,
-    nan_inf, constant, mask, problem.
-    """
+    """Inspect every image (and mask) of a split frame: one row per file, ``problem`` '' when fine."""
     rows = []
     for subject_id, image, mask in zip(frame["subject_id"], frame["image"], frame["mask"], strict=True):
         info = _inspect_image(image)
@@ -442,9 +436,8 @@ def _check_loaded(data: dict) -> dict:
 
 
 def _to_target_grid(data: dict, prep: PreprocessingConfig) -> dict:
-    """Resample to ``prep.target_spacing`` (``Spacingd``: linear for the image, nearest for the mask; skipped
-    when the spacing already fits), centred pad/crop to ``prep.target_shape`` (the image padded with its
-    background value, the mask with 0); ``mask`` -> bool: the given mask > 0, else :func:`estimate_brain_mask`."""
+    """The resampling, pad/crop and brain-mask steps of :func:`build_preprocessing` (image linear, mask
+    nearest and padded with 0); ``mask`` -> bool: the given mask > 0, else :func:`estimate_brain_mask`."""
     pixdim = None if prep.target_spacing is None else tuple(prep.target_spacing)
     if pixdim is not None and not np.allclose(data["image"].pixdim, pixdim, atol=SPACING_TOLERANCE_MM):
         modes = ("bilinear", "nearest")
@@ -535,7 +528,7 @@ def preprocess_volume(
 
 
 def restore_to_input_grid(
-    volume: np.ndarray | torch.Tensor,
+    volume: torch.Tensor,
     inverse: InverseInfo,
     intensity: Literal["original", "unit"] = "original",
 ) -> nib.Nifti1Image:
@@ -547,8 +540,7 @@ def restore_to_input_grid(
     scaling, values <= 0 become the input's background value); ``unit`` keeps [0, 1]. Returns float32 NIfTI
     with the input's affine and spatial shape.
     """
-    array = volume.detach().cpu().float().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
-    array = np.asarray(array, dtype=np.float32)
+    array = volume.detach().cpu().float().numpy()
     if array.ndim == 4:
         array = array[0]
     if array.ndim != 3:
@@ -605,14 +597,9 @@ def _affine_theta(matrix: torch.Tensor, spatial_shape: tuple[int, ...]) -> torch
 def _bias_field(coefficients: torch.Tensor, spatial_shape: tuple[int, ...]) -> torch.Tensor:
     """(D, H, W) float32 on the coefficients' device: sum c_ijk P_i(z) P_j(y) P_k(x), each coordinate on
     ``linspace(-1, 1, size)`` (MONAI RandBiasField's field, evaluated separably)."""
-    depth, height, width = (
-        torch.as_tensor(
-            np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, size), BIAS_FIELD_DEGREE),
-            dtype=torch.float32,
-            device=coefficients.device,
-        )
-        for size in spatial_shape
-    )
+    device, degree = coefficients.device, BIAS_FIELD_DEGREE
+    bases = [np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, s), degree) for s in spatial_shape]
+    depth, height, width = (torch.as_tensor(b, dtype=torch.float32, device=device) for b in bases)
     return torch.einsum("ijk,di,hj,wk->dhw", coefficients, depth, height, width)
 
 
@@ -678,9 +665,8 @@ class Augmentation:
         out_images, out_masks = [], []
         for image, mask, draw in zip(images[:, None], masks[:, None], draws, strict=True):  # (1, 1, D, H, W)
             if draw.affine is not None:
-                grid = F.affine_grid(
-                    _affine_theta(draw.affine, shape).to(device), image.shape, align_corners=False
-                )
+                theta = _affine_theta(draw.affine, shape).to(device)
+                grid = F.affine_grid(theta, image.shape, align_corners=False)
                 sample = {"grid": grid, "padding_mode": "zeros", "align_corners": False}
                 image = F.grid_sample(image, mode="bilinear", **sample)
                 mask = F.grid_sample(mask, mode="nearest", **sample)
@@ -786,39 +772,24 @@ class VolumeDataset(torch.utils.data.Dataset):
         return {"image": image, "mask": mask, "index": cached["index"]}
 
 
-build_dataset = VolumeDataset  # the name device_data.py and bench/ build datasets by
-
-
-class PreprocessedRows(torch.utils.data.Dataset):
-    """Row ``i`` of a split frame -> ``{"index": i, "volume": PreprocessedVolume | None, "error": str}``.
-
-    For inference and latent saving (no cache, no augmentation). Preprocessing errors are returned, not
-    raised, so one bad file does not stop a DataLoader.
-    """
-
-    def __init__(self, frame: pd.DataFrame, prep: PreprocessingConfig, indices: list[int]) -> None:
-        self.images, self.masks = list(frame["image"]), list(frame["mask"])
-        self.prep, self.indices = prep, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        index = self.indices[position]
-        try:
-            volume = preprocess_volume(self.images[index], self.prep, self.masks[index])
-        except DataError as error:  # its message names the file already
-            return {"index": index, "volume": None, "error": str(error)}
-        except (OSError, ValueError, RuntimeError) as error:
-            return {"index": index, "volume": None, "error": f"{self.images[index]}: {error}"}
-        return {"index": index, "volume": volume, "error": ""}
+def _preprocess_row(index: int, frame: pd.DataFrame, prep: PreprocessingConfig) -> dict[str, Any]:
+    image = frame["image"].iloc[index]
+    try:
+        volume = preprocess_volume(image, prep, frame["mask"].iloc[index])
+    except DataError as error:  # its message names the file already
+        return {"index": index, "volume": None, "error": str(error)}
+    except (OSError, ValueError, RuntimeError) as error:
+        return {"index": index, "volume": None, "error": f"{image}: {error}"}
+    return {"index": index, "volume": volume, "error": ""}
 
 
 def preprocessed_batches(
     frame: pd.DataFrame, prep: PreprocessingConfig, indices: list[int], batch_size: int, num_workers: int
 ) -> Iterator[list[dict[str, Any]]]:
-    """Batches (lists) of :class:`PreprocessedRows` items in row order, preprocessed in worker processes."""
-    rows = PreprocessedRows(frame, prep, indices)
+    """Rows ``indices`` of a split frame, preprocessed in worker processes (no cache, no augmentation), in
+    batches (lists) in row order of ``{"index": row, "volume": PreprocessedVolume | None, "error": str}``.
+    Preprocessing errors are returned, not raised, so one bad file does not stop a DataLoader."""
+    rows = MonaiDataset(indices, functools.partial(_preprocess_row, frame=frame, prep=prep))
     yield from torch.utils.data.DataLoader(rows, batch_size, num_workers=num_workers, collate_fn=list)
 
 
@@ -838,23 +809,21 @@ def main(argv: list[str] | None = None) -> int:
     shown = report.assign(image=[Path(p).name for p in report["image"]]).drop(columns=["mask"])
     with pd.option_context("display.width", 250, "display.max_rows", None, "display.max_colwidth", 80):
         print(shown.to_string(index=False))
-    bad = report[report["problem"] != ""]
+    good = report["problem"] == ""
     try:
-        warn_inputs(frame[(report["problem"] == "").to_numpy()], strict=args.strict)
+        warn_inputs(frame[good.to_numpy()], strict=args.strict)
     except DataError as error:
         print(f"ERROR: {error}", file=sys.stderr)
         return 1
-    if bad.empty:
+    if good.all():
         print(f"OK: all {len(report)} file(s) passed the pre-flight check")
         return 0
-    n_bad = len(bad)
-    table = "\n".join(
-        f"  {image}: {problem}" for image, problem in zip(bad["image"], bad["problem"], strict=True)
-    )
+    table = "".join(f"\n  {row.image}: {row.problem}" for row in report.itertuples() if row.problem)
+    failed = f"{(~good).sum()} of {len(report)} file(s)"
     if args.skip_bad_files:
-        print(f"SKIPPING {n_bad} of {len(report)} file(s):\n{table}", file=sys.stderr)
-        return 0 if n_bad < len(report) else 1
-    print(f"ERROR: {n_bad} of {len(report)} file(s) failed the pre-flight check:\n{table}", file=sys.stderr)
+        print(f"SKIPPING {failed}:{table}", file=sys.stderr)
+        return 0 if good.any() else 1
+    print(f"ERROR: {failed} failed the pre-flight check:{table}", file=sys.stderr)
     return 1
 
 

@@ -1,26 +1,22 @@
-"""The GPU data path: preprocessed volumes cached on the training device and augmented there, in batches.
+"""The training data: :func:`make_loaders` takes the DataLoader path (``dataset.VolumeDataset`` augments one
+item at a time in workers) or, when :func:`cache_fits`, the GPU path (:class:`DeviceVolumeCache` holds the
+preprocessed volumes on the device, :class:`DeviceBatches` augments whole batches there with the same
+``dataset.Augmentation``; MONAI's random transforms work per item, keep their draws inside the transform
+objects, and RandBiasField has no torch backend). The training memory and CPU step-time estimates live here.
 
-The DataLoader path runs every training volume through a worker (CPU cache -> ``VolumeDataset``, which augments
-the item with :class:`dataset.Augmentation` -> collate -> copy to the device). Here :class:`DeviceVolumeCache`
-keeps the preprocessed volumes on the device (float16 image + uint8 mask) and :class:`DeviceBatches` augments
-whole batches there with the same :class:`dataset.Augmentation`, behind the training DataLoader's interface.
-:func:`make_loaders` (training's choice of data path) takes it when :func:`cache_fits`; the training memory and
-CPU step-time estimates live beside that. (MONAI's random transforms would not do on the device: they work per
-item, keep what they drew inside the transform objects, and RandBiasField has no torch backend.)
-
-What differs between the paths: only the float16 rounding of the cached image (:data:`FLOAT16_MAX_ABS_ERROR`);
-with a float32 cache a batch is bitwise the DataLoader's (``tests/test_device_data.py``).
+The paths differ only by the float16 rounding of the cached image (:data:`FLOAT16_MAX_ABS_ERROR`); with a
+float32 cache a batch is bitwise the DataLoader's (``tests/test_device_data.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 from collections.abc import Iterator, Sequence
 from itertools import islice
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
@@ -65,13 +61,8 @@ def free_memory_bytes(device: torch.device | str) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as meminfo:
-                for line in meminfo:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
+        with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return None
 
@@ -84,7 +75,6 @@ def cache_fits(
     n_volumes: int,
     spatial_shape: Sequence[int],
     device: torch.device | str,
-    storage: Storage = "float16",
     max_fraction: float = 0.5,
 ) -> tuple[bool, str]:
     """Whether a device cache of ``n_volumes`` fits in ``max_fraction`` of the memory free on ``device`` now.
@@ -94,11 +84,10 @@ def cache_fits(
     """
     if not 0 < max_fraction <= 1:
         raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
-    device = torch.device(device)
-    needed = cache_bytes(n_volumes, spatial_shape, storage)
+    needed = cache_bytes(n_volumes, spatial_shape)
     what = (
-        f"{n_volumes} volumes x {cache_bytes(1, spatial_shape, storage) / 2**20:.2f} MiB = {_gib(needed)} "
-        f"({storage} image + uint8 mask, {'x'.join(map(str, spatial_shape))})"
+        f"{n_volumes} volumes x {cache_bytes(1, spatial_shape) / 2**20:.2f} MiB = {_gib(needed)} "
+        f"(float16 image + uint8 mask, {'x'.join(map(str, spatial_shape))})"
     )
     free = free_memory_bytes(device)
     if free is None:
@@ -179,9 +168,8 @@ def cpu_cost_message(seconds_per_step: float, steps_left: int, time_budget_s: fl
         allowed = time_budget_s / seconds_per_step
         plan = f"{steps_left} steps left, of which train.time_budget_s={time_budget_s:g} allows about {allowed:.0f}"
     else:
-        plan = f"{steps_left} steps left ≈ " + (
-            f"{total / 60:.0f} min" if total < 5400 else f"{total / 3600:.1f} h"
-        )
+        duration = f"{total / 60:.0f} min" if total < 5400 else f"{total / 3600:.1f} h"
+        plan = f"{steps_left} steps left ≈ {duration}"
     message = (
         f"CPU training: about {seconds_per_step:.1f} s per pretraining step (a rough estimate from one full-size "
         f"step; GAN-stage steps are slower), {plan}"
@@ -230,19 +218,14 @@ class DeviceVolumeCache:
             )
         if len(dataset) == 0:
             raise ValueError("the dataset is empty")
-        dtype, device = STORAGE_DTYPES[storage], torch.device(device)
-        loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
-        images = masks = None
-        for position, item in enumerate(loader):
-            if int(item["index"]) != position:
-                raise ValueError(f"item {position} has index {item['index']}; expected the row position")
-            if images is None or masks is None:
+        dtype = STORAGE_DTYPES[storage]
+        for position, item in enumerate(DataLoader(dataset, batch_size=None, num_workers=num_workers)):
+            if position == 0:
                 shape = (len(dataset), *item["image"].shape)
                 images = torch.empty(shape, dtype=dtype, device=device)
                 masks = torch.empty(shape, dtype=torch.uint8, device=device)
             images[position].copy_(item["image"].to(dtype))
             masks[position].copy_(item["mask"].to(torch.uint8))
-        assert images is not None and masks is not None
         return cls(images, masks)
 
     def __len__(self) -> int:
@@ -285,10 +268,10 @@ class DeviceBatches:
         augmentation: Augmentation | None,
         sampler: Sampler[int] | Sequence[int],
         batch_size: int,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator,
     ) -> None:
-        self.cache, self.augmentation, self.sampler = cache, augmentation, sampler
-        self.batch_size, self.generator = batch_size, generator
+        self.cache, self.augmentation, self.generator = cache, augmentation, generator
+        self.sampler, self.batches = sampler, BatchSampler(sampler, batch_size, drop_last=False)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -296,14 +279,13 @@ class DeviceBatches:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)  # type: ignore[arg-type]
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self.generator is not None:
-            # a DataLoader iterator draws its workers' base seed from its generator before the sampler's first
-            # index: draw it too, so a generator shared with the sampler gives the DataLoader's shuffle
-            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        for indices in BatchSampler(self.sampler, self.batch_size, drop_last=False):
+        # a DataLoader iterator draws its workers' base seed from its generator before the sampler's first
+        # index: draw it too, so a generator shared with the sampler gives the DataLoader's shuffle
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        for indices in self.batches:
             batch = self.cache.batch(indices)
             if self.augmentation is not None:
                 batch["image"], batch["mask"] = self.augmentation(
@@ -331,17 +313,16 @@ def make_loaders(
         pd.concat([train_frame, val_frame]), strict=data.strict_input_checks, emit=log.warning
     )
     log.info("train: %d volumes, val: %d volumes", len(train_frame), len(val_frame))
-    augmentation = config.augmentation if config.augmentation.enabled else None
     use_device_cache = data.device_cache == "on"
     if data.device_cache == "auto" and context.device.type == "cuda":
         shape = tuple(config.preprocessing.target_shape)
         use_device_cache, reason = cache_fits(len(train_frame) + len(val_frame), shape, context.device)
         log.info(reason)
     generator = torch.Generator()
-    build = {"prep": config.preprocessing, "cache": data.cache, "cache_dir": Path(data.cache_dir)}
-    val_set = dataset.build_dataset(val_frame, augmentation=None, **build)
-    train_set = dataset.build_dataset(
-        train_frame, augmentation=None if use_device_cache else augmentation, seed=train.seed, **build
+    build = {"prep": config.preprocessing, "cache": data.cache, "cache_dir": data.cache_dir}
+    val_set = VolumeDataset(val_frame, **build)
+    train_set = VolumeDataset(
+        train_frame, augmentation=None if use_device_cache else config.augmentation, seed=train.seed, **build
     )
     if context.is_distributed:
         sampler = DistributedSampler(train_set, shuffle=True, seed=train.seed, drop_last=False)
@@ -356,8 +337,8 @@ def make_loaders(
         log.info(
             "device cache: %.2f GiB on %s", (train_cache.nbytes + val_cache.nbytes) / 2**30, context.device
         )
-        batch_augmentation = None if augmentation is None else Augmentation(augmentation, train.seed)
-        batches = DeviceBatches(train_cache, batch_augmentation, sampler, train.batch_size, generator)
+        augmentation = Augmentation(config.augmentation, train.seed) if config.augmentation.enabled else None
+        batches = DeviceBatches(train_cache, augmentation, sampler, train.batch_size, generator)
         return batches, val_cache, generator
     loader = DataLoader(
         train_set,

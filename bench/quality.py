@@ -111,7 +111,7 @@ def train_baseline(
     )
     frame = dataset.preflight(dataset.read_split(config.data.train_csv))
     augmentation = config.augmentation if config.augmentation.enabled else None
-    train_set = dataset.build_dataset(
+    train_set = dataset.VolumeDataset(
         frame, config.preprocessing, augmentation, cache="memory", seed=config.train.seed
     )
     generator = torch.Generator().manual_seed(config.train.seed)

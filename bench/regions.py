@@ -132,7 +132,7 @@ def validation_mode(frame: pd.DataFrame, config_file: str, overrides: list[str],
     config = load_config(config_file, overrides)
     configs = {enabled: load_config(config_file, [*overrides, f"train.region_metrics={str(enabled).lower()}"])
                for enabled in (False, True)}  # fmt: skip
-    val_set = dataset.build_dataset(frame, config.preprocessing, augmentation=None, cache="memory")
+    val_set = dataset.VolumeDataset(frame, config.preprocessing, augmentation=None, cache="memory")
     for i in range(len(val_set)):  # fill the cache: preprocessing is not validation time
         val_set[i]
     context = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

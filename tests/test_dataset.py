@@ -22,14 +22,14 @@ from dataset import (
     Augmentation,
     AugmentationDraw,
     DataError,
-    PreprocessedRows,
+    VolumeDataset,
     background_value,
     brain_mask_warning,
-    build_dataset,
     check_files,
     estimate_brain_mask,
     preflight,
     preprocess_volume,
+    preprocessed_batches,
     preprocessing_cache_dir,
     read_split,
     restore_to_input_grid,
@@ -459,7 +459,7 @@ def test_validation_items_carry_the_estimated_brain_mask(tmp_path):
     """train.py's validation reads its masks from the dataset items: an offset file gets the brain there too."""
     data = np.round(brain_like())
     frame = read_split(write_offset(tmp_path / "offset.nii.gz", data, 10.0))
-    item = build_dataset(frame, SMALL_PREP, None, cache="none")[0]
+    item = VolumeDataset(frame, SMALL_PREP, None, cache="none")[0]
     assert torch.equal(item["mask"], torch.from_numpy(data > 0)[None].float())
 
 
@@ -513,7 +513,8 @@ def test_a_preprocessing_error_names_the_file_once(tmp_path):
     path = write(tmp_path / "offcentre.nii.gz", data)
     frame = read_split(path)
     assert check_files(frame).loc[0, "problem"] == ""
-    error = PreprocessedRows(frame, SMALL_PREP, [0])[0]["error"]
+    [[row]] = preprocessed_batches(frame, SMALL_PREP, [0], batch_size=1, num_workers=0)
+    error = row["error"]
     assert error.count(str(path)) == 1 and "inside the target field of view" in error
 
 
@@ -526,7 +527,7 @@ def small_frame(tmp_path: Path, n: int = 3) -> pd.DataFrame:
 
 
 def test_dataset_items_and_collate(tmp_path):
-    dataset = build_dataset(small_frame(tmp_path), SMALL_PREP, None, cache="memory")
+    dataset = VolumeDataset(small_frame(tmp_path), SMALL_PREP, None, cache="memory")
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=3)))
     assert batch["image"].shape == (3, 1, *SMALL_SHAPE) and batch["image"].dtype == torch.float32
     assert batch["mask"].dtype == torch.float32 and set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
@@ -537,17 +538,17 @@ def test_dataset_items_and_collate(tmp_path):
 def test_disk_cache_keyed_by_settings(tmp_path):
     frame = small_frame(tmp_path, n=2)
     cache = tmp_path / "cache"
-    plain = build_dataset(frame, SMALL_PREP, None, cache="disk", cache_dir=cache)[0]["image"]
+    plain = VolumeDataset(frame, SMALL_PREP, None, cache="disk", cache_dir=cache)[0]["image"]
     cached = list(preprocessing_cache_dir(cache, SMALL_PREP).glob("*.pt"))
     assert len(cached) == 1  # the preprocessed tensors, not the file paths, are cached
     assert torch.load(cached[0], weights_only=True)["image"].shape == (1, *SMALL_SHAPE)
     other_prep = PreprocessingConfig(target_shape=SMALL_SHAPE, upper_percentile=50.0)
     assert preprocessing_cache_dir(cache, other_prep) != preprocessing_cache_dir(cache, SMALL_PREP)
-    changed = build_dataset(frame, other_prep, None, cache="disk", cache_dir=cache)[0]["image"]
+    changed = VolumeDataset(frame, other_prep, None, cache="disk", cache_dir=cache)[0]["image"]
     assert not torch.allclose(plain, changed)  # not served from the first cache
     expected = preprocess_volume(frame.loc[0, "image"], other_prep).image
     torch.testing.assert_close(changed, expected)
-    again = build_dataset(frame, SMALL_PREP, None, cache="disk", cache_dir=cache)[0]["image"]
+    again = VolumeDataset(frame, SMALL_PREP, None, cache="disk", cache_dir=cache)[0]["image"]
     torch.testing.assert_close(again, plain)
 
 
@@ -560,7 +561,7 @@ def test_augmentation_on_stays_in_unit_range(tmp_path):
         noise_std=0.2,
         flip_left_right_prob=0.5,
     )
-    dataset = build_dataset(small_frame(tmp_path, n=1), SMALL_PREP, aug, cache="none", seed=3)
+    dataset = VolumeDataset(small_frame(tmp_path, n=1), SMALL_PREP, aug, cache="none", seed=3)
     items = []
     for epoch in range(3):
         dataset.set_epoch(epoch)
@@ -572,7 +573,7 @@ def test_augmentation_on_stays_in_unit_range(tmp_path):
     assert not torch.allclose(items[0]["image"], items[1]["image"])  # a new draw every epoch
     dataset.set_epoch(1)
     torch.testing.assert_close(dataset[0]["image"], items[1]["image"])  # replayable: (seed, epoch, index)
-    off = build_dataset(
+    off = VolumeDataset(
         small_frame(tmp_path, n=1), SMALL_PREP, AugmentationConfig(enabled=False), cache="none"
     )
     torch.testing.assert_close(off[0]["image"], off[0]["image"])
@@ -689,7 +690,7 @@ def test_dataset_with_masks_and_resampling(tmp_path):
     frame = read_split(write_csv(tmp_path / "split.csv", rows))
     prep = PreprocessingConfig(target_spacing=(4.0, 4.0, 4.0), target_shape=(8, 9, 7))
     for cache in ("none", "memory", "disk"):
-        item = build_dataset(frame, prep, None, cache=cache, cache_dir=tmp_path / "cache")[1]
+        item = VolumeDataset(frame, prep, None, cache=cache, cache_dir=tmp_path / "cache")[1]
         assert item["image"].shape == item["mask"].shape == (1, 8, 9, 7)
         assert float(item["mask"].sum()) > 0
         inside, outside = item["image"][item["mask"] > 0], item["image"][item["mask"] == 0]
