@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.enc_dec import Decoder, Encoder
+from model.enc_dec import Tower
 
 
 class MaisiVAE(nn.Module):
@@ -70,11 +70,11 @@ class MaisiVAE(nn.Module):
         self.latent_channels = latent_channels
         self.downsample_factor = 2 ** (len(channels) - 1)
         levels = (channels, num_res_blocks, attention_levels, norm_num_groups, norm_eps, use_checkpointing)
-        self.encoder = Encoder(in_channels, latent_channels, *levels, with_encoder_nonlocal_attn)
+        self.encoder = Tower(in_channels, latent_channels, *levels, with_encoder_nonlocal_attn)
         self.mu_head = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
         self.logvar_head = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
         self.post_quant_conv = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
-        self.decoder = Decoder(
+        self.decoder = Tower(
             latent_channels, out_channels, *levels, with_decoder_nonlocal_attn, upsample_mode
         )
         self.to(memory_format=torch.channels_last_3d)
