@@ -37,14 +37,9 @@ class MaisiVAE(nn.Module):
     (with two or more levels) an unknown ``upsample_mode`` still raise ``ValueError``, from the layers using them.
 
     Args:
-        in_channels: input channels.
-        out_channels: output channels.
         channels: feature channels per level; each must be divisible by ``norm_num_groups``.
-        latent_channels: latent channels.
         num_res_blocks: ResNet blocks per level (each >= 1).
         attention_levels: spatial self-attention after each ResNet block of a level.
-        norm_num_groups: GroupNorm groups.
-        norm_eps: GroupNorm epsilon.
         with_encoder_nonlocal_attn: ResBlock + attention + ResBlock at the end of the encoder.
         with_decoder_nonlocal_attn: ResBlock + attention + ResBlock at the start of the decoder.
         use_checkpointing: activation checkpointing per ResNet block / attention / resampling layer.
@@ -137,11 +132,15 @@ class MaisiVAE(nn.Module):
         return model
 
 
-# MAISI wraps every conv in MaisiConvolution(Convolution(nn.Conv)): ".conv.conv." before weight/bias.
-_RES_BLOCK_KEY = re.compile(r"^(norm1|norm2|conv1|conv2|nin_shortcut)\.(?:conv\.conv\.)?(weight|bias)$")
-_RESAMPLE_KEY = re.compile(r"^conv\.conv\.conv\.(weight|bias)$")
-_CONV_KEY = re.compile(r"^conv\.conv\.(weight|bias)$")
-_NORM_KEY = re.compile(r"^(weight|bias)$")
+# MAISI's kinds of block: (a key prefix that marks the kind, the pattern every key of the block must match), in
+# the order they are told apart. MAISI wraps every conv in MaisiConvolution(Convolution(nn.Conv)): ".conv.conv."
+# before weight/bias.
+_BLOCK_KINDS = {
+    "res": ("norm1", r"(norm1|norm2|conv1|conv2|nin_shortcut)\.(?:conv\.conv\.)?(weight|bias)"),
+    "resample": ("conv.conv.conv.", r"conv\.conv\.conv\.(weight|bias)"),
+    "conv": ("conv.conv.", r"conv\.conv\.(weight|bias)"),
+    "norm": ("", r"(weight|bias)"),
+}
 _WRAPPERS = re.compile(r"(conv\.)+(?=(weight|bias)$)")  # conv1.conv.conv.weight -> conv1.weight
 
 
@@ -151,19 +150,12 @@ def _block_kind(block: Mapping[str, torch.Tensor], where: str) -> str:
         raise NotImplementedError(
             f"{where}: converting MAISI attention blocks is not supported (keys {keys})."
         )
-    if any(k.startswith("norm1") for k in keys):
-        if any(k.startswith("conv1.conv.weight") for k in keys):
-            raise NotImplementedError(
-                f"{where}: converting MAISI non-local (AEKLResBlock) blocks is not supported."
-            )
-        kind, pattern = "res", _RES_BLOCK_KEY
-    elif any(k.startswith("conv.conv.conv.") for k in keys):
-        kind, pattern = "resample", _RESAMPLE_KEY
-    elif any(k.startswith("conv.conv.") for k in keys):
-        kind, pattern = "conv", _CONV_KEY
-    else:
-        kind, pattern = "norm", _NORM_KEY
-    unknown = [k for k in keys if not pattern.match(k)]
+    if any(k.startswith("norm1") for k in keys) and any(k.startswith("conv1.conv.weight") for k in keys):
+        raise NotImplementedError(
+            f"{where}: converting MAISI non-local (AEKLResBlock) blocks is not supported."
+        )
+    kind = next(kind for kind, (prefix, _) in _BLOCK_KINDS.items() if any(k.startswith(prefix) for k in keys))
+    unknown = [k for k in keys if not re.fullmatch(_BLOCK_KINDS[kind][1], k)]
     if unknown:
         raise ValueError(f"{where}: unexpected keys for a MAISI {kind} block: {unknown}.")
     return kind
