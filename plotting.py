@@ -23,8 +23,8 @@ def _as_volume(volume: torch.Tensor | np.ndarray) -> np.ndarray:
 def _show_row(
     figure: plt.Figure, axes: np.ndarray, array: np.ndarray, label: str, cmap: str, vmax: float
 ) -> None:
-    """The sagittal, coronal and axial slices through the centre of ``array`` (RAS) on [0, ``vmax``] in a row of
-    three ``axes``, with a colour bar."""
+    """The sagittal, coronal and axial slices through the centre of ``array`` (RAS) on [0, ``vmax``] in a row
+    of three ``axes``, with a colour bar."""
     views = [np.take(array, size // 2, axis=i).T for i, size in enumerate(array.shape)]
     for axis, view, name in zip(axes, views, ("sagittal", "coronal", "axial"), strict=True):
         shown = axis.imshow(view, cmap=cmap, vmin=0.0, vmax=vmax, origin="lower")

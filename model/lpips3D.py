@@ -192,8 +192,8 @@ class LPIPS3D(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
-        """(B,) distances between ``x`` and ``y`` (e.g. reconstruction and target, same shape; inputs as in the
-        class docstring), or the (B, L) per-layer terms if ``per_layer``."""
+        """(B,) distances between ``x`` and ``y`` (e.g. reconstruction and target, same shape; inputs as in
+        the class docstring), or the (B, L) per-layer terms if ``per_layer``."""
         if x.shape != y.shape:
             raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}.")
         if x.ndim != 5 or x.shape[1] != 1:

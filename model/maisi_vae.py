@@ -132,9 +132,9 @@ class MaisiVAE(nn.Module):
         return model
 
 
-# MAISI's kinds of block: (a key prefix that marks the kind, the pattern every key of the block must match), in
-# the order they are told apart. MAISI wraps every conv in MaisiConvolution(Convolution(nn.Conv)): ".conv.conv."
-# before weight/bias.
+# MAISI's kinds of block: (a key prefix that marks the kind, the pattern every key of the block must match),
+# in the order they are told apart. MAISI wraps every conv in MaisiConvolution(Convolution(nn.Conv)):
+# ".conv.conv." before weight/bias.
 _BLOCK_KINDS = {
     "res": ("norm1", r"(norm1|norm2|conv1|conv2|nin_shortcut)\.(?:conv\.conv\.)?(weight|bias)"),
     "resample": ("conv.conv.conv.", r"conv\.conv\.conv\.(weight|bias)"),
