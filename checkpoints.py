@@ -315,7 +315,6 @@ def init_vae_weights(vae: nn.Module, path: str | Path, model_config: ModelConfig
         path: one of our checkpoints (``best_model.pt`` / ``last.pt``: its VAE weights only; its model config
             must equal ``model_config``), or a MONAI ``AutoencoderKlMaisi`` state dict (NVIDIA's MAISI VAE
             layout; bare or under ``"state_dict"``, ``"module."`` prefixes allowed), converted to our layout.
-        model_config: the run's ``model`` section.
     Returns:
         the kind of file: ``"brain-vae3d checkpoint"`` or ``"MAISI state dict"``.
     Raises:

@@ -67,8 +67,7 @@ class _Section:
             value = getattr(self, f.name)
             null = "null or " if type(None) in typing.get_args(hints[f.name]) else ""
             for rule in f.metadata.get("rules", ()) if value is not None else ():
-                message = f"{name}.{f.name} must be {null}{rule}; got {value}"
-                _check(_meets(value, rule), message)
+                _check(_meets(value, rule), f"{name}.{f.name} must be {null}{rule}; got {value}")
 
 
 @dataclass

@@ -206,8 +206,7 @@ def convert_maisi_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.T
         if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
             state_dict = state_dict[wrapper]
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    out = _convert_tower(state_dict, "encoder")
-    out.update(_convert_tower(state_dict, "decoder"))
+    out = {**_convert_tower(state_dict, "encoder"), **_convert_tower(state_dict, "decoder")}
     heads = {
         "quant_conv_mu": "mu_head",
         "quant_conv_log_sigma": "logvar_head",
