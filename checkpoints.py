@@ -229,24 +229,22 @@ def check_state_dict_fits(module: nn.Module, state_dict: dict[str, torch.Tensor]
     """CheckpointError naming ``source`` and the missing, unexpected and mis-shaped keys of ``state_dict`` for
     ``module`` (which may live on the meta device: only shapes are compared)."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [
-        f"{key}: {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}"
-        for key in sorted(set(own) & set(state_dict))
-        if own[key].shape != state_dict[key].shape
+    problems = {
+        "missing keys": sorted(set(own) - set(state_dict)),
+        "unexpected keys": sorted(set(state_dict) - set(own)),
+        "shape mismatches": [
+            f"{key}: {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}"
+            for key in sorted(set(own) & set(state_dict))
+            if own[key].shape != state_dict[key].shape
+        ],
+    }
+    parts = [
+        f"{kind} [{', '.join(items[:8])}{f' … (+{len(items) - 8} more)' if len(items) > 8 else ''}]"
+        for kind, items in problems.items()
+        if items
     ]
-    if missing or unexpected or mismatched:
-
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:8]) + (f" … (+{len(items) - 8} more)" if len(items) > 8 else "")
-
-        parts = [
-            f"missing keys [{head(missing)}]" if missing else "",
-            f"unexpected keys [{head(unexpected)}]" if unexpected else "",
-            f"shape mismatches [{head(mismatched)}]" if mismatched else "",
-        ]
-        raise CheckpointError(f"{source} does not fit the model config: " + "; ".join(p for p in parts if p))
+    if parts:
+        raise CheckpointError(f"{source} does not fit the model config: " + "; ".join(parts))
 
 
 def _is_state_dict(checkpoint: dict[str, Any]) -> bool:
@@ -304,10 +302,9 @@ def check_init_from(path: str | Path, model_config: ModelConfig) -> None:
     """Everything :func:`init_vae_weights` would refuse, before a run sets anything up (no run folder is left by
     a refusal): the file exists, loads, and its weights fit ``model_config``'s VAE (built on the meta device:
     no memory, no draw from the RNG). Raises CheckpointError / ConfigError as :func:`init_vae_weights`."""
-    weights, _, source = _init_from_weights(path, model_config)
     with torch.device("meta"):
         vae = build_vae(model_config)
-    check_state_dict_fits(vae, weights, source)
+    _init_from_weights(vae, path, model_config)
 
 
 def init_vae_weights(vae: nn.Module, path: str | Path, model_config: ModelConfig) -> str:
@@ -318,24 +315,22 @@ def init_vae_weights(vae: nn.Module, path: str | Path, model_config: ModelConfig
         path: one of our checkpoints (``best_model.pt`` / ``last.pt``: its VAE weights only; its model config
             must equal ``model_config``), or a MONAI ``AutoencoderKlMaisi`` state dict (NVIDIA's MAISI VAE
             layout; bare or under ``"state_dict"``, ``"module."`` prefixes allowed), converted to our layout.
-        model_config: the run's ``model`` section.
     Returns:
         the kind of file: ``"brain-vae3d checkpoint"`` or ``"MAISI state dict"``.
     Raises:
         CheckpointError for a missing, unreadable or damaged file or weights that do not fit ``vae`` (naming the
         keys); ConfigError for one of our checkpoints trained with another model config (naming the keys).
     """
-    weights, kind, source = _init_from_weights(path, model_config)
-    check_state_dict_fits(vae, weights, source)
+    weights, kind = _init_from_weights(vae, path, model_config)
     vae.load_state_dict(weights)
     return kind
 
 
 def _init_from_weights(
-    path: str | Path, model_config: ModelConfig
-) -> tuple[dict[str, torch.Tensor], str, str]:
-    """:func:`_vae_weights` of a ``train.init_from`` file, refused when it is one of our checkpoints saved
-    with another model config than ``model_config``."""
+    vae: nn.Module, path: str | Path, model_config: ModelConfig
+) -> tuple[dict[str, torch.Tensor], str]:
+    """(weights, kind) of :func:`_vae_weights` for a ``train.init_from`` file, checked to fit ``vae``; refused
+    when it is one of our checkpoints saved with another model config than ``model_config``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"train.init_from: no checkpoint or MAISI state dict at {path}")
@@ -344,4 +339,6 @@ def _init_from_weights(
     if checkpoint.get("format") == CHECKPOINT_FORMAT:
         refusal = f"{source} was trained with another model config (saved → this run)"
         _check_same_model(checkpoint, model_config, refusal)
-    return _vae_weights(checkpoint, source)
+    weights, kind, source = _vae_weights(checkpoint, source)
+    check_state_dict_fits(vae, weights, source)
+    return weights, kind

@@ -34,9 +34,10 @@ class ConfigError(ValueError):
 
 
 def _check(condition: bool, message: str, *keys: str) -> None:
-    """Raise :class:`ConfigError` with ``message`` about ``keys`` (``section.key``) unless ``condition``."""
+    """Raise :class:`ConfigError` with ``message`` about ``keys`` (``section.key``; by default the key that
+    ``message`` starts with) unless ``condition``."""
     if not condition:
-        raise ConfigError(message, keys)
+        raise ConfigError(message, keys or (re.match(r"[\w.]+", message)[0],))
 
 
 def bounded(default: Any, *rules: str) -> Any:
@@ -66,8 +67,7 @@ class _Section:
             value = getattr(self, f.name)
             null = "null or " if type(None) in typing.get_args(hints[f.name]) else ""
             for rule in f.metadata.get("rules", ()) if value is not None else ():
-                message = f"{name}.{f.name} must be {null}{rule}; got {value}"
-                _check(_meets(value, rule), message, f"{name}.{f.name}")
+                _check(_meets(value, rule), f"{name}.{f.name} must be {null}{rule}; got {value}")
 
 
 @dataclass
@@ -93,7 +93,7 @@ class ModelConfig(_Section):
 
     def validate(self) -> None:
         super().validate()
-        _check(len(self.channels) >= 1, "model.channels: give at least one level", "model.channels")
+        _check(len(self.channels) >= 1, "model.channels: give at least one level")
         for name in ("num_res_blocks", "attention_levels"):
             _check(
                 len(getattr(self, name)) == len(self.channels),
@@ -108,11 +108,7 @@ class ModelConfig(_Section):
             "model.channels",
             "model.norm_num_groups",
         )
-        _check(
-            all(n >= 1 for n in self.num_res_blocks),
-            "model.num_res_blocks: every entry must be >= 1",
-            "model.num_res_blocks",
-        )
+        _check(all(n >= 1 for n in self.num_res_blocks), "model.num_res_blocks: every entry must be >= 1")
 
 
 @dataclass
@@ -151,17 +147,14 @@ class PreprocessingConfig(_Section):
         _check(
             len(self.orientation) == 3 and set(self.orientation.upper()) <= set("RLAPSI"),
             f"preprocessing.orientation must be a 3-letter axis code like 'RAS'; got {self.orientation!r}",
-            "preprocessing.orientation",
         )
         _check(
             self.target_spacing is None or all(s > 0 for s in self.target_spacing),
             "preprocessing.target_spacing must be null or three positive numbers (mm)",
-            "preprocessing.target_spacing",
         )
         _check(
             all(s >= 1 for s in self.target_shape),
             "preprocessing.target_shape must be three positive integers",
-            "preprocessing.target_shape",
         )
         _check(
             0.0 <= self.lower_percentile < self.upper_percentile <= 100.0,
@@ -192,7 +185,6 @@ class AugmentationConfig(_Section):
         _check(
             0 < self.gamma_range[0] <= self.gamma_range[1],
             "augmentation.gamma_range must be [low, high] with 0 < low <= high",
-            "augmentation.gamma_range",
         )
 
 
@@ -288,17 +280,14 @@ class TrainConfig(_Section):
             self.best_metric in choices,
             f"train.best_metric must be a validation metric, one of {', '.join(choices)}; got "
             f"{self.best_metric!r}{hint}",
-            "train.best_metric",
         )
         _check(
             self.run_name and "/" not in self.run_name and self.run_name not in (".", ".."),
             f"train.run_name must be a plain folder name; got {self.run_name!r}",
-            "train.run_name",
         )
         _check(
             self.init_from is None or self.init_from.strip() != "",
             "train.init_from must be null or the path of a checkpoint / MAISI state dict",
-            "train.init_from",
         )
 
 

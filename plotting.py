@@ -20,6 +20,19 @@ def _as_volume(volume: torch.Tensor | np.ndarray) -> np.ndarray:
     return array.astype(np.float32)
 
 
+def _show_row(
+    figure: plt.Figure, axes: np.ndarray, array: np.ndarray, label: str, cmap: str, vmax: float
+) -> None:
+    """The sagittal, coronal and axial slices through the centre of ``array`` (RAS) on [0, ``vmax``] in a row
+    of three ``axes``, with a colour bar."""
+    views = [np.take(array, size // 2, axis=i).T for i, size in enumerate(array.shape)]
+    for axis, view, name in zip(axes, views, ("sagittal", "coronal", "axial"), strict=True):
+        shown = axis.imshow(view, cmap=cmap, vmin=0.0, vmax=vmax, origin="lower")
+        axis.set_axis_off()
+        axis.set_title(f"{label} — {name}", fontsize=8)
+    figure.colorbar(shown, ax=list(axes), fraction=0.02)
+
+
 def orthogonal_slices_figure(
     volumes: dict[str, torch.Tensor | np.ndarray],
     path: str | Path | None = None,
@@ -34,25 +47,15 @@ def orthogonal_slices_figure(
         path: where to save the PNG (parent folders are created); None → only return the figure.
     """
     arrays = {name: _as_volume(v) for name, v in volumes.items()}
-    image_max = max(float(np.max(array)) for array in arrays.values()) or 1.0
-    difference_max = None
     if difference_of is not None:
         first, second = difference_of
-        arrays[f"|{first} − {second}|"] = difference = np.abs(arrays[first] - arrays[second])
-        difference_max = float(np.max(difference)) or 1.0
+        arrays[f"|{first} − {second}|"] = np.abs(arrays[first] - arrays[second])
+    image_max = max(float(np.max(arrays[name])) for name in volumes) or 1.0
     figure, axes = plt.subplots(len(arrays), 3, figsize=(9, 3 * len(arrays)), squeeze=False)
     for row, (name, array) in enumerate(arrays.items()):
-        is_difference = name not in volumes
-        cx, cy, cz = (s // 2 for s in array.shape)
-        slices = (array[cx, :, :].T, array[:, cy, :].T, array[:, :, cz].T)
-        vmax = difference_max if is_difference else image_max
-        cmap = "magma" if is_difference else "gray"
-        for column, (view, label) in enumerate(zip(slices, ("sagittal", "coronal", "axial"), strict=True)):
-            axis = axes[row, column]
-            shown = axis.imshow(view, cmap=cmap, vmin=0.0, vmax=vmax, origin="lower")
-            axis.set_axis_off()
-            axis.set_title(f"{name} — {label}", fontsize=8)
-        figure.colorbar(shown, ax=axes[row, :].tolist(), fraction=0.02)
+        image = name in volumes  # else the difference row
+        vmax = image_max if image else float(np.max(array)) or 1.0
+        _show_row(figure, axes[row], array, name, "gray" if image else "magma", vmax)
     return _finish(figure, title, path)
 
 
@@ -76,35 +79,27 @@ def regions_figure(
         path: where to save the PNG (parent folders are created); None → only return the figure.
     """
     image = _as_volume(background)
-    layers = [(name, _as_volume(mask) > 0.5, True) for name, mask in (filled or {}).items()]
-    layers += [(name, _as_volume(mask) > 0.5, False) for name, mask in (outlined or {}).items()]
+    layers = [(name, mask, True) for name, mask in (filled or {}).items()]
+    layers += [(name, mask, False) for name, mask in (outlined or {}).items()]
     figure, axes = plt.subplots(1, 3, figsize=(12, 4.4), squeeze=False)
-    cx, cy, cz = (s // 2 for s in image.shape)
-    views = (lambda a: a[cx, :, :].T, lambda a: a[:, cy, :].T, lambda a: a[:, :, cz].T)
-    for column, (view, label) in enumerate(zip(views, ("sagittal", "coronal", "axial"), strict=True)):
-        axis = axes[0, column]
-        shown = axis.imshow(view(image), cmap=cmap, vmin=0.0, vmax=float(image.max()) or 1.0, origin="lower")
-        for index, (_, mask, is_filled) in enumerate(layers):
-            colour = REGION_COLOURS[index % len(REGION_COLOURS)]
-            region = view(mask).astype(np.float32)
+    _show_row(figure, axes[0], image, background_label, cmap, float(image.max()) or 1.0)
+    handles = []
+    for index, (name, mask, is_filled) in enumerate(layers):
+        colour = REGION_COLOURS[index % len(REGION_COLOURS)]
+        region = (_as_volume(mask) > 0.5).astype(np.float32)
+        for i, axis in enumerate(axes[0]):  # the slices of _show_row
+            view = np.take(region, image.shape[i] // 2, axis=i).T
             if is_filled:
-                rgba = np.zeros((*region.shape, 4), dtype=np.float32)
+                rgba = np.zeros((*view.shape, 4), dtype=np.float32)
                 rgba[..., :3] = matplotlib.colors.to_rgb(colour)
-                rgba[..., 3] = 0.45 * region
+                rgba[..., 3] = 0.45 * view
                 axis.imshow(rgba, origin="lower")
-            elif region.any():
-                axis.contour(region, levels=[0.5], colors=[colour], linewidths=0.8)
-        axis.set_axis_off()
-        axis.set_title(f"{background_label} — {label}", fontsize=8)
-    figure.colorbar(shown, ax=axes[0, :].tolist(), fraction=0.02)
-    handles = [
-        matplotlib.patches.Patch(
-            facecolor=REGION_COLOURS[i % len(REGION_COLOURS)] if is_filled else "none",
-            edgecolor=REGION_COLOURS[i % len(REGION_COLOURS)],
-            label=f"{name} ({'filled' if is_filled else 'outline'})",
+            elif view.any():
+                axis.contour(view, levels=[0.5], colors=[colour], linewidths=0.8)
+        label = f"{name} ({'filled' if is_filled else 'outline'})"
+        handles.append(
+            matplotlib.patches.Patch(facecolor=colour if is_filled else "none", edgecolor=colour, label=label)
         )
-        for i, (name, _, is_filled) in enumerate(layers)
-    ]
     if handles:
         figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     return _finish(figure, title, path)

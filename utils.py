@@ -38,9 +38,7 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' or 'none' on CPU")
     if amp == "auto" and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"auto": None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        amp
-    ]  # checked by config.py
+    return {"auto": None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -77,10 +75,8 @@ def get_rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`get_rng_state` returned."""
-    version, internal, gauss_next = state[
-        "python"
-    ]  # random.setstate needs tuples: a round trip may give lists
-    random.setstate((version, tuple(internal), gauss_next))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))  # needs tuples: a round trip may give lists
     numpy = state["numpy"]
     keys = numpy["keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))

@@ -16,18 +16,13 @@ from torch import nn
 class PatchDiscriminator3D(nn.Module):
     """3D PatchGAN discriminator.
 
-    Layout (``num_layers`` = n): conv(stride 2) + LeakyReLU(0.2); n - 1 blocks conv(stride 2) + norm +
-    LeakyReLU(0.2) doubling the channels (capped at 8 x ``channels``); one conv(stride 1) + norm + LeakyReLU
-    block; a final stride-1 conv to one channel of logits (no activation). All convolutions have cubic kernels
-    of 4 with padding 1; those followed by a norm have no bias; weights are initialised N(0, 0.02) as in pix2pix.
-    The ``discriminator`` section of the config checks the values; built directly, ``num_layers`` < 1 and an
-    unknown ``norm`` raise ``ValueError``.
-
-    Args:
-        in_channels: channels of the input volume.
-        channels: channels of the first layer.
-        num_layers: number of stride-2 convolutions (>= 1); the output is ~input / 2**num_layers.
-        norm: ``"instance"`` (affine InstanceNorm3d, batch-size independent) or ``"batch"``.
+    Layout (``num_layers`` = n): conv(stride 2) to ``channels`` + LeakyReLU(0.2); n - 1 blocks conv(stride 2)
+    + norm + LeakyReLU(0.2) doubling the channels (capped at 8 x ``channels``); one conv(stride 1) + norm +
+    LeakyReLU block; a final stride-1 conv to one channel of logits (no activation). All convolutions have
+    cubic kernels of 4 with padding 1; those followed by a norm have no bias; weights are initialised
+    N(0, 0.02) as in pix2pix. ``norm``: ``"instance"`` (affine InstanceNorm3d, batch-size independent) or
+    ``"batch"``. The ``discriminator`` section of the config checks the values; built directly,
+    ``num_layers`` < 1 and an unknown ``norm`` raise ``ValueError``.
 
     Shapes:
         input (B, in_channels, D, H, W) -> logits (B, 1, d, h, w) with d = D / 2**num_layers - 2

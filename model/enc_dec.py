@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -52,24 +53,19 @@ class _Level(nn.Module):
         return x
 
 
-def _nonlocal_block(channels: int, norm_num_groups: int, norm_eps: float) -> nn.Sequential:
-    """ResBlock -> spatial self-attention -> ResBlock at the lowest resolution (MAISI ``with_nonlocal_attn``)."""
-    return nn.Sequential(
-        ResBlock(channels, channels, norm_num_groups, norm_eps),
-        SpatialAttention(channels, norm_num_groups, norm_eps),
-        ResBlock(channels, channels, norm_num_groups, norm_eps),
-    )
+class Tower(nn.Module):
+    """The encoder (``upsample_mode`` None) or the decoder of the VAE, layer for layer MAISI's.
 
-
-class Encoder(nn.Module):
-    """Downsampling convolutional encoder.
-
-    ``conv_in`` -> per level i: ``num_res_blocks[i]`` ResBlocks (+ attention if ``attention_levels[i]``) and a
-    stride-2 downsampling on all levels but the last -> optional non-local block -> GroupNorm -> 3x3x3 conv to
-    ``out_channels``. As in MAISI there is no SiLU between the final GroupNorm and convolution.
+    ``conv_in`` -> per level i: ``num_res_blocks[i]`` ResBlocks (+ attention if ``attention_levels[i]``) and,
+    on all levels but the last, a stride-2 :class:`~model.resnet_blocks.Downsample` (encoder) or a x2
+    :class:`~model.resnet_blocks.Upsample` (decoder, whose levels run from the deepest) -> GroupNorm -> 3x3x3
+    conv to ``out_channels``. The optional non-local block (ResBlock -> attention -> ResBlock, MAISI
+    ``with_nonlocal_attn``) runs at the lowest resolution: after the encoder's levels, before the decoder's.
+    As in MAISI there is no SiLU between the final GroupNorm and convolution, and no output activation.
     ``channels``, ``num_res_blocks`` and ``attention_levels`` have one entry per level (a mismatch raises).
 
-    Maps (B, in_channels, *S) with S divisible by 2**(len(channels)-1) to (B, out_channels, *S / 2**(L-1)).
+    Maps (B, in_channels, *S) with S divisible by 2**(L-1) to (B, out_channels, *S / 2**(L-1)) (encoder), or
+    (B, in_channels, *s) to (B, out_channels, *s * 2**(L-1)) (decoder).
     """
 
     def __init__(
@@ -83,79 +79,47 @@ class Encoder(nn.Module):
         norm_eps: float,
         use_checkpointing: bool,
         with_nonlocal_attn: bool,
+        upsample_mode: str | None = None,
     ) -> None:
         super().__init__()
         self.use_checkpointing = use_checkpointing
-        self.conv_in = nn.Conv3d(in_channels, channels[0], kernel_size=3, padding=1)
+        self.is_decoder = upsample_mode is not None
+        levels = list(zip(channels, num_res_blocks, attention_levels, strict=True))
+        levels = levels[::-1] if self.is_decoder else levels  # the decoder's levels run from the deepest
+        resampler = partial(Upsample, mode=upsample_mode) if self.is_decoder else Downsample
+        deepest, norm = channels[-1], (norm_num_groups, norm_eps)
+        self.conv_in = nn.Conv3d(in_channels, levels[0][0], kernel_size=3, padding=1)
+
+        def nonlocal_block() -> nn.Sequential | None:
+            if not with_nonlocal_attn:
+                return None
+            return nn.Sequential(
+                ResBlock(deepest, deepest, *norm),
+                SpatialAttention(deepest, *norm),
+                ResBlock(deepest, deepest, *norm),
+            )
+
+        # built in layer order (the decoder's non-local block first): the initial weights depend on it
+        if self.is_decoder:
+            self.nonlocal_block = nonlocal_block()
         self.levels = nn.ModuleList()
-        ch_in = channels[0]
-        for i, (ch_out, n_res, attention) in enumerate(
-            zip(channels, num_res_blocks, attention_levels, strict=True)
-        ):
-            resample = None if i == len(channels) - 1 else Downsample(ch_out)
-            self.levels.append(_Level(ch_in, ch_out, n_res, attention, norm_num_groups, norm_eps, resample))
+        ch_in = levels[0][0]
+        for i, (ch_out, n_res, attention) in enumerate(levels):
+            resample = None if i == len(levels) - 1 else resampler(ch_out)
+            self.levels.append(_Level(ch_in, ch_out, n_res, attention, *norm, resample))
             ch_in = ch_out
-        self.nonlocal_block = (
-            _nonlocal_block(channels[-1], norm_num_groups, norm_eps) if with_nonlocal_attn else None
-        )
-        self.norm_out = nn.GroupNorm(norm_num_groups, channels[-1], eps=norm_eps, affine=True)
-        self.conv_out = nn.Conv3d(channels[-1], out_channels, kernel_size=3, padding=1)
+        if not self.is_decoder:
+            self.nonlocal_block = nonlocal_block()
+        self.norm_out = nn.GroupNorm(norm_num_groups, ch_in, eps=norm_eps, affine=True)
+        self.conv_out = nn.Conv3d(ch_in, out_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, *S) -> (B, C_out, *S / 2**(L-1))."""
+        """(B, C_in, *S) -> (B, C_out, *S / 2**(L-1)) (encoder) or (B, C_out, *S * 2**(L-1)) (decoder)."""
         h = self.conv_in(x)
-        for level in self.levels:
-            h = level(h, self.use_checkpointing)
-        if self.nonlocal_block is not None:
-            h = _run(self.nonlocal_block, h, self.use_checkpointing)
-        return norm_act_conv(h, self.norm_out, self.conv_out, act=False)
-
-
-class Decoder(nn.Module):
-    """Upsampling convolutional decoder mirroring :class:`Encoder`.
-
-    ``conv_in`` -> optional non-local block -> per level i (channels reversed): ``num_res_blocks`` ResBlocks
-    (+ attention) and a x2 :class:`~model.resnet_blocks.Upsample` on all levels but the last -> GroupNorm ->
-    3x3x3 conv to ``out_channels``. No SiLU before the output conv and no output activation (like MAISI).
-
-    Maps (B, in_channels, *s) to (B, out_channels, *s * 2**(L-1)).
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        channels: Sequence[int],
-        num_res_blocks: Sequence[int],
-        attention_levels: Sequence[bool],
-        norm_num_groups: int,
-        norm_eps: float,
-        use_checkpointing: bool,
-        with_nonlocal_attn: bool,
-        upsample_mode: str,
-    ) -> None:
-        super().__init__()
-        self.use_checkpointing = use_checkpointing
-        self.conv_in = nn.Conv3d(in_channels, channels[-1], kernel_size=3, padding=1)
-        self.nonlocal_block = (
-            _nonlocal_block(channels[-1], norm_num_groups, norm_eps) if with_nonlocal_attn else None
-        )
-        self.levels = nn.ModuleList()
-        ch_in = channels[-1]
-        for i, (ch_out, n_res, attention) in enumerate(
-            zip(channels[::-1], num_res_blocks[::-1], attention_levels[::-1], strict=True)
-        ):
-            resample = None if i == len(channels) - 1 else Upsample(ch_out, upsample_mode)
-            self.levels.append(_Level(ch_in, ch_out, n_res, attention, norm_num_groups, norm_eps, resample))
-            ch_in = ch_out
-        self.norm_out = nn.GroupNorm(norm_num_groups, channels[0], eps=norm_eps, affine=True)
-        self.conv_out = nn.Conv3d(channels[0], out_channels, kernel_size=3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, C_latent, *s) -> (B, C_out, *s * 2**(L-1))."""
-        h = self.conv_in(z)
-        if self.nonlocal_block is not None:
+        if self.is_decoder and self.nonlocal_block is not None:
             h = _run(self.nonlocal_block, h, self.use_checkpointing)
         for level in self.levels:
             h = level(h, self.use_checkpointing)
+        if not self.is_decoder and self.nonlocal_block is not None:
+            h = _run(self.nonlocal_block, h, self.use_checkpointing)
         return norm_act_conv(h, self.norm_out, self.conv_out, act=False)

@@ -130,7 +130,6 @@ class LPIPS3D(nn.Module):
             path for MedicalNet (see :func:`medicalnet_cache_path`).
         layers: names of the taps to compare (see ``DEEPBET_TAPS`` / ``MEDICALNET_TAPS``); default per backbone.
         upsample: integer factor for internal trilinear upsampling before the backbone (1 = none).
-        eps: epsilon of the channel normalisation.
 
     Attributes:
         backbone_name: the backbone key.
@@ -149,7 +148,6 @@ class LPIPS3D(nn.Module):
         weights_path: str | os.PathLike | None = None,
         layers: Sequence[str] | None = None,
         upsample: int = 1,
-        eps: float = 1e-10,
     ) -> None:
         super().__init__()
         if backbone not in _BACKBONES:
@@ -166,7 +164,6 @@ class LPIPS3D(nn.Module):
         self.pretrained = backbone != "random"
         self.layers = layers
         self.upsample = upsample
-        self.eps = eps
 
         if backbone == "deepbet":
             path = Path(weights_path) if weights_path is not None else _deepbet_default_path()
@@ -195,16 +192,8 @@ class LPIPS3D(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
-        """Perceptual distance between ``x`` and ``y``.
-
-        Args:
-            x: (B, 1, D, H, W) volume in [0, 1] (e.g. reconstruction).
-            y: (B, 1, D, H, W) volume in [0, 1] (e.g. target), same shape as ``x``.
-            per_layer: return the per-layer terms instead of their sum.
-
-        Returns:
-            (B,) distances, or (B, L) if ``per_layer``.
-        """
+        """(B,) distances between ``x`` and ``y`` (e.g. reconstruction and target, same shape; inputs as in
+        the class docstring), or the (B, L) per-layer terms if ``per_layer``."""
         if x.shape != y.shape:
             raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}.")
         if x.ndim != 5 or x.shape[1] != 1:
@@ -222,7 +211,7 @@ class LPIPS3D(nn.Module):
             for feat in features:
                 # unit norm over channels (lpips.normalize_tensor); all-zero vectors, e.g. ReLU background, stay 0
                 feat = feat.float()
-                feat = feat / (torch.linalg.vector_norm(feat, dim=1, keepdim=True) + self.eps)
+                feat = feat / (torch.linalg.vector_norm(feat, dim=1, keepdim=True) + 1e-10)
                 terms.append((feat[:batch] - feat[batch:]).pow(2).sum(dim=1).mean(dim=(1, 2, 3)))
         dist = torch.stack(terms, dim=1)
         return dist if per_layer else dist.sum(dim=1)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.enc_dec import Decoder, Encoder
+from model.enc_dec import Tower
 
 
 class MaisiVAE(nn.Module):
@@ -37,14 +37,9 @@ class MaisiVAE(nn.Module):
     (with two or more levels) an unknown ``upsample_mode`` still raise ``ValueError``, from the layers using them.
 
     Args:
-        in_channels: input channels.
-        out_channels: output channels.
         channels: feature channels per level; each must be divisible by ``norm_num_groups``.
-        latent_channels: latent channels.
         num_res_blocks: ResNet blocks per level (each >= 1).
         attention_levels: spatial self-attention after each ResNet block of a level.
-        norm_num_groups: GroupNorm groups.
-        norm_eps: GroupNorm epsilon.
         with_encoder_nonlocal_attn: ResBlock + attention + ResBlock at the end of the encoder.
         with_decoder_nonlocal_attn: ResBlock + attention + ResBlock at the start of the decoder.
         use_checkpointing: activation checkpointing per ResNet block / attention / resampling layer.
@@ -70,11 +65,11 @@ class MaisiVAE(nn.Module):
         self.latent_channels = latent_channels
         self.downsample_factor = 2 ** (len(channels) - 1)
         levels = (channels, num_res_blocks, attention_levels, norm_num_groups, norm_eps, use_checkpointing)
-        self.encoder = Encoder(in_channels, latent_channels, *levels, with_encoder_nonlocal_attn)
+        self.encoder = Tower(in_channels, latent_channels, *levels, with_encoder_nonlocal_attn)
         self.mu_head = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
         self.logvar_head = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
         self.post_quant_conv = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
-        self.decoder = Decoder(
+        self.decoder = Tower(
             latent_channels, out_channels, *levels, with_decoder_nonlocal_attn, upsample_mode
         )
         self.to(memory_format=torch.channels_last_3d)
@@ -137,11 +132,15 @@ class MaisiVAE(nn.Module):
         return model
 
 
-# MAISI wraps every conv in MaisiConvolution(Convolution(nn.Conv)): ".conv.conv." before weight/bias.
-_RES_BLOCK_KEY = re.compile(r"^(norm1|norm2|conv1|conv2|nin_shortcut)\.(?:conv\.conv\.)?(weight|bias)$")
-_RESAMPLE_KEY = re.compile(r"^conv\.conv\.conv\.(weight|bias)$")
-_CONV_KEY = re.compile(r"^conv\.conv\.(weight|bias)$")
-_NORM_KEY = re.compile(r"^(weight|bias)$")
+# MAISI's kinds of block: (a key prefix that marks the kind, the pattern every key of the block must match),
+# in the order they are told apart. MAISI wraps every conv in MaisiConvolution(Convolution(nn.Conv)):
+# ".conv.conv." before weight/bias.
+_BLOCK_KINDS = {
+    "res": ("norm1", r"(norm1|norm2|conv1|conv2|nin_shortcut)\.(?:conv\.conv\.)?(weight|bias)"),
+    "resample": ("conv.conv.conv.", r"conv\.conv\.conv\.(weight|bias)"),
+    "conv": ("conv.conv.", r"conv\.conv\.(weight|bias)"),
+    "norm": ("", r"(weight|bias)"),
+}
 _WRAPPERS = re.compile(r"(conv\.)+(?=(weight|bias)$)")  # conv1.conv.conv.weight -> conv1.weight
 
 
@@ -151,19 +150,12 @@ def _block_kind(block: Mapping[str, torch.Tensor], where: str) -> str:
         raise NotImplementedError(
             f"{where}: converting MAISI attention blocks is not supported (keys {keys})."
         )
-    if any(k.startswith("norm1") for k in keys):
-        if any(k.startswith("conv1.conv.weight") for k in keys):
-            raise NotImplementedError(
-                f"{where}: converting MAISI non-local (AEKLResBlock) blocks is not supported."
-            )
-        kind, pattern = "res", _RES_BLOCK_KEY
-    elif any(k.startswith("conv.conv.conv.") for k in keys):
-        kind, pattern = "resample", _RESAMPLE_KEY
-    elif any(k.startswith("conv.conv.") for k in keys):
-        kind, pattern = "conv", _CONV_KEY
-    else:
-        kind, pattern = "norm", _NORM_KEY
-    unknown = [k for k in keys if not pattern.match(k)]
+    if any(k.startswith("norm1") for k in keys) and any(k.startswith("conv1.conv.weight") for k in keys):
+        raise NotImplementedError(
+            f"{where}: converting MAISI non-local (AEKLResBlock) blocks is not supported."
+        )
+    kind = next(kind for kind, (prefix, _) in _BLOCK_KINDS.items() if any(k.startswith(prefix) for k in keys))
+    unknown = [k for k in keys if not re.fullmatch(_BLOCK_KINDS[kind][1], k)]
     if unknown:
         raise ValueError(f"{where}: unexpected keys for a MAISI {kind} block: {unknown}.")
     return kind
@@ -214,8 +206,7 @@ def convert_maisi_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.T
         if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
             state_dict = state_dict[wrapper]
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    out = _convert_tower(state_dict, "encoder")
-    out.update(_convert_tower(state_dict, "decoder"))
+    out = {**_convert_tower(state_dict, "encoder"), **_convert_tower(state_dict, "decoder")}
     heads = {
         "quant_conv_mu": "mu_head",
         "quant_conv_log_sigma": "logvar_head",

@@ -18,13 +18,8 @@ class ResBlock(nn.Module):
 
     A 1x1 convolution maps the shortcut when ``in_channels != out_channels``. Parameter names
     (``norm1``, ``conv1``, ``norm2``, ``conv2``, ``shortcut``) are those of MONAI's ``AEKLResBlock`` with the
-    ``Convolution`` wrappers stripped.
-
-    Args:
-        in_channels: input channels C_in.
-        out_channels: output channels C_out.
-        norm_num_groups: GroupNorm groups (must divide C_in and C_out).
-        norm_eps: GroupNorm epsilon.
+    ``Convolution`` wrappers stripped. ``norm_num_groups`` must divide C_in = ``in_channels`` and
+    C_out = ``out_channels``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, norm_num_groups: int, norm_eps: float) -> None:
