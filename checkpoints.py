@@ -213,6 +213,20 @@ def inference_checkpoint(
     }
 
 
+def save_best_model(
+    best_dir: Path, vae: MaisiVAE, config: Config, record: dict[str, Any], global_step: int
+) -> None:
+    """``best_dir``/best_model.pt (:func:`inference_checkpoint` with the epoch's metrics and latent statistics),
+    its config.json and metrics.json (the epoch's record), each written atomically."""
+    metrics = {k: v for k, v in record.items() if k != "latent_stats"}
+    payload = inference_checkpoint(
+        vae, config, record["latent_stats"], metrics, epoch=record["epoch"], global_step=global_step
+    )
+    save_checkpoint(payload, best_dir / "best_model.pt")
+    save_json(config.to_dict(), best_dir / "config.json")
+    save_json(record, best_dir / "metrics.json")
+
+
 def _check_same_model(checkpoint: dict[str, Any], model: ModelConfig, refusal: str) -> None:
     """ConfigError ``refusal: key: saved → current; …`` when ``checkpoint`` was saved with another model config."""
     saved, current = checkpoint["config"]["model"], Config(model=model).to_dict()["model"]

@@ -69,8 +69,8 @@ from checkpoints import (
     CheckpointError,
     atomic_write,
     check_init_from,
-    inference_checkpoint,
     init_vae_weights,
+    save_best_model,
     save_checkpoint,
     save_json,
     training_checkpoint,
@@ -94,6 +94,8 @@ from plotting import orthogonal_slices_figure
 from utils import (
     DeviceOutOfMemoryError,
     DistributedContext,
+    NonFiniteGuard,
+    NonFiniteTrainingError,
     autocast,
     cleanup_distributed,
     explain_out_of_memory,
@@ -101,6 +103,7 @@ from utils import (
     resolve_amp_dtype,
     seed_everything,
     setup_distributed,
+    setup_logging,
     verify_identical_weights,
 )
 
@@ -108,37 +111,14 @@ log = logging.getLogger("train")
 
 SINGLE_PROCESS = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 LOG_NAMES = ("loss", "recon", "kl", "perceptual", "adversarial", "adversarial_weight", "discriminator")
+FATAL_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    dataset.DataError,
+    NonFiniteTrainingError,
+    DeviceOutOfMemoryError,
+)
 RUNTIME_ONLY = {"checkpoint": False}  # field metadata: a TrainState field that checkpoints do not hold
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Too many consecutive steps with NaN/Inf losses or gradients."""
-
-
-class NonFiniteGuard:
-    """Counts skipped (non-finite) steps on the device; :meth:`read` synchronises once and opens a new window."""
-
-    def __init__(self, device: torch.device) -> None:
-        zero = torch.zeros((), dtype=torch.int64, device=device)
-        self.skipped, self.streak, self.longest, self.skipped_discriminator = (zero.clone() for _ in range(4))
-
-    def record(self, generator_skipped: torch.Tensor, discriminator_skipped: torch.Tensor) -> None:
-        """Add one step's flags (0-dim bool tensors); no host synchronisation."""
-        skipped = generator_skipped.long()
-        self.skipped += skipped
-        self.streak = (self.streak + 1) * skipped
-        self.longest = torch.maximum(self.longest, self.streak)
-        self.skipped_discriminator += discriminator_skipped.long()
-
-    def read(self) -> tuple[int, int, int]:
-        """(generator steps skipped, longest run of consecutive skipped steps, discriminator steps skipped)
-        since the last read; a run that spans reads keeps counting (the streak carries over)."""
-        skipped, longest, skipped_d = torch.stack(
-            [self.skipped, self.longest, self.skipped_discriminator]
-        ).tolist()
-        for counter in (self.skipped, self.longest, self.skipped_discriminator):
-            counter.zero_()
-        return skipped, longest, skipped_d
 
 
 @dataclass
@@ -215,18 +195,12 @@ class Run:
     config: Config
     context: DistributedContext
     amp_dtype: torch.dtype | None
-    run_dir: Path
+    run_dir: Path  # runs_dir/run_name: config.json, train.log, metrics.csv, previews/, TensorBoard events
+    last_path: Path  # run_dir/checkpoints/last.pt
+    best_dir: Path  # best_runs_dir/run_name: best_model.pt, config.json, metrics.json
     resume_path: Path | None = None
     writer: Any = None
     start_time: float = field(default_factory=time.perf_counter)
-
-    @property
-    def last_path(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.pt"
-
-    @property
-    def best_dir(self) -> Path:
-        return Path(self.config.train.best_runs_dir) / self.config.train.run_name
 
     def elapsed(self) -> float:
         """Wall-clock seconds since this process started the run."""
@@ -250,7 +224,9 @@ def open_run(config: Config, context: DistributedContext, resume: str | Path | N
     checkpoint, or ``"auto"`` for the run's own ``last.pt``)."""
     train = config.train
     amp_dtype = resolve_amp_dtype(train.amp, context.device)
-    run = Run(config, context, amp_dtype, Path(train.runs_dir) / train.run_name)
+    run_dir = Path(train.runs_dir) / train.run_name
+    best_dir = Path(train.best_runs_dir) / train.run_name
+    run = Run(config, context, amp_dtype, run_dir, run_dir / "checkpoints" / "last.pt", best_dir)
     if resume is not None:
         run.resume_path = run.last_path if resume == "auto" else Path(resume)
         if not run.resume_path.is_file():
@@ -260,14 +236,10 @@ def open_run(config: Config, context: DistributedContext, resume: str | Path | N
             f"run {train.run_name!r} already has {run.last_path}; pass --resume to continue it, or choose "
             "another train.run_name, e.g. --set train.run_name=my_run_2 (nothing was overwritten)"
         )
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if context.is_main:
         (run.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run.run_dir / "previews").mkdir(exist_ok=True)
-        handlers.append(logging.FileHandler(run.run_dir / "train.log"))
-    # under torchrun only rank 0 reports progress; the other ranks speak up only for warnings and errors
-    level, rank = (logging.INFO, "") if context.is_main else (logging.WARNING, f"[rank {context.rank}] ")
-    logging.basicConfig(level=level, format=f"%(asctime)s {rank}%(message)s", handlers=handlers, force=True)
+    setup_logging(context, run.run_dir / "train.log")
     log.info(
         "run %s on %s (world size %d), amp=%s", train.run_name, context.device, context.world_size, amp_dtype
     )
@@ -467,25 +439,9 @@ def train_epoch(
 
 
 def check_guard(state: TrainState, run: Run, epoch: int, step: int) -> None:
-    """Read the non-finite guard (one synchronisation): count and log skipped steps; raise when a run of
-    consecutive skipped steps reached ``train.max_consecutive_nonfinite``."""
-    skipped, longest, skipped_d = state.guard.read()
-    state.skipped_steps += skipped
-    if skipped:
-        log.warning(
-            "epoch %d up to step %d: %d non-finite loss or gradient step(s) skipped (%d in a row, %d in all)",
-            epoch, step, skipped, longest, state.skipped_steps,
-        )  # fmt: skip
-    if skipped_d:
-        log.warning(
-            "epoch %d up to step %d: %d discriminator step(s) skipped (non-finite)", epoch, step, skipped_d
-        )
-    if longest >= run.config.train.max_consecutive_nonfinite:
-        raise NonFiniteTrainingError(
-            f"{longest} consecutive steps had NaN/Inf losses or gradients (epoch {epoch}, up to step {step}); "
-            f"training stopped. The last good checkpoint is {run.last_path}. Lower the learning rate, check the "
-            "data with `python dataset.py --check`, or use train.amp=none."
-        )
+    """Read the non-finite guard (one synchronisation) into ``state.skipped_steps``; see :meth:`NonFiniteGuard.check`."""
+    limit = run.config.train.max_consecutive_nonfinite
+    state.skipped_steps = state.guard.check(epoch, step, state.skipped_steps, limit, run.last_path)
 
 
 def write_checkpoint(state: TrainState, run: Run, stage: str) -> None:
@@ -523,12 +479,9 @@ def end_of_epoch(
         if improved:
             state.best_value = value
             if context.is_main:
-                metrics = {k: v for k, v in record.items() if k != "latent_stats"}
-                steps = {"epoch": epoch, "global_step": state.global_step}
-                payload = inference_checkpoint(state.eval_vae, run.config, latent_stats, metrics, **steps)
-                save_checkpoint(payload, run.best_dir / "best_model.pt")
-                save_json(run.config.to_dict(), run.best_dir / "config.json")
-                save_json(record, run.best_dir / "metrics.json")
+                save_best_model(
+                    run.best_dir, state.eval_vae, run.config, record, global_step=state.global_step
+                )
         channel_std = "/".join(f"{s:.2f}" for s in latent_stats["channel_std"])
         log.info(
             "epoch %d: val PSNR %.2f dB (brain %.2f), SSIM %.4f (brain %.4f), latent std %.3f (per channel %s)%s",
@@ -671,9 +624,7 @@ def fit(config: Config, resume: str | Path | None = None) -> FitResult:
             if record["stopped_by_time_budget"]:
                 break
 
-    if context.is_distributed:
-        verify_identical_weights(state.vae, "VAE", context)
-        verify_identical_weights(state.discriminator, "discriminator", context)
+    verify_identical_weights(context, VAE=state.vae, discriminator=state.discriminator)
     if run.writer is not None:
         run.writer.close()
     cleanup_distributed()
@@ -693,12 +644,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (
-        ConfigError,
-        CheckpointError,
-        dataset.DataError,
-        NonFiniteTrainingError,
-        DeviceOutOfMemoryError,
-    ) as error:
+    except FATAL_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -10,8 +10,10 @@ import logging
 import os
 import random
 import resource
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -113,7 +115,7 @@ class DistributedContext:
 
 
 def setup_distributed(device_name: str = "auto") -> DistributedContext:
-    """Initialise DDP when launched by ``torchrun`` (NCCL on GPU, gloo on CPU); a no-op otherwise."""
+    """Initialise DDP when launched by ``torchrun`` (NCCL + gloo on GPU, gloo on CPU); a no-op otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
     if world_size == 1:
@@ -122,8 +124,19 @@ def setup_distributed(device_name: str = "auto") -> DistributedContext:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # on GPU, NCCL for CUDA tensors and gloo for the CPU tensors that validation reduces
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def setup_logging(context: DistributedContext, log_file: Path) -> None:
+    """Log to stderr, and on rank 0 also to ``log_file``; under torchrun only rank 0 reports progress, the other
+    ranks speak up only for warnings and errors (prefixed with their rank)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if context.is_main:
+        handlers.append(logging.FileHandler(log_file))
+    level, rank = (logging.INFO, "") if context.is_main else (logging.WARNING, f"[rank {context.rank}] ")
+    logging.basicConfig(level=level, format=f"%(asctime)s {rank}%(message)s", handlers=handlers, force=True)
 
 
 def cleanup_distributed() -> None:
@@ -141,14 +154,16 @@ def main_process_first(context: DistributedContext) -> Iterator[None]:
         dist.barrier()
 
 
-def verify_identical_weights(module: torch.nn.Module, name: str, context: DistributedContext) -> None:
-    """DDP sanity check: every rank must end with the same weights of ``module`` (compares per-tensor sums)."""
-    checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).to(context.device)
-    gathered = [torch.zeros_like(checksum) for _ in range(context.world_size)]
-    dist.all_gather(gathered, checksum)
-    if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
-        raise RuntimeError(f"DDP ranks ended with different {name} weights: the run is not trustworthy")
-    logging.getLogger(__name__).info("%s weights identical on all %d ranks", name, context.world_size)
+def verify_identical_weights(context: DistributedContext, **modules: torch.nn.Module) -> None:
+    """DDP sanity check: every rank must end with the same weights of each named module (compares per-tensor
+    sums); nothing to check in a single process."""
+    for name, module in modules.items() if context.is_distributed else ():
+        checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).to(context.device)
+        gathered = [torch.zeros_like(checksum) for _ in range(context.world_size)]
+        dist.all_gather(gathered, checksum)
+        if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
+            raise RuntimeError(f"DDP ranks ended with different {name} weights: the run is not trustworthy")
+        logging.getLogger(__name__).info("%s weights identical on all %d ranks", name, context.world_size)
 
 
 def new_file_mode() -> int:
@@ -164,6 +179,63 @@ def new_file_mode() -> int:
         umask = os.umask(0)
         os.umask(umask)
     return 0o666 & ~umask
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive steps with NaN/Inf losses or gradients."""
+
+
+class NonFiniteGuard:
+    """Counts skipped (non-finite) steps on the device; :meth:`read` synchronises once and opens a new window."""
+
+    def __init__(self, device: torch.device) -> None:
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped, self.streak, self.longest, self.skipped_discriminator = (zero.clone() for _ in range(4))
+
+    def record(self, generator_skipped: torch.Tensor, discriminator_skipped: torch.Tensor) -> None:
+        """Add one step's flags (0-dim bool tensors); no host synchronisation."""
+        skipped = generator_skipped.long()
+        self.skipped += skipped
+        self.streak = (self.streak + 1) * skipped
+        self.longest = torch.maximum(self.longest, self.streak)
+        self.skipped_discriminator += discriminator_skipped.long()
+
+    def read(self) -> tuple[int, int, int]:
+        """(generator steps skipped, longest run of consecutive skipped steps, discriminator steps skipped)
+        since the last read; a run that spans reads keeps counting (the streak carries over)."""
+        skipped, longest, skipped_d = torch.stack(
+            [self.skipped, self.longest, self.skipped_discriminator]
+        ).tolist()
+        for counter in (self.skipped, self.longest, self.skipped_discriminator):
+            counter.zero_()
+        return skipped, longest, skipped_d
+
+    def check(self, epoch: int, step: int, skipped_before: int, limit: int, last_checkpoint: Path) -> int:
+        """:meth:`read`, log the steps skipped in ``epoch`` up to ``step`` and raise :class:`NonFiniteTrainingError`
+        once a run of consecutive skipped steps reached ``limit``; returns the number of skipped steps so far
+        (``skipped_before`` + those since the last read)."""
+        skipped, longest, skipped_d = self.read()
+        total = skipped_before + skipped
+        log = logging.getLogger("train")
+        if skipped:
+            log.warning(
+                "epoch %d up to step %d: %d non-finite loss or gradient step(s) skipped (%d in a row, %d in all)",
+                epoch, step, skipped, longest, total,
+            )  # fmt: skip
+        if skipped_d:
+            log.warning(
+                "epoch %d up to step %d: %d discriminator step(s) skipped (non-finite)",
+                epoch,
+                step,
+                skipped_d,
+            )
+        if longest >= limit:
+            raise NonFiniteTrainingError(
+                f"{longest} consecutive steps had NaN/Inf losses or gradients (epoch {epoch}, up to step {step}); "
+                f"training stopped. The last good checkpoint is {last_checkpoint}. Lower the learning rate, check "
+                "the data with `python dataset.py --check`, or use train.amp=none."
+            )
+        return total
 
 
 class DeviceOutOfMemoryError(RuntimeError):
