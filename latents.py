@@ -29,7 +29,6 @@ from dataset import (
     PreprocessedVolume,
     preflight_failures,
     preprocessed_batches,
-    print_warning,
     read_split,
     warn_inputs,
 )
@@ -102,10 +101,16 @@ def build_metric_lpips(perceptual: PerceptualConfig, device: torch.device) -> LP
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
         problem = str(error).strip().split(". ")[0].rstrip(".")  # the first sentence; then advice for the API
         problem = f"{missing}, and {problem}" if missing else problem
-        print_warning(f"LPIPS3D metrics not computed (no lpips/lpips_brain columns): {problem}")
+        print(
+            f"WARNING: LPIPS3D metrics not computed (no lpips/lpips_brain columns): {problem}",
+            file=sys.stderr,
+        )
         return None
     if missing:
-        print_warning(f"{missing}; LPIPS3D uses the default {perceptual.backbone} weights instead")
+        print(
+            f"WARNING: {missing}; LPIPS3D uses the default {perceptual.backbone} weights instead",
+            file=sys.stderr,
+        )
     print(f"LPIPS3D: {lpips.description}")
     return lpips.to(device)
 

@@ -12,7 +12,7 @@ the profiler warms up on), on the same random volumes in [0, 1]: wall and host t
 (VAE / LPIPS3D / discriminator forward and backward, optimisers, other) as shares of CPU time (cpu) or GPU kernel
 time (cuda, plus ``breakdown_host``); host synchronisations per step in ``train_step`` (:func:`count_syncs`: a
 dispatch mode, a function mode, CUDA's sync-debug warnings, the profiler's own events) and in
-``train.train_epoch`` over one log interval. Per epoch: one ``train.validate`` pass, one checkpoint write and,
+``train.train_epoch`` over one log interval. Per epoch: one ``metrics.validate`` pass, one checkpoint write and,
 with ``--data``, one epoch of batches through ``device_data.make_loaders`` (DataLoader vs device cache), timed per
 batch and synchronised. bench/README.md says what each count means.
 """
@@ -38,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dataset
+import metrics
 import train
 from bench import harness
 from checkpoints import save_checkpoint, training_checkpoint
@@ -386,7 +387,7 @@ def per_epoch(
         out["data"][mode] = result
         print(f"data ({mode}): {json.dumps(result)}", flush=True)
     validation_s, _ = harness.timed(
-        lambda: train.validate(state.eval_vae, val_set, lpips, config, context, amp_dtype), context.device
+        lambda: metrics.validate(state.eval_vae, val_set, lpips, config, context, amp_dtype), context.device
     )
     out["validation"] = {
         "volumes": len(val_set),

@@ -13,7 +13,7 @@ the seconds of the segmentation, of ``metrics.image_metrics`` without regions an
 blurred with a Gaussian of 1 voxel; the cost does not depend on the values). Writes ``tissue.csv``,
 ``summary.json`` and ``classes.png`` (the classes over the first subject) into ``--output_dir``.
 
-Validation mode (``--validation_timing CONFIG``): ``train.validate`` itself, on the first ``--limit`` rows of
+Validation mode (``--validation_timing CONFIG``): ``metrics.validate`` itself, on the first ``--limit`` rows of
 the split preprocessed by the config, with a fresh (untrained) VAE and the config's LPIPS3D: after one untimed
 warm-up call, once with ``train.region_metrics=false``, then twice with it on (the first call segments every
 subject), then three alternating pairs without / with (the memo serving the segmentation, as in every later
@@ -38,9 +38,8 @@ from scipy import ndimage
 
 import dataset
 import regions
-import train
 from config import PreprocessingConfig, load_config
-from metrics import image_metrics
+from metrics import image_metrics, validate
 from model import build_perceptual_loss, build_vae
 from plotting import regions_figure
 from utils import DistributedContext, resolve_amp_dtype
@@ -128,7 +127,7 @@ def tissue_mode(frame: pd.DataFrame, output_dir: Path) -> None:
 
 
 def validation_mode(frame: pd.DataFrame, config_file: str, overrides: list[str], output_dir: Path) -> None:
-    """train.validate without, then twice with, region metrics; seconds and load for each call."""
+    """metrics.validate without, then twice with, region metrics; seconds and load for each call."""
     config = load_config(config_file, overrides)
     configs = {enabled: load_config(config_file, [*overrides, f"train.region_metrics={str(enabled).lower()}"])
                for enabled in (False, True)}  # fmt: skip
@@ -139,13 +138,13 @@ def validation_mode(frame: pd.DataFrame, config_file: str, overrides: list[str],
     vae = build_vae(config.model)
     lpips = build_perceptual_loss(config.perceptual)
     amp = resolve_amp_dtype(config.train.amp, context.device)
-    train.validate(vae, val_set, lpips, configs[False], context, amp)  # warm-up (first-call set-up), untimed
+    validate(vae, val_set, lpips, configs[False], context, amp)  # warm-up (first-call set-up), untimed
     results = []
     calls = [("without", False), ("with_first", True)] + [("without", False), ("with_cached", True)] * 3
     for label, enabled in calls:
         load_before = os.getloadavg()[0]
         start = time.perf_counter()
-        metrics, _, _ = train.validate(vae, val_set, lpips, configs[enabled], context, amp)
+        metrics, _, _ = validate(vae, val_set, lpips, configs[enabled], context, amp)
         seconds = time.perf_counter() - start
         results.append({"call": label, "seconds": seconds, "load_before": load_before,
                         "load_after": os.getloadavg()[0], "has_psnr_gm": "val/psnr_gm" in metrics})  # fmt: skip
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val_csv", default=str(IXI_VAL))
     parser.add_argument("--output_dir", required=True, type=Path)
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows of the split")
-    parser.add_argument("--validation_timing", metavar="CONFIG", help="time train.validate under this config")
+    parser.add_argument("--validation_timing", metavar="CONFIG", help="time validate() under this config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
     args = parser.parse_args(argv)
     frame = dataset.read_split(args.val_csv).head(args.limit)

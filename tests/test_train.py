@@ -647,10 +647,10 @@ def test_validation_shows_a_progress_bar_on_rank_0_only(monkeypatch):
         return iterable
 
     monkeypatch.setattr(metrics, "tqdm", recording_tqdm)
-    train.validate(state.eval_vae, volumes, None, config, train.SINGLE_PROCESS, None)
+    metrics.validate(state.eval_vae, volumes, None, config, train.SINGLE_PROCESS, None)
     assert [(bar["desc"], bar["disable"]) for bar in bars] == [("validation", None)]
     other_rank = dataclasses.replace(train.SINGLE_PROCESS, rank=1)  # world size 1: no collective is called
-    train.validate(state.eval_vae, volumes, None, config, other_rank, None)
+    metrics.validate(state.eval_vae, volumes, None, config, other_rank, None)
     assert bars[-1]["disable"] is True
 
 
