@@ -377,7 +377,7 @@ def _section_from_dict(name: str, raw: Any) -> Any:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings; ``value`` is parsed as JSON, else taken as a plain string."""
     raw = json.loads(json.dumps(raw))
-    for item in overrides:
+    for item in overrides if isinstance(raw, dict) else ():  # not an object: Config.from_dict says so
         dotted, equals, text = item.partition("=")
         if not equals or "." not in dotted:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.num_epochs=2)")
@@ -388,7 +388,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
-        raw.setdefault(section, {})[key] = value
+        if isinstance(raw.setdefault(section, {}), dict):  # else Config.from_dict names the section
+            raw[section][key] = value
     return raw
 
 

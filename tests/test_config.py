@@ -191,3 +191,14 @@ def test_cpu_preset_is_the_documented_run():
     assert config.train.num_epochs == 60 and config.train.gan_start_epoch == 50
     assert config.train.val_every == 10 and config.train.run_name == "cpu_demo"
     assert not config.augmentation.enabled and config.data.num_workers == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("[1, 2]", "must be a JSON object"), ('{"train": 3}', "'train'")]
+)
+def test_a_file_of_the_wrong_shape_is_a_config_error_with_overrides_too(tmp_path, text, expected):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected) as error:
+        load_config(path, ["train.num_epochs=2"])
+    assert str(error.value).startswith(f"{path}: ")
