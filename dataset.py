@@ -763,6 +763,10 @@ class VolumeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Items ``indices`` collated: image and mask (B, 1, D, H, W), as ``DeviceVolumeCache.batch``."""
+        return torch.utils.data.default_collate([self[i] for i in indices])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         cached = self.base[index]  # the cache itself (no copy): never modify it in place
         image, mask = cached["image"].clone(), cached["mask"].float()

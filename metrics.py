@@ -281,9 +281,6 @@ def validate(
         (mean metrics named ``val/<metric>`` — :data:`VALIDATION_METRICS`, and with ``train.region_metrics``
         :data:`VALIDATION_REGION_METRICS` —, latent statistics of mu, one preview {input, reconstruction}).
     """
-    # imported here: device_data imports config.py, which imports this module
-    from device_data import DeviceVolumeCache
-
     vae.eval()
     sums: dict[str, float] = {}  # metric → sum over this rank's volumes (float64)
     latent_stats = LatentStatistics(config.model.latent_channels)
@@ -296,10 +293,7 @@ def validate(
         starts, desc="validation", unit="batch", leave=False, disable=None if context.is_main else True
     ):
         chunk = indices[start : start + batch_size]
-        if isinstance(val_set, DeviceVolumeCache):
-            batch = val_set.batch(chunk)
-        else:
-            batch = torch.utils.data.default_collate([val_set[i] for i in chunk])
+        batch = val_set.batch(chunk)
         images, masks = batch["image"].to(context.device), batch["mask"].to(context.device)
         with autocast(context.device, amp_dtype):
             mu, sigma = vae.encode(images)

@@ -33,7 +33,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 DEEPBET_TAPS: tuple[str, ...] = ("stem", "init", "down0", "down1", "down2", "down3")
@@ -129,7 +128,6 @@ class LPIPS3D(nn.Module):
         weights_path: explicit weights file; default: deepbet's packaged model, or MONAI's torch-hub cache
             path for MedicalNet (see :func:`medicalnet_cache_path`).
         layers: names of the taps to compare (see ``DEEPBET_TAPS`` / ``MEDICALNET_TAPS``); default per backbone.
-        upsample: integer factor for internal trilinear upsampling before the backbone (1 = none).
 
     Attributes:
         backbone_name: the backbone key.
@@ -147,13 +145,10 @@ class LPIPS3D(nn.Module):
         backbone: str = "deepbet",
         weights_path: str | os.PathLike | None = None,
         layers: Sequence[str] | None = None,
-        upsample: int = 1,
     ) -> None:
         super().__init__()
         if backbone not in _BACKBONES:
             raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(_BACKBONES)}.")
-        if not isinstance(upsample, int) or upsample < 1:
-            raise ValueError(f"upsample must be an integer >= 1, got {upsample!r}.")
         taps = DEEPBET_TAPS if backbone == "deepbet" else MEDICALNET_TAPS
         layers = tuple(layers) if layers is not None else taps[-4:-1]  # the 3 before the deepest by default
         bad = [name for name in layers if name not in taps]
@@ -163,7 +158,6 @@ class LPIPS3D(nn.Module):
         self.backbone_name = backbone
         self.pretrained = backbone != "random"
         self.layers = layers
-        self.upsample = upsample
 
         if backbone == "deepbet":
             path = Path(weights_path) if weights_path is not None else _deepbet_default_path()
@@ -181,9 +175,8 @@ class LPIPS3D(nn.Module):
             net = _load_medicalnet(int(backbone.removeprefix("medicalnet_resnet")), weights_path)
         self.encoder = _Encoder(net).requires_grad_(False).eval()
 
-        scale = f", x{upsample} upsampled" if upsample > 1 else ""
         status = "" if self.pretrained else " — NOT pretrained"
-        self.description = f"LPIPS3D[{backbone} {'+'.join(layers)}{scale}{status}]"
+        self.description = f"LPIPS3D[{backbone} {'+'.join(layers)}{status}]"
 
     def train(self, mode: bool = True) -> LPIPS3D:
         """Set ``self.training`` but keep the frozen backbone in eval mode."""
@@ -192,16 +185,14 @@ class LPIPS3D(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
-        """(B,) distances between ``x`` and ``y`` (e.g. reconstruction and target, same shape; inputs as in
-        the class docstring), or the (B, L) per-layer terms if ``per_layer``."""
+        """(B,) distances between ``x`` and ``y`` (e.g. reconstruction and target, same shape; inputs as in the
+        class docstring), or the (B, L) per-layer terms if ``per_layer``."""
         if x.shape != y.shape:
             raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}.")
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"Expected a (B, 1, D, H, W) volume, got shape {tuple(x.shape)}.")
-        # the backbone's input distribution: clipped, upsampled if asked, z-scored per volume (+ deepbet's affine)
+        # the backbone's input distribution: clipped, z-scored per volume (+ deepbet's affine)
         h = torch.cat([x, y], dim=0).float().clamp(0.0, 1.0)
-        if self.upsample > 1:
-            h = F.interpolate(h, scale_factor=self.upsample, mode="trilinear", align_corners=False)
         h = (h - h.mean(dim=(1, 2, 3, 4), keepdim=True)) / (h.std(dim=(1, 2, 3, 4), keepdim=True) + 1e-6)
         if self.backbone_name == "deepbet":
             h = 0.226 * h + 0.449

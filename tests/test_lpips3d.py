@@ -191,7 +191,7 @@ def test_random_backbone_flagged() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"backbone": "vgg"}, {"layers": ("layer1",)}, {"layers": ()}, {"upsample": 0}],
+    [{"backbone": "vgg"}, {"layers": ("layer1",)}, {"layers": ()}],
 )
 def test_bad_args(kwargs: dict) -> None:
     with pytest.raises(ValueError):
