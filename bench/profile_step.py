@@ -333,7 +333,8 @@ def count_epoch_loop_syncs(
 ) -> dict[str, Any]:
     """Sync counts of ``train.train_epoch`` over ``train.log_every_steps`` steps (one log interval)."""
     context = DistributedContext(rank=0, world_size=1, local_rank=0, device=images.device)
-    run = train.Run(config, context, resolve_amp_dtype(config.train.amp, images.device), folder)
+    amp = resolve_amp_dtype(config.train.amp, images.device)
+    run = train.Run(config, context, amp, folder, folder / "last.pt", folder)  # no checkpoint is written here
     steps = config.train.log_every_steps
     counts = count_syncs(
         lambda: train.train_epoch(state, run, loss, iter([images] * steps), steps, stage),
