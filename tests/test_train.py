@@ -639,7 +639,9 @@ def test_validation_shows_a_progress_bar_on_rank_0_only(monkeypatch):
     """Validation (28 s at 2 mm on a CPU) gets a tqdm bar over its batches: rank 0 only, and only on a terminal
     (``disable=None``), so non-interactive logs get no progress lines."""
     state, _, config = tiny_state(val_batch_size=2)
-    volumes = [{"image": torch.rand(1, *SHAPE), "mask": torch.ones(1, *SHAPE)} for _ in range(3)]
+    volumes = device_data.DeviceVolumeCache(
+        torch.rand(3, 1, *SHAPE), torch.ones(3, 1, *SHAPE, dtype=torch.uint8)
+    )
     bars = []
 
     def recording_tqdm(iterable, **kwargs):
