@@ -333,7 +333,10 @@ def write_latent(latent: torch.Tensor, path: str | Path, affine: np.ndarray) -> 
         atomic_write(path, lambda file: torch.save(array, file), kind="latent")
     else:
         image = nib.Nifti1Image(np.moveaxis(array.numpy(), 0, -1), affine)
-        atomic_write(path, lambda file: file.write(gzip.compress(image.to_bytes(), 1)), kind="latent")
+        data = gzip.compress(
+            image.to_bytes(), 1, mtime=0
+        )  # no timestamp: the same latent gives the same bytes
+        atomic_write(path, lambda file: file.write(data), kind="latent")
 
 
 def read_latent(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None]:

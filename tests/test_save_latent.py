@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -232,3 +233,12 @@ def test_pt_latent_of_a_batch_holds_only_its_own_values(tmp_path: Path) -> None:
     loaded = torch.load(tmp_path / "one.pt", weights_only=True)
     torch.testing.assert_close(loaded, batch[1], rtol=0, atol=0)
     assert loaded.untyped_storage().nbytes() == batch[1].numel() * 4
+
+
+def test_a_nifti_latent_written_twice_has_the_same_bytes(tmp_path, monkeypatch):
+    """No write time in the gzip header (as nibabel's own .nii.gz writer): reruns give byte-identical files."""
+    latent = torch.rand(4, 3, 3, 3)
+    write_latent(latent, tmp_path / "a.nii.gz", np.eye(4))
+    monkeypatch.setattr(gzip.time, "time", lambda: 1e9)  # another clock for the second write
+    write_latent(latent, tmp_path / "b.nii.gz", np.eye(4))
+    assert (tmp_path / "a.nii.gz").read_bytes() == (tmp_path / "b.nii.gz").read_bytes()
